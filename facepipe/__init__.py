@@ -1,0 +1,39 @@
+"""facepipe: face-recognition embeddings for long-tailed identity data.
+
+The Python API mirrors the CLI, one function per command:
+
+    facepipe.run_demo(out)                      # facepipe demo
+    facepipe.generate_dataset(out, n, ...)      # facepipe synth
+    facepipe.train(facepipe.load_config(path))  # facepipe train
+    facepipe.embed_folder(ckpt, images, out)    # facepipe embed
+    facepipe.evaluate_pairs_file(ckpt, pairs, root, out)  # facepipe eval pairs
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_API = {
+    "run_demo": "facepipe.demo",
+    "generate_dataset": "facepipe.data.synth",
+    "train": "facepipe.train",
+    "Trainer": "facepipe.train",
+    "embed_folder": "facepipe.embed",
+    "extract_embeddings": "facepipe.embed",
+    "load_model": "facepipe.embed",
+    "evaluate_pairs_file": "facepipe.eval.pairs_job",
+    "load_config": "facepipe.config",
+    "Config": "facepipe.config",
+    "build_backbone": "facepipe.models",
+    "build_head": "facepipe.losses",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    # Lazy: `import facepipe` stays cheap (no torch import) for tools that only need the CLI parser.
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'facepipe' has no attribute '{name}'")

@@ -1,0 +1,286 @@
+"""Typed configuration: YAML files in ``configs/`` loaded into pydantic models.
+
+OmegaConf reads the YAML and applies ``key=value`` overrides (dotted keys, list indices allowed:
+``train.stages.1.epochs=3``); pydantic validates the result. Every model forbids unknown keys,
+and the error names the offending key together with the valid ones.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal, Sequence, Union
+
+import yaml
+from omegaconf import OmegaConf
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message lists every problem."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        # pydantic's own "extra inputs are not permitted" does not say what *is* permitted.
+        if isinstance(data, dict):
+            unknown = sorted(str(k) for k in set(data) - set(cls.model_fields))
+            if unknown:
+                raise ValueError(f"unknown key(s) {unknown}; valid keys: {sorted(cls.model_fields)}")
+        return data
+
+
+# ----------------------------------------------------------------------------- data
+class AugmentConfig(StrictModel):
+    """Training augmentations (albumentations); each value is the probability of applying it."""
+
+    hflip: float = Field(0.5, ge=0, le=1)
+    color_jitter: float = Field(0.0, ge=0, le=1)
+    blur: float = Field(0.0, ge=0, le=1)
+    random_resized_crop: float = Field(0.0, ge=0, le=1)
+    random_resized_crop_scale: tuple[float, float] = (0.8, 1.0)
+    coarse_dropout: float = Field(0.0, ge=0, le=1)
+
+
+class DataConfig(StrictModel):
+    root: str | None = None
+    image_size: tuple[int, int] = (112, 112)  # (height, width)
+    batch_size: int = Field(64, ge=1)
+    num_workers: int = Field(2, ge=0)
+    sampler: Literal["shuffle", "class_balanced", "sqrt"] = "shuffle"
+    augment: AugmentConfig = AugmentConfig()
+    # Head classes: the largest identities that together hold this share of the images.
+    head_share: float = Field(0.5, gt=0, lt=1)
+
+    @field_validator("image_size")
+    @classmethod
+    def _divisible_by_16(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if any(side < 16 or side % 16 for side in value):
+            raise ValueError(f"image_size {list(value)}: both sides must be multiples of 16 (four stride-2 stages)")
+        return value
+
+
+# ----------------------------------------------------------------------------- model
+class ModelConfig(StrictModel):
+    depth: Literal[18, 34, 50, 100] = 50
+    width: float = Field(1.0, gt=0, le=4)
+    embedding_size: int = Field(512, ge=2)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    se_reduction: int = Field(16, ge=1)
+
+
+# ----------------------------------------------------------------------------- heads
+class SoftmaxHeadConfig(StrictModel):
+    type: Literal["softmax"] = "softmax"
+
+
+class CosFaceHeadConfig(StrictModel):
+    type: Literal["cosface"] = "cosface"
+    s: float = Field(64.0, gt=0)
+    m: float = Field(0.35, ge=0)
+
+
+class ArcFaceHeadConfig(StrictModel):
+    type: Literal["arcface"] = "arcface"
+    s: float = Field(64.0, gt=0)
+    m: float = Field(0.5, ge=0, lt=3.14159)
+
+
+class LSoftmaxHeadConfig(StrictModel):
+    type: Literal["lsoftmax", "sphereface"] = "lsoftmax"
+    m: int = Field(4, ge=1)
+    lambda_base: float = Field(1000.0, ge=0)
+    lambda_gamma: float = Field(0.12, ge=0)
+    lambda_power: float = Field(1.0, ge=0)
+    lambda_min: float = Field(5.0, ge=0)
+
+
+HeadConfig = Annotated[
+    Union[SoftmaxHeadConfig, CosFaceHeadConfig, ArcFaceHeadConfig, LSoftmaxHeadConfig],
+    Field(discriminator="type"),
+]
+
+
+def head_kwargs(head: BaseModel) -> dict[str, Any]:
+    """Keyword arguments for ``facepipe.losses.build_head`` (everything but the type tag)."""
+    return head.model_dump(exclude={"type"})
+
+
+# ----------------------------------------------------------------------------- training
+class OptimConfig(StrictModel):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0)
+    clip_grad_norm: float | None = Field(5.0, gt=0)
+
+
+class SchedulerConfig(StrictModel):
+    name: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    warmup_start_factor: float = Field(0.1, gt=0, le=1)
+    milestones: list[int] = []  # epochs, for name=step
+    gamma: float = Field(0.1, gt=0, le=1)
+    min_lr_factor: float = Field(0.0, ge=0, le=1)  # cosine floor, as a fraction of lr
+
+
+class StageConfig(StrictModel):
+    """One stage of the schedule: a number of epochs trained with one head (loss)."""
+
+    name: str | None = None
+    epochs: int = Field(ge=1)
+    head: HeadConfig
+
+
+class ValidationConfig(StrictModel):
+    """Verification pairs (CSV ``path_a,path_b,is_same``) checked at the end of epochs."""
+
+    pairs: str
+    root: str | None = None  # folder the pair paths are relative to; default: the CSV's folder
+    every_epochs: int = Field(1, ge=1)
+
+
+class TrainConfig(StrictModel):
+    stages: list[StageConfig] = Field(default_factory=lambda: [StageConfig(epochs=1, head=SoftmaxHeadConfig())])
+    device: str = "auto"
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    channels_last: bool = True  # CUDA only
+    log_every_steps: int = Field(20, ge=1)
+    checkpoint_every_steps: int = Field(0, ge=0)  # 0: checkpoints at epoch ends only
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    validation: ValidationConfig | None = None
+
+    @field_validator("stages")
+    @classmethod
+    def _at_least_one_stage(cls, value: list[StageConfig]) -> list[StageConfig]:
+        if not value:
+            raise ValueError("the schedule needs at least one stage")
+        return value
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(stage.epochs for stage in self.stages)
+
+    def stage_at(self, epoch: int) -> tuple[int, StageConfig]:
+        """Index and config of the stage that trains (0-based) ``epoch``."""
+        end = 0
+        for index, stage in enumerate(self.stages):
+            end += stage.epochs
+            if epoch < end:
+                return index, stage
+        raise ValueError(f"epoch {epoch} is past the schedule ({self.total_epochs} epochs)")
+
+
+class EmbedConfig(StrictModel):
+    flip: Literal["sum", "concat", "none"] = "sum"
+    batch_size: int = Field(128, ge=1)
+
+
+class DemoConfig(StrictModel):
+    """Synthetic data of ``facepipe demo``: long-tailed training identities, held-out test ones."""
+
+    identities: int = Field(300, ge=2)
+    distribution: Literal["power", "zipf", "uniform"] = "power"
+    max_images: int = Field(60, ge=1)
+    min_images: int = Field(2, ge=1)
+    gamma: float = Field(1.0, gt=0)
+    render_size: tuple[int, int] = (112, 112)
+    heldout_identities: int = Field(60, ge=2)
+    heldout_images: int = Field(8, ge=2)
+    pairs: int = Field(3000, ge=20)
+
+
+class Config(StrictModel):
+    seed: int = 0
+    output_dir: str = "runs/default"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    train: TrainConfig = TrainConfig()
+    embed: EmbedConfig = EmbedConfig()
+    demo: DemoConfig | None = None  # read by `facepipe demo` only
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- loading
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "<root>"
+        lines.append(f"  {where}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``key=value`` overrides; values are parsed as YAML (``3`` int, ``[1,2]`` list)."""
+    conf = OmegaConf.create(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.stages.0.epochs=3)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({exc})") from exc
+        try:
+            OmegaConf.update(conf, key.strip(), value, merge=True)
+        except Exception as exc:  # omegaconf raises several types for bad paths
+            raise ConfigError(f"override '{item}': cannot set '{key}' ({exc})") from exc
+    return OmegaConf.to_container(conf, resolve=True)  # type: ignore[return-value]
+
+
+def config_from_dict(data: dict[str, Any], overrides: Sequence[str] = (), source: str = "<dict>") -> Config:
+    merged = apply_overrides(data, overrides) if overrides else data
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        except Exception as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data, source = loaded, str(path)
+    return config_from_dict(data, overrides, source)
+
+
+def config_search_path() -> list[Path]:
+    """Where named configs are looked up: ./configs, the source checkout, the installed share folder."""
+    repo_configs = Path(__file__).resolve().parent.parent / "configs"
+    return [Path.cwd() / "configs", repo_configs, Path(sys.prefix) / "share" / "facepipe" / "configs"]
+
+
+def find_config(name: str) -> Path:
+    """Resolve ``name`` (a path, or a config name such as ``demo``) to a YAML file."""
+    candidate = Path(name)
+    if candidate.is_file():
+        return candidate
+    filename = name if name.endswith((".yaml", ".yml")) else f"{name}.yaml"
+    for folder in config_search_path():
+        if (folder / filename).is_file():
+            return folder / filename
+    searched = ", ".join(str(folder) for folder in config_search_path())
+    raise ConfigError(f"config '{name}' not found (looked for {filename} in {searched})")

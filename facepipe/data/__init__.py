@@ -1,0 +1,1 @@
+"""Data: synthetic identity datasets, image folders, sampling and augmentation."""

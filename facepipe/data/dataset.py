@@ -1,0 +1,182 @@
+"""Identity-folder datasets: ``root/<identity>/<image>``, one folder per person."""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm")
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be used (missing root, empty, identity folders without images)."""
+
+
+class UnreadableImageError(OSError):
+    """An image file that OpenCV cannot decode."""
+
+
+def decode_image(path: str | Path) -> np.ndarray:
+    """Read an image as HxWx3 uint8 RGB: grey becomes 3 channels, alpha is dropped, 16-bit scaled."""
+    data = np.fromfile(str(path), dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if image is None:
+        raise UnreadableImageError(f"cannot decode image {path}")
+    if image.dtype == np.uint16:
+        image = (image / 257.0).round().astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise UnreadableImageError(f"unsupported pixel type {image.dtype} in {path}")
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    channels = image.shape[2]
+    if channels == 1:
+        return cv2.cvtColor(image[:, :, 0], cv2.COLOR_GRAY2RGB)
+    if channels == 3:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if channels == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    raise UnreadableImageError(f"unsupported channel count {channels} in {path}")
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    label: int
+
+
+def scan_identity_folders(
+    root: str | Path, extensions: Sequence[str] = IMAGE_EXTENSIONS
+) -> tuple[list[str], list[Sample]]:
+    """List identities (sorted folder names) and their images (sorted paths).
+
+    Raises ``DatasetError`` naming the problem when the root is missing, holds no identity
+    folders, or some identity folders hold no images.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DatasetError(f"dataset root {root} does not exist")
+    if not root.is_dir():
+        raise DatasetError(f"dataset root {root} is not a folder")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DatasetError(f"dataset root {root} holds no identity folders (expected root/<identity>/<image>)")
+    suffixes = {ext.lower() for ext in extensions}
+    identities: list[str] = []
+    samples: list[Sample] = []
+    empty: list[str] = []
+    for folder in folders:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+        if not files:
+            empty.append(folder.name)
+            continue
+        label = len(identities)
+        identities.append(folder.name)
+        samples.extend(Sample(str(p), label) for p in files)
+    if empty:
+        shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+        raise DatasetError(
+            f"{len(empty)} identity folder(s) under {root} hold no images ({shown}); "
+            f"remove them or add images (extensions: {', '.join(sorted(suffixes))})"
+        )
+    return identities, samples
+
+
+class IdentityFolderDataset(Dataset):
+    """Images of ``root/<identity>/*`` with integer labels in sorted identity order.
+
+    Items are ``(image_tensor, label, index)``. An index may also be a ``(index, seed)`` pair
+    (what facepipe's samplers yield): the transform is then seeded per sample, which makes
+    augmentation independent of worker count and lets a resumed run see the same images.
+
+    An unreadable image is logged and replaced by another image of the same identity, so one
+    bad file never stops a long run; only an identity without any readable image is an error.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        transform: Callable[..., torch.Tensor] | None = None,
+        identities: Sequence[str] | None = None,
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    ) -> None:
+        self.root = Path(root)
+        found, samples = scan_identity_folders(self.root, extensions)
+        if identities is not None:
+            # A fixed identity order (from a checkpoint) must map names to the same labels.
+            missing = sorted(set(found) - set(identities))
+            if missing:
+                raise DatasetError(
+                    f"{len(missing)} identity folder(s) under {root} are not in the given identity list, "
+                    f"e.g. {missing[:5]}"
+                )
+            remap = {label: list(identities).index(name) for label, name in enumerate(found)}
+            samples = [Sample(s.path, remap[s.label]) for s in samples]
+            self.identities = list(identities)
+        else:
+            self.identities = found
+        self.samples = samples
+        self.labels = np.array([s.label for s in samples], dtype=np.int64)
+        self.transform = transform
+        self._by_label: dict[int, list[int]] = {}
+        for index, sample in enumerate(samples):
+            self._by_label.setdefault(sample.label, []).append(index)
+        self.bad_files: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.identities)
+
+    def _load(self, index: int) -> np.ndarray:
+        sample = self.samples[index]
+        try:
+            return decode_image(sample.path)
+        except (UnreadableImageError, OSError) as exc:
+            if sample.path not in self.bad_files:
+                self.bad_files.add(sample.path)
+                log.warning("skipping unreadable image (%s); using another image of '%s'", exc,
+                            self.identities[sample.label])
+        candidates = [i for i in self._by_label[sample.label] if self.samples[i].path not in self.bad_files]
+        rng = random.Random(index)
+        rng.shuffle(candidates)
+        for candidate in candidates:
+            try:
+                return decode_image(self.samples[candidate].path)
+            except (UnreadableImageError, OSError):
+                self.bad_files.add(self.samples[candidate].path)
+        raise DatasetError(f"identity '{self.identities[sample.label]}' has no readable image left")
+
+    def __getitem__(self, item: int | tuple[int, int]):
+        index, seed = (item if isinstance(item, tuple) else (item, None))
+        image = self._load(index)
+        tensor = self.transform(image, seed=seed) if self.transform is not None else torch.from_numpy(image)
+        return tensor, int(self.samples[index].label), index
+
+
+class ImageListDataset(Dataset):
+    """Images from an explicit list of paths (embedding extraction, verification pairs).
+
+    Unlike training, a file that cannot be read here is an error: a silently substituted image
+    would corrupt the embedding of that path.
+    """
+
+    def __init__(self, paths: Sequence[str], transform: Callable[..., torch.Tensor]) -> None:
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        return self.transform(decode_image(self.paths[index])), index

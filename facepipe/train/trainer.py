@@ -1,0 +1,380 @@
+"""The embedding trainer: one loop for every schedule of heads, on CPU or CUDA.
+
+A run is a list of stages (seed 000 Sec. 6.1.1 trains softmax before the margin losses; seed 002
+Sec. 3.3 clusters the features of a softmax-pretrained model), each a number of epochs with one
+classification head. Heads share one classifier weight, so a stage switch keeps the learned class
+centres and their optimizer state. Checkpoints hold everything needed to continue exactly.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from facepipe.config import Config, head_kwargs
+from facepipe.data.dataset import DatasetError, IdentityFolderDataset
+from facepipe.data.samplers import build_sampler
+from facepipe.data.stats import class_statistics
+from facepipe.data.transforms import build_train_transform
+from facepipe.embed.extract import extract_embeddings
+from facepipe.eval.verification import cosine_scores, evaluate_verification, read_pairs_csv
+from facepipe.losses import MarginHead, build_head
+from facepipe.models import build_backbone
+from facepipe.train.checkpoint import BEST, LATEST, copy_checkpoint, load_checkpoint, save_checkpoint
+from facepipe.train.lr_schedule import lr_factor
+from facepipe.train.run_log import RunLog
+from facepipe.utils.device import autocast, resolve_amp_dtype, resolve_device
+from facepipe.utils.io import write_json_atomic, write_text_atomic
+from facepipe.utils.seed import rng_state, seed_everything, set_rng_state
+
+log = logging.getLogger(__name__)
+
+# Consecutive non-finite losses tolerated (each step skipped) before the run is stopped.
+MAX_CONSECUTIVE_NONFINITE = 20
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (diverged, inconsistent resume)."""
+
+
+class Trainer:
+    """Trains ``config`` into ``config.output_dir``; ``resume=True`` continues from ``latest.pt``."""
+
+    def __init__(self, config: Config, resume: bool = False, progress: bool = True) -> None:
+        if config.data.root is None:
+            raise DatasetError("data.root is not set: point it at an identity-folder dataset (data.root=DIR)")
+        self.config = config
+        self.progress = progress
+        self.run_dir = Path(config.output_dir)
+        self.device = resolve_device(config.train.device)
+        self.amp_dtype = resolve_amp_dtype(config.train.amp, self.device)
+        seed_everything(config.seed)
+
+        self.dataset = IdentityFolderDataset(
+            config.data.root, build_train_transform(config.data.image_size, config.data.augment)
+        )
+        self.stats = class_statistics(self.dataset.labels, self.dataset.num_classes, config.data.head_share)
+        batch_size = config.data.batch_size
+        if len(self.dataset) < batch_size:
+            raise DatasetError(
+                f"the dataset has {len(self.dataset)} images, fewer than one batch (data.batch_size={batch_size})"
+            )
+        self.sampler = build_sampler(config.data.sampler, self.dataset.labels, config.seed)
+        self.steps_per_epoch = len(self.sampler) // batch_size
+        if config.train.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, config.train.max_steps_per_epoch)
+        self.total_steps = self.steps_per_epoch * config.train.total_epochs
+        self.loader = DataLoader(
+            self.dataset,
+            batch_size=batch_size,
+            sampler=self.sampler,
+            num_workers=config.data.num_workers,
+            drop_last=True,  # BatchNorm needs more than one sample; equal batches keep steps comparable
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=config.data.num_workers > 0,
+            # Its own generator: otherwise each new epoch iterator draws a seed from the global
+            # torch RNG and a mid-epoch resume would shift the dropout random stream.
+            generator=torch.Generator().manual_seed(config.seed),
+        )
+
+        self.model = build_backbone(config.model, config.data.image_size).to(self.device)
+        if self.device.type == "cuda" and config.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.stage_index = 0
+        self.head = self._build_head(0, weight=None)
+        self.optimizer = self._build_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: lr_factor(step, config.scheduler, self.steps_per_epoch, self.total_steps),
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+
+        self.epoch = 0  # epochs completed
+        self.global_step = 0
+        self.step_in_epoch = 0  # batches of the current epoch already trained (mid-epoch resume)
+        self.best_metric = -math.inf
+        self.nonfinite_steps = 0
+        self.last_metrics: dict[str, Any] = {}
+        self.validation = self._load_validation_pairs()
+        if resume:
+            self.resume(self.run_dir / LATEST)
+
+    # ------------------------------------------------------------------ construction
+    def _build_head(self, stage_index: int, weight: nn.Parameter | None) -> MarginHead:
+        stage = self.config.train.stages[stage_index]
+        head = build_head(
+            stage.head.type, self.dataset.num_classes, self.config.model.embedding_size,
+            weight=weight, **head_kwargs(stage.head),
+        )
+        return head.to(self.device)
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        optim = self.config.optim
+        # No weight decay on BN/PReLU parameters and biases: decaying them only fights the
+        # normalisation; the classifier weight (2-D) is decayed like the convolutions.
+        decay, no_decay = [], []
+        for param in list(self.model.parameters()) + list(self.head.parameters()):
+            (decay if param.ndim > 1 else no_decay).append(param)
+        groups = [{"params": decay, "weight_decay": optim.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        if optim.name == "sgd":
+            return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov)
+        return torch.optim.AdamW(groups, lr=optim.lr)
+
+    def _sync_head_parameters(self) -> None:
+        """Register parameters a new head brings beyond the shared classifier weight."""
+        known = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        new = [p for p in self.head.parameters() if id(p) not in known]
+        if new:
+            self.optimizer.add_param_group({"params": new, "weight_decay": 0.0})
+
+    def _switch_stage(self, stage_index: int, announce: bool = True) -> None:
+        if stage_index == self.stage_index:
+            return
+        previous = self.config.train.stages[self.stage_index]
+        self.head = self._build_head(stage_index, weight=self.head.weight)
+        self._sync_head_parameters()
+        self.stage_index = stage_index
+        stage = self.config.train.stages[stage_index]
+        if not announce:
+            return
+        log.info("stage %d (%s): %s -> %s", stage_index, stage.name or stage.head.type,
+                 previous.head.type, stage.head.type)
+        self.run_log.write("stage", self.global_step, epoch=self.epoch, stage=stage_index,
+                           head=stage.head.type, name=stage.name)
+
+    def _load_validation_pairs(self):
+        spec = self.config.train.validation
+        if spec is None:
+            return None
+        pairs_path = Path(spec.pairs)
+        if not pairs_path.is_file():
+            raise DatasetError(f"validation pairs file {pairs_path} does not exist")
+        root = Path(spec.root) if spec.root else pairs_path.parent
+        paths_a, paths_b, is_same = read_pairs_csv(pairs_path)
+        unique = sorted(set(paths_a) | set(paths_b))
+        missing = [p for p in unique if not (root / p).is_file()]
+        if missing:
+            raise DatasetError(f"{len(missing)} validation image(s) are missing under {root}, e.g. {missing[:3]}")
+        position = {p: i for i, p in enumerate(unique)}
+        return {
+            "paths": [str(root / p) for p in unique],
+            "idx_a": np.array([position[p] for p in paths_a]),
+            "idx_b": np.array([position[p] for p in paths_b]),
+            "is_same": is_same,
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "head": self.head.state_dict(),
+            "head_stage": self.stage_index,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step": self.global_step,
+            "step_in_epoch": self.step_in_epoch,
+            "best_metric": self.best_metric,
+            "nonfinite_steps": self.nonfinite_steps,
+            "rng": rng_state(),
+            "config": self.config.to_dict(),
+            "identities": list(self.dataset.identities),
+            "metrics": self.last_metrics,
+        }
+
+    def save(self, best: bool = False) -> Path:
+        path = self.run_dir / LATEST
+        save_checkpoint(path, self.state_dict())
+        if best:
+            copy_checkpoint(path, self.run_dir / BEST)
+        return path
+
+    def resume(self, path: str | Path) -> None:
+        state = load_checkpoint(path, map_location=self.device)
+        if list(state["identities"]) != list(self.dataset.identities):
+            raise TrainingError(
+                f"cannot resume from {path}: it was trained on {len(state['identities'])} identities, "
+                f"the dataset at {self.config.data.root} has {self.dataset.num_classes} (or a different list)"
+            )
+        self.model.load_state_dict(state["model"])
+        # Replaying the stage switches rebuilds the optimizer's parameter groups exactly as the
+        # interrupted run had them, so its state loads one-to-one.
+        for stage_index in range(self.stage_index + 1, int(state["head_stage"]) + 1):
+            self._switch_stage(stage_index, announce=False)
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch = int(state["epoch"])
+        self.global_step = int(state["step"])
+        self.step_in_epoch = int(state["step_in_epoch"])
+        self.best_metric = float(state["best_metric"])
+        self.nonfinite_steps = int(state["nonfinite_steps"])
+        self.last_metrics = dict(state.get("metrics") or {})
+        set_rng_state(state["rng"])
+        log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.global_step)
+
+    # ------------------------------------------------------------------ training
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float] | None:
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        if self.device.type == "cuda" and self.config.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.amp_dtype):
+            embeddings = self.model(images)
+        logits = self.head(embeddings.float(), labels)
+        loss = F.cross_entropy(logits, labels)
+        if not torch.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.scaler.scale(loss).backward()
+        if self.config.optim.clip_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(
+                [p for group in self.optimizer.param_groups for p in group["params"]], self.config.optim.clip_grad_norm
+            )
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.head.step()
+        accuracy = (logits.detach().argmax(1) == labels).float().mean().item()
+        return loss.item(), accuracy
+
+    def _run_epoch(self) -> dict[str, Any]:
+        cfg = self.config
+        batch_size = cfg.data.batch_size
+        self.sampler.set_epoch(self.epoch, start=self.step_in_epoch * batch_size)
+        self.model.train()
+        self.head.train()
+        losses, accuracies = [], []
+        window_loss, window_acc, window_images, window_start = [], [], 0, time.perf_counter()
+        epoch_start = time.perf_counter()
+        remaining = self.steps_per_epoch - self.step_in_epoch
+        bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, disable=not self.progress,
+                   desc=f"epoch {self.epoch + 1}/{cfg.train.total_epochs}", unit="step", dynamic_ncols=True)
+        consecutive_bad = 0
+        batches = iter(self.loader)
+        for _ in range(remaining):
+            images, labels, _ = next(batches)
+            result = self._train_step(images, labels)
+            self.step_in_epoch += 1
+            if result is None:
+                self.nonfinite_steps += 1
+                consecutive_bad += 1
+                self.global_step += 1
+                log.warning("non-finite loss at step %d: step skipped (%d so far)", self.global_step,
+                            self.nonfinite_steps)
+                if consecutive_bad >= MAX_CONSECUTIVE_NONFINITE:
+                    raise TrainingError(
+                        f"{consecutive_bad} consecutive non-finite losses at step {self.global_step}: "
+                        "the run diverged; lower optim.lr or the head scale/margin and resume from the last checkpoint"
+                    )
+                bar.update(1)
+                continue
+            consecutive_bad = 0
+            self.global_step += 1
+            loss, accuracy = result
+            losses.append(loss)
+            accuracies.append(accuracy)
+            window_loss.append(loss)
+            window_acc.append(accuracy)
+            window_images += len(labels)
+            bar.update(1)
+            if self.global_step % cfg.train.log_every_steps == 0 or self.step_in_epoch == self.steps_per_epoch:
+                elapsed = time.perf_counter() - window_start
+                speed = window_images / max(elapsed, 1e-9)
+                record = {"epoch": self.epoch, "loss": float(np.mean(window_loss)),
+                          "accuracy": float(np.mean(window_acc)), "lr": self.optimizer.param_groups[0]["lr"],
+                          "images_per_s": speed}
+                self.run_log.write("train", self.global_step, **record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}", img_s=f"{speed:.0f}")
+                window_loss, window_acc, window_images, window_start = [], [], 0, time.perf_counter()
+            if cfg.train.checkpoint_every_steps and self.global_step % cfg.train.checkpoint_every_steps == 0 \
+                    and self.step_in_epoch < self.steps_per_epoch:
+                self.save()
+        bar.close()
+        duration = time.perf_counter() - epoch_start
+        return {
+            "epoch": self.epoch + 1,
+            "stage": self.stage_index,
+            "head": cfg.train.stages[self.stage_index].head.type,
+            "loss": float(np.mean(losses)) if losses else float("nan"),
+            "accuracy": float(np.mean(accuracies)) if accuracies else float("nan"),
+            "seconds": duration,
+            "images_per_s": len(losses) * batch_size / max(duration, 1e-9),
+            "skipped_steps": self.nonfinite_steps,
+        }
+
+    def validate(self) -> dict[str, Any] | None:
+        """Verification accuracy on the configured pairs (best threshold, 10-fold)."""
+        if self.validation is None:
+            return None
+        v = self.validation
+        embeddings = extract_embeddings(
+            self.model, v["paths"], self.config.data.image_size, self.device,
+            batch_size=self.config.embed.batch_size, flip=self.config.embed.flip, amp_dtype=self.amp_dtype,
+        )
+        scores = cosine_scores(embeddings, v["idx_a"], v["idx_b"])
+        result = evaluate_verification(scores, v["is_same"])
+        return {"val_accuracy": result.accuracy_mean, "val_accuracy_std": result.accuracy_std,
+                "val_auc": result.auc, "val_best_threshold_accuracy": result.best_threshold_accuracy}
+
+    def fit(self, max_epochs: int | None = None) -> dict[str, Any]:
+        """Train the remaining epochs of the schedule (or up to epoch ``max_epochs``, a checkpoint
+        boundary from which ``resume`` continues); return the last epoch's metrics."""
+        cfg = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.run_dir / "config.yaml", cfg.to_yaml())
+        write_json_atomic(self.run_dir / "class_stats.json", self.stats.to_dict())
+        self.run_log = RunLog(self.run_dir)
+        log.info("dataset %s: %s", cfg.data.root, self.stats.summary())
+        log.info("device %s, amp %s, %d steps/epoch x %d epochs", self.device,
+                 self.amp_dtype or "off", self.steps_per_epoch, cfg.train.total_epochs)
+        if self.epoch == 0 and self.step_in_epoch == 0:
+            self.run_log.write("start", 0, device=str(self.device), num_images=len(self.dataset),
+                               num_classes=self.dataset.num_classes, steps_per_epoch=self.steps_per_epoch,
+                               **{f"data_{k}": v for k, v in self.stats.to_dict().items()})
+        try:
+            stop_at = cfg.train.total_epochs if max_epochs is None else min(max_epochs, cfg.train.total_epochs)
+            while self.epoch < stop_at:
+                stage_index, _ = cfg.train.stage_at(self.epoch)
+                self._switch_stage(stage_index)
+                metrics = self._run_epoch()
+                self.epoch += 1
+                self.step_in_epoch = 0
+                if self.validation is not None and (
+                    self.epoch % cfg.train.validation.every_epochs == 0 or self.epoch == cfg.train.total_epochs
+                ):
+                    metrics.update(self.validate())
+                # Model selection: validation accuracy when pairs are given, else the training loss.
+                score = metrics.get("val_accuracy", -metrics["loss"])
+                improved = bool(np.isfinite(score) and score > self.best_metric)
+                if improved:
+                    self.best_metric = float(score)
+                metrics["best"] = improved
+                self.last_metrics = metrics
+                self.run_log.write("epoch", self.global_step, **metrics)
+                log.info("epoch %d/%d: %s", self.epoch, cfg.train.total_epochs,
+                         ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+                self.save(best=improved)
+        finally:
+            self.run_log.close()
+        return self.last_metrics
+
+
+def train(config: Config, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Python API of ``facepipe train``."""
+    return Trainer(config, resume=resume, progress=progress).fit()

@@ -1,0 +1,120 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from facepipe.data.dataset import DatasetError
+from facepipe.train import Trainer, TrainingError
+from facepipe.train import trainer as trainer_module
+from facepipe.train.checkpoint import load_checkpoint
+
+
+def weights(trainer):
+    return {**{f"model.{k}": v for k, v in trainer.model.state_dict().items()},
+            **{f"head.{k}": v for k, v in trainer.head.state_dict().items()}}
+
+
+def assert_identical(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def test_two_stage_run_writes_checkpoints_logs_and_switches_head(tiny_dataset, tmp_path):
+    trainer = Trainer(tiny_config(tiny_dataset, tmp_path / "run"), progress=False)
+    classifier = trainer.head.weight
+    metrics = trainer.fit()
+    assert trainer.head.__class__.__name__ == "CosFaceHead"
+    assert trainer.head.weight is classifier  # the classifier carried over the stage switch
+    assert metrics["epoch"] == 2 and metrics["head"] == "cosface"
+    for name in ("latest.pt", "best.pt", "config.yaml", "class_stats.json", "metrics.jsonl"):
+        assert (tmp_path / "run" / name).is_file(), name
+    state = load_checkpoint(tmp_path / "run" / "latest.pt")
+    for key in ("model", "head", "optimizer", "scheduler", "scaler", "rng", "config", "identities"):
+        assert key in state
+    assert state["epoch"] == 2 and state["step"] == 2 * trainer.steps_per_epoch and state["head_stage"] == 1
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    events = [r["event"] for r in records]
+    assert events.count("epoch") == 2 and "stage" in events and events.count("train") >= 2
+
+
+def test_resume_is_exact_and_independent_of_worker_count(tiny_dataset, tmp_path):
+    config = tiny_config(tiny_dataset, tmp_path / "straight", model={"dropout": 0.2})
+    straight = Trainer(config, progress=False)
+    straight.fit()
+
+    split_config = tiny_config(tiny_dataset, tmp_path / "split", model={"dropout": 0.2},
+                               data={"num_workers": 2})
+    Trainer(split_config, progress=False).fit(max_epochs=1)
+    resumed = Trainer(split_config, resume=True, progress=False)
+    assert resumed.epoch == 1
+    resumed.fit()
+    assert_identical(weights(straight), weights(resumed))
+    assert resumed.optimizer.state_dict()["state"].keys() == straight.optimizer.state_dict()["state"].keys()
+
+
+def test_crash_mid_epoch_resumes_from_step_checkpoint_exactly(tiny_dataset, tmp_path, monkeypatch):
+    straight = Trainer(tiny_config(tiny_dataset, tmp_path / "a", model={"dropout": 0.2}), progress=False)
+    straight.fit()
+
+    config = tiny_config(tiny_dataset, tmp_path / "b", model={"dropout": 0.2},
+                         train={"checkpoint_every_steps": 2})
+    crashing = Trainer(config, progress=False)
+    original = Trainer._train_step
+    calls = {"n": 0}
+
+    def crash_on_fourth_step(self, images, labels):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original(self, images, labels)
+
+    monkeypatch.setattr(Trainer, "_train_step", crash_on_fourth_step)
+    with pytest.raises(KeyboardInterrupt):
+        crashing.fit()
+    monkeypatch.setattr(Trainer, "_train_step", original)
+    assert load_checkpoint(tmp_path / "b" / "latest.pt")["step"] == 2
+    resumed = Trainer(config, resume=True, progress=False)
+    assert (resumed.epoch, resumed.step_in_epoch) == (0, 2)
+    resumed.fit()
+    assert_identical(weights(straight), weights(resumed))
+
+
+def test_training_survives_a_corrupt_image(tiny_dataset, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_dataset, root)
+    victim = sorted(root.glob("*/*.png"))[0]
+    victim.write_bytes(b"corrupt")
+    trainer = Trainer(tiny_config(root, tmp_path / "run", train={"stages": [{"epochs": 1, "head": {"type": "softmax"}}]}),
+                      progress=False)
+    metrics = trainer.fit()
+    assert metrics["epoch"] == 1
+    assert str(victim) in trainer.dataset.bad_files or trainer.config.data.num_workers > 0
+
+
+def test_resume_refuses_a_different_identity_list(tiny_dataset, tmp_path):
+    config = tiny_config(tiny_dataset, tmp_path / "run")
+    Trainer(config, progress=False).fit(max_epochs=1)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_dataset, other)
+    shutil.rmtree(sorted(other.iterdir())[0] if sorted(other.iterdir())[0].is_dir() else sorted(other.iterdir())[1])
+    with pytest.raises(TrainingError, match="identities"):
+        Trainer(tiny_config(other, tmp_path / "run"), resume=True, progress=False)
+
+
+def test_dataset_smaller_than_a_batch_and_missing_root(tiny_dataset, tmp_path):
+    with pytest.raises(DatasetError, match="batch"):
+        Trainer(tiny_config(tiny_dataset, tmp_path / "r", data={"batch_size": 100000}), progress=False)
+    with pytest.raises(DatasetError, match="does not exist"):
+        Trainer(tiny_config(tmp_path / "absent", tmp_path / "r"), progress=False)
+
+
+def test_persistent_non_finite_loss_stops_with_a_clear_error(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_module, "MAX_CONSECUTIVE_NONFINITE", 3)
+    trainer = Trainer(tiny_config(tiny_dataset, tmp_path / "run"), progress=False)
+    monkeypatch.setattr(trainer.head, "forward", lambda emb, labels: torch.full((len(labels), 12), float("nan")))
+    with pytest.raises(TrainingError, match="non-finite"):
+        trainer.fit()
+    assert trainer.nonfinite_steps == 3
