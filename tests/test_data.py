@@ -104,3 +104,11 @@ def test_seeded_train_transform_is_repeatable_and_flips():
 def test_eval_transform_resizes():
     image = np.zeros((112, 96, 3), np.uint8)
     assert build_eval_transform((64, 48))(image).shape == (3, 64, 48)
+
+
+def test_fixed_identity_order_maps_names_to_given_labels(tmp_path):
+    root = make_tree(tmp_path / "d", {"alice": 1, "bob": 2})
+    dataset = IdentityFolderDataset(root, identities=["zed", "bob", "alice"])
+    assert dataset.num_classes == 3 and dataset.labels.tolist() == [2, 1, 1]
+    with pytest.raises(DatasetError, match="alice"):
+        IdentityFolderDataset(root, identities=["bob"])

@@ -118,7 +118,8 @@ class IdentityFolderDataset(Dataset):
                     f"{len(missing)} identity folder(s) under {root} are not in the given identity list, "
                     f"e.g. {missing[:5]}"
                 )
-            remap = {label: list(identities).index(name) for label, name in enumerate(found)}
+            position = {name: label for label, name in enumerate(identities)}
+            remap = {label: position[name] for label, name in enumerate(found)}
             samples = [Sample(s.path, remap[s.label]) for s in samples]
             self.identities = list(identities)
         else:

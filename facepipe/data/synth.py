@@ -31,6 +31,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from facepipe.utils.io import write_bytes_atomic, write_json_atomic
 
@@ -48,7 +49,7 @@ DISTRIBUTIONS = ("power", "zipf", "uniform")
 
 # Bumped whenever the pixels produced for given arguments change, so a resumed run never mixes
 # images from two renderer versions inside one dataset.
-RENDER_VERSION = 1
+RENDER_VERSION = 2
 
 META_NAME = "synth.json"
 
@@ -214,6 +215,7 @@ _IRIS_PALETTE = np.array([
 
 
 def _color(base: np.ndarray, rng: np.random.Generator, jitter: float) -> tuple[float, float, float]:
+    """``base`` plus Gaussian jitter, clipped to 0..255, as a cv2-ready colour tuple."""
     value = np.clip(base + rng.normal(0.0, jitter, 3), 0.0, 255.0)
     return (float(value[0]), float(value[1]), float(value[2]))
 
@@ -312,19 +314,23 @@ def sample_identity(seed: int, identity_index: int) -> IdentityParams:
 # Rendering
 # --------------------------------------------------------------------------------------------
 def _fx(v: float) -> int:
+    """A length in pixels as a cv2 fixed-point integer (``_SHIFT`` fractional bits)."""
     return int(round(v * _ONE))
 
 
 def _pt(x: float, y: float) -> tuple[int, int]:
+    """A point in pixels as a cv2 fixed-point integer pair."""
     return (_fx(x), _fx(y))
 
 
 def _poly(points: np.ndarray) -> np.ndarray:
+    """An ``(N, 2)`` float polygon as the fixed-point int32 array cv2.fillPoly expects."""
     return np.round(np.asarray(points, dtype=np.float64) * _ONE).astype(np.int32).reshape(-1, 1, 2)
 
 
 def _ellipse(img: np.ndarray, c: tuple[float, float], axes: tuple[float, float], angle: float,
              color: Any, thickness: int = -1, start: float = 0.0, end: float = 360.0) -> None:
+    """cv2.ellipse with float centre/half-axes (sub-pixel) and anti-aliasing."""
     cv2.ellipse(img, _pt(*c), (max(1, _fx(axes[0])), max(1, _fx(axes[1]))), angle, start, end,
                 color, thickness, _AA, _SHIFT)
 
@@ -343,6 +349,7 @@ def _face_outline(cx: float, cy: float, fw: float, fh: float, jaw: float, n: int
 
 
 def _canvas_geometry(identity: IdentityParams, h2: int, w2: int) -> tuple[float, float, float, float]:
+    """Face centre and half-axes in canvas pixels: ``(cx, cy, fw, fh)``."""
     unit = float(min(h2, w2))
     return w2 / 2.0, h2 * 0.53, identity.face_w * unit, identity.face_h * unit
 
@@ -402,26 +409,34 @@ def _noise_tile(h: int, w: int) -> np.ndarray:
 
 
 def _random_color(rng: np.random.Generator) -> tuple[float, float, float]:
+    """A uniformly random RGB colour."""
     c = rng.uniform(0.0, 255.0, 3)
     return (float(c[0]), float(c[1]), float(c[2]))
 
 
 def _scaled(color: tuple[float, float, float], f: float) -> tuple[float, float, float]:
+    """``color`` darkened (``f < 1``) or brightened, clipped to 0..255."""
     return tuple(float(min(255.0, max(0.0, v * f))) for v in color)  # type: ignore[return-value]
+
+
+def _toward_grey(color: tuple[float, float, float], k: float) -> tuple[float, float, float]:
+    """Blend a random colour toward mid-grey as the nuisance strength ``k`` drops below 1."""
+    t = min(1.0, k)
+    return tuple(128.0 + (c - 128.0) * t for c in color)  # type: ignore[return-value]
 
 
 def _draw_background(img: np.ndarray, rng: np.random.Generator, k: float) -> None:
     """Random flat colour plus clutter shapes: the background must not identify anyone."""
     h, w = img.shape[:2]
     # cv2 fill: numpy broadcasting of a 3-tuple into a uint8 image is ~20x slower.
-    cv2.rectangle(img, (0, 0), (w, h), _random_color(rng) if k > 0 else (128.0, 128.0, 128.0), -1)
+    cv2.rectangle(img, (0, 0), (w, h), _toward_grey(_random_color(rng), k), -1)
     n_clutter = int(rng.integers(1, 8))
     for _ in range(n_clutter):
         kind = int(rng.integers(4))
         color = _random_color(rng)
         x, y = rng.uniform(0, w), rng.uniform(0, h)
         a, b = rng.uniform(0.05, 0.45) * w, rng.uniform(0.05, 0.45) * h
-        if k <= 0:
+        if rng.uniform() >= k:  # weaker nuisance: fewer clutter shapes
             continue
         if kind == 0:
             cv2.rectangle(img, _pt(x - a, y - b), _pt(x + a, y + b), color, -1, _AA, _SHIFT)
@@ -461,7 +476,6 @@ def _draw_face(img: np.ndarray, p: IdentityParams, rng: np.random.Generator, k: 
     unit = float(min(h2, w2))
     cx, cy, fw, fh = _canvas_geometry(p, h2, w2)
 
-    # Always draw the same number of variates so that the stream layout does not depend on k.
     yaw = rng.uniform(-0.5, 0.5) * k
     pitch = rng.normal(0.0, 0.035) * k * fh
     smile = rng.normal(0.0, 0.14) * k
@@ -473,10 +487,7 @@ def _draw_face(img: np.ndarray, p: IdentityParams, rng: np.random.Generator, k: 
     skin = p.skin
     shade = _scaled(skin, 0.82)
     # Neck and shoulders: a torso in random clothing.
-    if k > 0:
-        _ellipse(img, (cx, cy + fh + 0.55 * unit), (fw * 2.1, 0.42 * unit), 0.0, clothes)
-    else:
-        _ellipse(img, (cx, cy + fh + 0.55 * unit), (fw * 2.1, 0.42 * unit), 0.0, (90.0, 90.0, 110.0))
+    _ellipse(img, (cx, cy + fh + 0.55 * unit), (fw * 2.1, 0.42 * unit), 0.0, _toward_grey(clothes, k))
     cv2.rectangle(img, _pt(cx - 0.55 * fw, cy), _pt(cx + 0.55 * fw, cy + fh + 0.3 * unit), shade, -1, _AA, _SHIFT)
 
     hair = p.hair
@@ -542,7 +553,8 @@ def _draw_face(img: np.ndarray, p: IdentityParams, rng: np.random.Generator, k: 
     # Mouth: lips around a parabolic centre line; smile and opening vary per image.
     curve = p.mouth_curve + smile
     xs = np.linspace(-1.0, 1.0, 15)
-    centre_y = mouth_cy - curve * mw * 0.35 * (1.0 - xs**2)
+    # Image y grows downwards: a lower centre (corners up) is a smile.
+    centre_y = mouth_cy + curve * mw * 0.35 * (1.0 - xs**2)
     bulge = np.sqrt(np.clip(1.0 - xs**2, 0.0, 1.0))
     lt = p.lip_thickness * fh
     gap = lt * 0.9 * bulge if mouth_open else 0.0 * bulge
@@ -631,14 +643,14 @@ def _draw_occluders(img: np.ndarray, rng: np.random.Generator, k: float) -> None
     """Random rectangles, ellipses and bars over the face (hands, microphones, hats, text)."""
     h, w = img.shape[:2]
     unit = float(min(h, w))
-    count = int(rng.choice(4, p=[0.45, 0.33, 0.15, 0.07]))
+    count = int(rng.choice(4, p=[0.4, 0.35, 0.17, 0.08]))
     for _ in range(count):
         kind = int(rng.integers(3))
         color = _random_color(rng)
         x, y = rng.uniform(0.15, 0.85) * w, rng.uniform(0.2, 0.95) * h
         a, b = rng.uniform(0.05, 0.24) * unit, rng.uniform(0.05, 0.24) * unit
         angle = rng.uniform(0.0, 180.0)
-        if k <= 0:
+        if rng.uniform() >= k:  # weaker nuisance: fewer occluders
             continue
         if kind == 0:
             cv2.rectangle(img, _pt(x - a, y - b), _pt(x + a, y + b), color, -1, _AA, _SHIFT)
@@ -659,7 +671,9 @@ def render_face(identity: IdentityParams, rng: np.random.Generator, size: tuple[
     noise. The same identity with identically seeded generators renders identical pixels.
 
     ``nuisance`` scales that variation (1 = the dataset setting, 0 = the canonical, frontal,
-    evenly lit face on a grey background, handy for inspecting identities). The canvas is drawn
+    evenly lit face on a grey background, handy for inspecting identities; in between, pose and
+    lighting amplitudes shrink linearly and clutter, occluders and expressions get rarer;
+    ``generate_dataset`` always uses 1). The canvas is drawn
     at twice the target resolution and reduced with area averaging, which anti-aliases edges.
     """
     if len(size) != 2:
@@ -684,8 +698,8 @@ def render_face(identity: IdentityParams, rng: np.random.Generator, size: tuple[
     # Pose: one in-plane similarity warp at the target resolution (a 2x warp costs 4x as much
     # and its extra sharpness is lost to the blur/noise that follow anyway).
     angle = float(np.clip(rng.normal(0.0, 9.0), -22.0, 22.0)) * k
-    scale = math.exp(float(np.clip(rng.normal(0.0, 0.09), -0.2, 0.2)) * k)
-    shift = rng.normal(0.0, 0.055, 2) * k * min(h, w)
+    scale = math.exp(float(np.clip(rng.normal(0.0, 0.11), -0.25, 0.25)) * k)
+    shift = rng.normal(0.0, 0.065, 2) * k * min(h, w)
     if k > 0:
         m = cv2.getRotationMatrix2D((w / 2.0, h * 0.53), angle, scale)
         m[0, 2] += shift[0]
@@ -699,7 +713,7 @@ def render_face(identity: IdentityParams, rng: np.random.Generator, size: tuple[
     theta = rng.uniform(0.0, 2.0 * np.pi)
     strength = rng.uniform(0.0, 0.75) * k
     bright = math.exp(rng.normal(0.0, 0.25) * k)
-    cast = np.exp(rng.normal(0.0, 0.16, 3) * k).astype(np.float32)
+    cast = np.exp(rng.normal(0.0, 0.2, 3) * k).astype(np.float32)
     contrast = math.exp(rng.normal(0.0, 0.22) * k)
     gamma = math.exp(rng.normal(0.0, 0.3) * k)
     light = (1.0 + strength * (math.cos(theta) * xg + math.sin(theta) * yg)) * np.float32(bright * contrast)
@@ -735,6 +749,7 @@ def identity_name(global_index: int) -> str:
 
 
 def _encode_png(rgb: np.ndarray) -> bytes:
+    """PNG bytes of an RGB image (cv2 encodes BGR, hence the swap)."""
     ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
         raise RuntimeError("cv2.imencode failed to encode a PNG")
@@ -742,6 +757,7 @@ def _encode_png(rgb: np.ndarray) -> bytes:
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int, or a ValueError naming ``name`` if it is not an integer >= minimum."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
@@ -823,6 +839,11 @@ def generate_dataset(out_dir, num_identities: int, seed: int = 0, distribution: 
         # Compare as JSON would store them (tuples become lists, ints stay ints).
         wanted = json.loads(json.dumps({"render_version": RENDER_VERSION, "arguments": arguments}))
         found = {"render_version": existing.get("render_version"), "arguments": existing.get("arguments")}
+        if found["render_version"] != RENDER_VERSION and found["arguments"] == wanted["arguments"]:
+            raise ValueError(
+                f"out_dir {str(root)!r} was rendered by synth renderer version {found['render_version']}, "
+                f"this is version {RENDER_VERSION}; its images would not match, so use a new folder "
+                "(or delete this one)")
         if found != wanted:
             raise ValueError(
                 f"out_dir {str(root)!r} holds a synthetic dataset made with different arguments "
@@ -836,8 +857,6 @@ def generate_dataset(out_dir, num_identities: int, seed: int = 0, distribution: 
     todo = [(i, n) for i, (name, count) in enumerate(zip(names, counts))
             for n in range(count) if not (root / name / f"{n}.png").is_file()]
     if todo:
-        from tqdm import tqdm
-
         identities: dict[int, IdentityParams] = {}
         with tqdm(total=len(todo), desc=f"synth {root.name}", unit="img", disable=not progress) as bar:
             for i, n in todo:
