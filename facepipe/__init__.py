@@ -4,7 +4,7 @@ The Python API mirrors the CLI, one function per command:
 
     facepipe.run_demo(out)                      # facepipe demo
     facepipe.generate_dataset(out, n, ...)      # facepipe synth
-    facepipe.train(facepipe.load_config(path))  # facepipe train
+    facepipe.train_model(facepipe.load_config(path))  # facepipe train
     facepipe.embed_folder(ckpt, images, out)    # facepipe embed
     facepipe.evaluate_pairs_file(ckpt, pairs, root, out)  # facepipe eval pairs
 """
@@ -17,8 +17,8 @@ __version__ = "0.1.0"
 _API = {
     "run_demo": "facepipe.demo",
     "generate_dataset": "facepipe.data.synth",
-    "train": "facepipe.train",
-    "Trainer": "facepipe.train",
+    "train_model": "facepipe.train.trainer",
+    "Trainer": "facepipe.train.trainer",
     "embed_folder": "facepipe.embed",
     "extract_embeddings": "facepipe.embed",
     "load_model": "facepipe.embed",
@@ -34,6 +34,8 @@ __all__ = ["__version__", *_API]
 
 def __getattr__(name: str):
     # Lazy: `import facepipe` stays cheap (no torch import) for tools that only need the CLI parser.
+    if name == "train_model":  # `facepipe.train` is the subpackage, so the function gets this name
+        return importlib.import_module(_API[name]).train
     if name in _API:
         return getattr(importlib.import_module(_API[name]), name)
     raise AttributeError(f"module 'facepipe' has no attribute '{name}'")

@@ -81,3 +81,12 @@ def test_resume_flag_continues_a_run(tiny_dataset, tmp_path):
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r["event"] == "epoch"] == [1, 2]
     shutil.rmtree(tmp_path / "run")
+
+
+def test_python_api_mirrors_the_commands():
+    import facepipe
+    from facepipe.train.trainer import train
+
+    assert facepipe.train_model is train
+    for name in ("run_demo", "generate_dataset", "embed_folder", "evaluate_pairs_file", "load_config"):
+        assert callable(getattr(facepipe, name))
