@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,13 +86,15 @@ def test_crash_mid_epoch_resumes_from_step_checkpoint_exactly(tiny_dataset, tmp_
 def test_training_survives_a_corrupt_image(tiny_dataset, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(tiny_dataset, root)
-    victim = sorted(root.glob("*/*.png"))[0]
-    victim.write_bytes(b"corrupt")
+    victims = {str(sorted(folder.glob("*.png"))[0]) for folder in root.iterdir() if folder.is_dir()}
+    for victim in victims:
+        Path(victim).write_bytes(b"corrupt")
     trainer = Trainer(tiny_config(root, tmp_path / "run", train={"stages": [{"epochs": 1, "head": {"type": "softmax"}}]}),
                       progress=False)
     metrics = trainer.fit()
     assert metrics["epoch"] == 1
-    assert str(victim) in trainer.dataset.bad_files or trainer.config.data.num_workers > 0
+    # num_workers=0: the main process saw every bad file it drew (most, not all: drop_last).
+    assert trainer.dataset.bad_files and trainer.dataset.bad_files <= victims
 
 
 def test_resume_refuses_a_different_identity_list(tiny_dataset, tmp_path):
@@ -99,7 +102,7 @@ def test_resume_refuses_a_different_identity_list(tiny_dataset, tmp_path):
     Trainer(config, progress=False).fit(max_epochs=1)
     other = tmp_path / "other"
     shutil.copytree(tiny_dataset, other)
-    shutil.rmtree(sorted(other.iterdir())[0] if sorted(other.iterdir())[0].is_dir() else sorted(other.iterdir())[1])
+    shutil.rmtree(other / "id_00000")
     with pytest.raises(TrainingError, match="identities"):
         Trainer(tiny_config(other, tmp_path / "run"), resume=True, progress=False)
 
