@@ -121,3 +121,32 @@ def test_persistent_non_finite_loss_stops_with_a_clear_error(tiny_dataset, tmp_p
     with pytest.raises(TrainingError, match="non-finite"):
         trainer.fit()
     assert trainer.nonfinite_steps == 3
+
+
+def test_validation_pairs_drive_best_checkpoint_selection(tiny_dataset, tmp_path):
+    from pathlib import Path as _Path
+
+    from facepipe.data.dataset import IdentityFolderDataset
+    from facepipe.eval.verification import make_pairs, write_pairs_csv
+
+    dataset = IdentityFolderDataset(tiny_dataset)
+    idx_a, idx_b, is_same = make_pairs(dataset.labels, 40, seed=1)
+    rel = [_Path(s.path).relative_to(tiny_dataset).as_posix() for s in dataset.samples]
+    pairs = tmp_path / "val.csv"
+    write_pairs_csv(pairs, [rel[i] for i in idx_a], [rel[i] for i in idx_b], is_same)
+    config = tiny_config(tiny_dataset, tmp_path / "run",
+                         train={"validation": {"pairs": str(pairs), "root": str(tiny_dataset)}})
+    trainer = Trainer(config, progress=False)
+    trainer.fit()
+    epochs = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    accuracies = [r["val_accuracy"] for r in epochs if r["event"] == "epoch"]
+    assert len(accuracies) == 2 and all(0.5 <= a <= 1.0 for a in accuracies)  # best threshold >= majority
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert best["best_metric"] == max(accuracies)
+    assert best["metrics"]["val_accuracy"] == max(accuracies)
+
+    (tiny_dataset.parent / "gone.csv").write_text("path_a,path_b,is_same\nid_00000/0.png,nobody/1.png,0\n")
+    broken = tiny_config(tiny_dataset, tmp_path / "run2",
+                         train={"validation": {"pairs": str(tiny_dataset.parent / "gone.csv"), "root": str(tiny_dataset)}})
+    with pytest.raises(DatasetError, match="nobody/1.png"):
+        Trainer(broken, progress=False)

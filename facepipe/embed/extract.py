@@ -1,8 +1,6 @@
 """Batched embedding extraction with flip fusion, and the ``facepipe embed`` job."""
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,7 @@ from facepipe.data.transforms import build_eval_transform
 from facepipe.models import build_backbone
 from facepipe.train.checkpoint import load_checkpoint, model_fingerprint
 from facepipe.utils.device import autocast, resolve_amp_dtype, resolve_device
-from facepipe.utils.io import atomic_write, save_npy_atomic, write_json_atomic
+from facepipe.utils.io import save_npy_atomic, write_csv_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -141,13 +139,8 @@ def embed_folder(
     )
     out = Path(out)
     save_npy_atomic(out / "embeddings.npy", embeddings)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["row", "path", "identity"])
-    for row, (path, identity) in enumerate(items):
-        writer.writerow([row, path, identity])
-    with atomic_write(out / "manifest.csv", "w", encoding="utf-8") as handle:
-        handle.write(buffer.getvalue())
+    write_csv_atomic(out / "manifest.csv", ["row", "path", "identity"],
+                     ((row, path, identity) for row, (path, identity) in enumerate(items)))
     summary = {
         "checkpoint": str(checkpoint),
         "model_fingerprint": loaded.fingerprint,

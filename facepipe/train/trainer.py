@@ -26,7 +26,8 @@ from facepipe.data.samplers import build_sampler
 from facepipe.data.stats import class_statistics
 from facepipe.data.transforms import build_train_transform
 from facepipe.embed.extract import extract_embeddings
-from facepipe.eval.verification import cosine_scores, evaluate_verification, read_pairs_csv
+from facepipe.eval.pairs_job import PairsOnDisk, load_pairs
+from facepipe.eval.verification import cosine_scores, evaluate_verification
 from facepipe.losses import MarginHead, build_head
 from facepipe.models import build_backbone
 from facepipe.train.checkpoint import BEST, LATEST, copy_checkpoint, load_checkpoint, save_checkpoint
@@ -153,26 +154,9 @@ class Trainer:
         self.run_log.write("stage", self.global_step, epoch=self.epoch, stage=stage_index,
                            head=stage.head.type, name=stage.name)
 
-    def _load_validation_pairs(self):
+    def _load_validation_pairs(self) -> PairsOnDisk | None:
         spec = self.config.train.validation
-        if spec is None:
-            return None
-        pairs_path = Path(spec.pairs)
-        if not pairs_path.is_file():
-            raise DatasetError(f"validation pairs file {pairs_path} does not exist")
-        root = Path(spec.root) if spec.root else pairs_path.parent
-        paths_a, paths_b, is_same = read_pairs_csv(pairs_path)
-        unique = sorted(set(paths_a) | set(paths_b))
-        missing = [p for p in unique if not (root / p).is_file()]
-        if missing:
-            raise DatasetError(f"{len(missing)} validation image(s) are missing under {root}, e.g. {missing[:3]}")
-        position = {p: i for i, p in enumerate(unique)}
-        return {
-            "paths": [str(root / p) for p in unique],
-            "idx_a": np.array([position[p] for p in paths_a]),
-            "idx_b": np.array([position[p] for p in paths_b]),
-            "is_same": is_same,
-        }
+        return None if spec is None else load_pairs(spec.pairs, spec.root)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -319,18 +303,19 @@ class Trainer:
         }
 
     def validate(self) -> dict[str, Any] | None:
-        """Verification accuracy on the configured pairs (best threshold, 10-fold)."""
+        """Verification on the configured pairs: ``val_accuracy`` is the accuracy at the best
+        threshold (what model selection uses), beside the 10-fold accuracy and the AUC."""
         if self.validation is None:
             return None
-        v = self.validation
+        pairs = self.validation
         embeddings = extract_embeddings(
-            self.model, v["paths"], self.config.data.image_size, self.device,
+            self.model, pairs.paths, self.config.data.image_size, self.device,
             batch_size=self.config.embed.batch_size, flip=self.config.embed.flip, amp_dtype=self.amp_dtype,
         )
-        scores = cosine_scores(embeddings, v["idx_a"], v["idx_b"])
-        result = evaluate_verification(scores, v["is_same"])
-        return {"val_accuracy": result.accuracy_mean, "val_accuracy_std": result.accuracy_std,
-                "val_auc": result.auc, "val_best_threshold_accuracy": result.best_threshold_accuracy}
+        scores = cosine_scores(embeddings, pairs.idx_a, pairs.idx_b)
+        result = evaluate_verification(scores, pairs.is_same)
+        return {"val_accuracy": result.best_threshold_accuracy, "val_accuracy_10fold": result.accuracy_mean,
+                "val_accuracy_10fold_std": result.accuracy_std, "val_auc": result.auc}
 
     def fit(self, max_epochs: int | None = None) -> dict[str, Any]:
         """Train the remaining epochs of the schedule (or up to epoch ``max_epochs``, a checkpoint
