@@ -220,6 +220,8 @@ class Trainer:
             embeddings = self.model(images)
         logits = self.head(embeddings.float(), labels)
         loss = F.cross_entropy(logits, labels)
+        # The one host-device sync per step: a non-finite loss must be known before backward to
+        # skip the step (bf16/fp32 have no grad scaler doing it); loss.item() below then costs nothing.
         if not torch.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             return None
