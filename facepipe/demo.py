@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from facepipe.config import Config, DemoConfig, find_config, load_config
@@ -32,7 +31,7 @@ from facepipe.eval.verification import (
     write_pairs_csv,
 )
 from facepipe.models import build_backbone
-from facepipe.train.checkpoint import BEST, LATEST, copy_checkpoint, load_checkpoint
+from facepipe.train.checkpoint import LATEST, copy_checkpoint, load_checkpoint
 from facepipe.train.run_log import read_run_log
 from facepipe.train.trainer import Trainer
 from facepipe.utils.device import resolve_device

@@ -1,7 +1,6 @@
 """Shared fixtures: small synthetic identity datasets rendered once per test session."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

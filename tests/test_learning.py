@@ -1,5 +1,4 @@
 """End to end: a short run on synthetic identities learns something that transfers to unseen ones."""
-import numpy as np
 import torch
 
 from conftest import tiny_config

@@ -685,7 +685,6 @@ def render_face(identity: IdentityParams, rng: np.random.Generator, size: tuple[
     if not 0.0 <= k <= 2.0:
         raise ValueError(f"nuisance must lie in [0, 2], got {nuisance}")
     h2, w2 = 2 * h, 2 * w
-    unit = float(min(h2, w2))
 
     canvas = np.empty((h2, w2, 3), np.uint8)
     _draw_background(canvas, rng, k)
