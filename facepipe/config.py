@@ -194,6 +194,48 @@ class DemoConfig(StrictModel):
     pairs: int = Field(3000, ge=20)
 
 
+# ----------------------------------------------------------------------------- alignment
+class DetectorConfig(StrictModel):
+    """MTCNN settings; the defaults are those of the reference (facenet-pytorch 2.5.3)."""
+
+    min_face_size: float = Field(20.0, gt=0)
+    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)  # P-Net, R-Net, O-Net face probability
+    factor: float = Field(0.709, gt=0, lt=1)  # image pyramid scale step
+    nms_within_scale: float = Field(0.5, gt=0, le=1)  # IoU, P-Net boxes of one scale
+    nms_across_scales: float = Field(0.7, gt=0, le=1)  # IoU, P-Net boxes of all scales
+    nms_refine: float = Field(0.7, gt=0, le=1)  # IoU, after R-Net
+    nms_output: float = Field(0.7, gt=0, le=1)  # intersection over the smaller box, after O-Net
+    batch_size: int = Field(16, ge=1)  # images of equal size per P-Net forward
+
+
+class AlignConfig(StrictModel):
+    """``facepipe align``: detection, face choice, similarity alignment and output files."""
+
+    image_size: tuple[int, int] = (112, 112)  # (height, width); 112x96 is the SphereFace/CLMLE crop
+    # Which face when several: largest box, nearest the image centre, highest score, or every face.
+    select: Literal["largest", "central", "score", "all"] = "largest"
+    # No face found: skip the image, or write a centre crop flagged in the manifest (LFW practice).
+    no_face: Literal["skip", "center_crop"] = "center_crop"
+    # Side of the fallback centre square as a fraction of the short image side.
+    center_crop_fraction: float = Field(0.45, gt=0, le=1)
+    border_mode: Literal["constant", "replicate", "reflect"] = "constant"
+    # Detection runs on a copy downscaled to at most this many pixels on the long side.
+    max_detect_side: int = Field(4096, ge=64)
+    # Images smaller than this on the short side are reported as too small, not searched.
+    min_image_side: int = Field(12, ge=1)
+    output_format: Literal["same", "jpg", "png"] = "same"
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    detector: DetectorConfig = DetectorConfig()
+    device: str = "auto"
+
+    @field_validator("image_size")
+    @classmethod
+    def _positive_size(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if any(side < 16 for side in value):
+            raise ValueError(f"image_size {list(value)}: both sides must be at least 16 pixels")
+        return value
+
+
 class Config(StrictModel):
     seed: int = 0
     output_dir: str = "runs/default"
@@ -203,6 +245,7 @@ class Config(StrictModel):
     scheduler: SchedulerConfig = SchedulerConfig()
     train: TrainConfig = TrainConfig()
     embed: EmbedConfig = EmbedConfig()
+    align: AlignConfig = AlignConfig()  # how raw images are aligned before embedding
     demo: DemoConfig | None = None  # read by `facepipe demo` only
 
     def to_dict(self) -> dict[str, Any]:
