@@ -16,6 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,9 @@ RNET_SIZE = 24
 ONET_SIZE = 48
 # Crops per resampling chunk; bounds the memory of the gathered summed-area corners.
 CROP_CHUNK = 512
+# Crops per R-Net / O-Net forward on CPU: small enough that the first layers' activations stay
+# in cache (the nets are memory-bound on large batches: about 1.8x faster, measured on 2 cores).
+CPU_FORWARD_CHUNK = {"rnet": 64, "onet": 16}
 
 
 @dataclass
@@ -60,27 +64,27 @@ def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float, mode: str = "un
     ``union``: intersection over union with continuous box areas, as torchvision's ``nms`` (used by
     the reference for the P-Net and R-Net stages). ``min``: intersection over the smaller area with
     the inclusive pixel convention (w = x2 - x1 + 1), as the reference's O-Net stage. A box is
-    suppressed when its overlap with a kept box exceeds ``threshold``.
+    suppressed when its overlap with a kept box exceeds ``threshold``; ties in score keep input order.
     """
     if len(boxes) == 0:
         return np.zeros(0, dtype=np.int64)
     boxes = boxes.astype(np.float64)
-    extra = 1.0 if mode == "min" else 0.0
+    if mode == "union":
+        # OpenCV's C++ greedy NMS computes exactly this overlap (Rect2d areas) with a stable sort.
+        # It drops scores <= its score threshold (>= 0), so scores are shifted to be positive.
+        rects = np.concatenate([boxes[:, :2], boxes[:, 2:4] - boxes[:, :2]], axis=1)
+        positive = scores.astype(np.float64) - float(scores.min()) + 1.0
+        return np.asarray(cv2.dnn.NMSBoxes(rects, positive, 0.0, threshold), dtype=np.int64).reshape(-1)
     x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
-    areas = (x2 - x1 + extra) * (y2 - y1 + extra)
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
     order = np.argsort(-scores, kind="stable")
     keep = []
     while order.size:
         best, rest = order[0], order[1:]
         keep.append(best)
-        w = np.maximum(0.0, np.minimum(x2[best], x2[rest]) - np.maximum(x1[best], x1[rest]) + extra)
-        h = np.maximum(0.0, np.minimum(y2[best], y2[rest]) - np.maximum(y1[best], y1[rest]) + extra)
-        inter = w * h
-        if mode == "min":
-            overlap = inter / np.minimum(areas[best], areas[rest])
-        else:
-            overlap = inter / (areas[best] + areas[rest] - inter)
-        order = rest[overlap <= threshold]
+        w = np.maximum(0.0, np.minimum(x2[best], x2[rest]) - np.maximum(x1[best], x1[rest]) + 1)
+        h = np.maximum(0.0, np.minimum(y2[best], y2[rest]) - np.maximum(y1[best], y1[rest]) + 1)
+        order = rest[w * h / np.minimum(areas[best], areas[rest]) <= threshold]
     return np.asarray(keep, dtype=np.int64)
 
 
@@ -134,32 +138,46 @@ def crop_windows(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def summed_area_table(images: torch.Tensor) -> torch.Tensor:
-    """[B, H+1, W+1, 3] int64 table T with T[b, i, j] = sum of images[b, :i, :j] (exact integers)."""
-    table = images.to(torch.int64).cumsum(1).cumsum(2)
+    """[B, H+1, W+1, 3] float64 table T with T[b, i, j] = sum of images[b, :i, :j] (exact: integer sums).
+
+    OpenCV's ``integral`` on CPU is several times faster than two ``cumsum`` passes.
+    """
+    if images.device.type == "cpu":
+        tables = [cv2.integral(image, sdepth=cv2.CV_64F) for image in images.numpy()]
+        return torch.from_numpy(np.stack(tables))
+    table = images.to(torch.float64).cumsum(1).cumsum(2)
     return F.pad(table, (0, 0, 1, 0, 1, 0))
 
 
 def resample_crops(table: torch.Tensor, image_index: torch.Tensor, windows: torch.Tensor, size: int) -> torch.Tensor:
-    """Area-resample every crop window to ``size`` x ``size``: [K, 3, size, size] float32.
+    """Area-resample every crop window to ``size`` x ``size``: [K, 3, size, size] float32 (channels last).
 
     Output cell i of a crop of n rows averages rows floor(i n / size) .. ceil((i + 1) n / size),
     the bins of ``adaptive_avg_pool2d`` (what ``interpolate(mode="area")`` runs), read as four
     corner lookups in the summed-area table.
     """
+    _, rows_plus_one, cols_plus_one, channels = table.shape
+    flat_table = table.reshape(-1, channels)
     cells = torch.arange(size, device=table.device)
     out = []
     for start in range(0, len(windows), CROP_CHUNK):
         win = windows[start:start + CROP_CHUNK]
-        b = image_index[start:start + CROP_CHUNK][:, None, None]
+        base = image_index[start:start + CROP_CHUNK][:, None, None] * rows_plus_one
         rows, cols = win[:, 1] - win[:, 0], win[:, 3] - win[:, 2]
         r0 = win[:, :1] + torch.div(cells[None] * rows[:, None], size, rounding_mode="floor")
         r1 = win[:, :1] + torch.div((cells[None] + 1) * rows[:, None] + size - 1, size, rounding_mode="floor")
         c0 = win[:, 2:3] + torch.div(cells[None] * cols[:, None], size, rounding_mode="floor")
         c1 = win[:, 2:3] + torch.div((cells[None] + 1) * cols[:, None] + size - 1, size, rounding_mode="floor")
         r0, r1, c0, c1 = r0[:, :, None], r1[:, :, None], c0[:, None, :], c1[:, None, :]
-        sums = table[b, r1, c1] - table[b, r0, c1] - table[b, r1, c0] + table[b, r0, c0]
-        area = ((r1 - r0) * (c1 - c0))[..., None]
-        out.append((sums.to(torch.float64) / area).to(torch.float32).permute(0, 3, 1, 2))
+
+        def corner(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            # index_select on the flattened table is much faster than 3-D advanced indexing.
+            flat = ((base + r) * cols_plus_one + c).reshape(-1)
+            return flat_table.index_select(0, flat).view(len(win), size, size, channels)
+
+        sums = corner(r1, c1) - corner(r0, c1) - corner(r1, c0) + corner(r0, c0)
+        area = ((r1 - r0) * (c1 - c0)).to(torch.float64)[..., None]
+        out.append((sums / area).to(torch.float32).permute(0, 3, 1, 2))
     return torch.cat(out) if out else torch.zeros(0, 3, size, size, device=table.device)
 
 
@@ -219,7 +237,8 @@ class MTCNN:
         if not batch.flags.writeable or not batch.flags.c_contiguous:
             batch = np.array(batch)  # torch.from_numpy needs a writable, contiguous buffer
         pixels_hwc = torch.from_numpy(batch).to(self.device)
-        pixels = pixels_hwc.permute(0, 3, 1, 2).float()
+        # Area resampling runs faster on planar (NCHW) memory; the nets prefer channels-last.
+        pixels = pixels_hwc.permute(0, 3, 1, 2).float().contiguous()
 
         boxes, image_index = self._proposals(pixels)
         table = None
@@ -246,7 +265,7 @@ class MTCNN:
         per_scale, per_scale_index = [], []
         for scale in self.pyramid_scales(height, width):
             resized = F.interpolate(pixels, size=(int(height * scale + 1), int(width * scale + 1)), mode="area")
-            regression, probability = self.pnet(normalise(resized))
+            regression, probability = self.pnet(normalise(resized).contiguous(memory_format=torch.channels_last))
             face = probability[:, 1]
             hits = (face >= cfg.thresholds[0]).nonzero()
             if not len(hits):
@@ -283,12 +302,20 @@ class MTCNN:
                                torch.from_numpy(windows[valid]).to(self.device), size)
         return normalise(crops), valid
 
+    def _forward(self, network: torch.nn.Module, name: str, crops: torch.Tensor) -> list[np.ndarray]:
+        """Network outputs as numpy arrays, the crops fed in chunks (one forward on GPU)."""
+        chunk = CPU_FORWARD_CHUNK[name] if self.device.type == "cpu" else max(len(crops), 1)
+        outputs = [network(crops[start:start + chunk]) for start in range(0, len(crops), chunk)]
+        if not outputs:
+            outputs = [network(crops)]
+        return [torch.cat(parts).float().cpu().numpy() for parts in zip(*outputs)]
+
     def _refine(self, table: torch.Tensor, boxes: np.ndarray, image_index: np.ndarray, width: int,
                 height: int) -> tuple[np.ndarray, np.ndarray]:
         cfg = self.config
         crops, valid = self._crops(table, boxes, image_index, width, height, RNET_SIZE)
         boxes, image_index = boxes[valid], image_index[valid]
-        regression, probability = (t.float().cpu().numpy() for t in self.rnet(crops))
+        regression, probability = self._forward(self.rnet, "rnet", crops)
         score = probability[:, 1]
         passed = score > cfg.thresholds[1]
         boxes = np.concatenate([boxes[passed, :4], score[passed, None]], axis=1)
@@ -302,7 +329,7 @@ class MTCNN:
         cfg = self.config
         crops, valid = self._crops(table, boxes, image_index, width, height, ONET_SIZE)
         boxes, image_index = boxes[valid], image_index[valid]
-        regression, landmarks, probability = (t.float().cpu().numpy() for t in self.onet(crops))
+        regression, landmarks, probability = self._forward(self.onet, "onet", crops)
         score = probability[:, 1]
         passed = score > cfg.thresholds[2]
         boxes = np.concatenate([boxes[passed, :4], score[passed, None]], axis=1)
