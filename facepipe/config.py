@@ -310,6 +310,27 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return config_from_dict(data, overrides, source)
 
 
+def load_align_config(name: str | Path | None = None, overrides: Sequence[str] = ()) -> AlignConfig:
+    """Align settings from a YAML (a config name or path): either the settings themselves or a
+    full training config whose ``align:`` section is used; then ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if name is not None:
+        path = find_config(str(name))
+        try:
+            loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
+        except Exception as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data, source = (loaded["align"] or {}) if "align" in loaded else loaded, str(path)
+    merged = apply_overrides(data, overrides) if overrides else data
+    try:
+        return AlignConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
 def config_search_path() -> list[Path]:
     """Where named configs are looked up: ./configs, the source checkout, the installed share folder."""
     repo_configs = Path(__file__).resolve().parent.parent / "configs"

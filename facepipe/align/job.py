@@ -353,11 +353,13 @@ def align_images(source: str | Path, destination: str | Path, config: AlignConfi
     write_text_atomic(manifest, "".join(json.dumps(row) + "\n" for row in kept))
     skipped = len(relative) - len(todo)
     workers = default_workers() if workers is None else workers
-    workers = min(workers, max(1, len(todo) // CHUNK_SIZE)) if todo else 0
+    workers = min(workers, len(todo))
+    # Small jobs are split finer so that every worker gets a share.
+    chunk_size = max(1, min(CHUNK_SIZE, -(-len(todo) // max(workers, 1))))
     counts: Counter[str] = Counter()
     start = time.perf_counter()
     bar = tqdm(total=len(todo), unit="img", desc="align", disable=not progress, dynamic_ncols=True)
-    chunks = _chunks(todo, CHUNK_SIZE)
+    chunks = _chunks(todo, chunk_size)
     pool = None
     try:
         if workers > 1:
