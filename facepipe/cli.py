@@ -81,6 +81,68 @@ def cmd_eval_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_missing_list(path: str | None) -> list[str]:
+    # One relative image path per line (e.g. the no-face list of the alignment stage).
+    if path is None:
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return [line.split("\t")[0].strip() for line in handle if line.strip()]
+
+
+def cmd_eval_lfw(args: argparse.Namespace) -> int:
+    from facepipe.eval.lfw import evaluate_lfw
+
+    result = evaluate_lfw(args.pairs, args.out, images=args.images, checkpoint=args.checkpoint,
+                          embeddings=args.embeddings, threshold_pairs=args.threshold_pairs,
+                          allow_missing=args.allow_missing, missing=_read_missing_list(args.missing_list),
+                          flip=args.flip, extension=args.ext, device=args.device, batch_size=args.batch_size,
+                          progress=not args.quiet)
+    print(result["summary"])
+    return 0
+
+
+def cmd_eval_ytf(args: argparse.Namespace) -> int:
+    from facepipe.eval.ytf import evaluate_ytf
+
+    result = evaluate_ytf(args.splits, args.out, videos=args.videos, checkpoint=args.checkpoint,
+                          embeddings=args.embeddings, max_frames=args.max_frames, allow_missing=args.allow_missing,
+                          missing=_read_missing_list(args.missing_list), flip=args.flip, device=args.device,
+                          batch_size=args.batch_size, progress=not args.quiet)
+    print(result["summary"])
+    return 0
+
+
+def cmd_eval_megaface(args: argparse.Namespace) -> int:
+    from facepipe.eval.megaface import evaluate_megaface
+
+    result = evaluate_megaface(args.out, probes=args.probes, distractors=args.distractors, checkpoint=args.checkpoint,
+                               lfw_images=args.lfw_images, lfw_dev_pairs=args.lfw_dev_pairs,
+                               impostor_top_k=args.impostor_top_k, seed=args.seed, flip=args.flip,
+                               device=args.device, batch_size=args.batch_size, progress=not args.quiet)
+    print(result["summary"])
+    return 0
+
+
+def cmd_eval_bin(args: argparse.Namespace) -> int:
+    from facepipe.eval.insightface_bin import evaluate_bin
+
+    result = evaluate_bin(args.bin, args.out, checkpoint=args.checkpoint, embeddings=args.embeddings, flip=args.flip,
+                          device=args.device, batch_size=args.batch_size, progress=not args.quiet)
+    print(result["summary"])
+    return 0
+
+
+def cmd_align(args: argparse.Namespace) -> int:
+    from facepipe.align.job import align_images, parse_shard
+    from facepipe.config import load_align_config
+
+    config = load_align_config(args.config, args.overrides)
+    summary = align_images(args.source, args.destination, config, root=args.root, shard=parse_shard(args.shard),
+                           workers=args.workers, restart=args.restart, progress=not args.quiet)
+    print(f"align: {summary.line()}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from facepipe.demo import run_demo
 
@@ -121,6 +183,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_synth)
 
+    p = sub.add_parser("align", help="MTCNN detection and 5-point alignment of an image tree or list file")
+    p.add_argument("source", metavar="SRC", help="folder of images (walked recursively) or a text file listing images")
+    p.add_argument("destination", metavar="DST", help="output folder: crops at the same relative paths, manifest.jsonl")
+    p.add_argument("--config", default=None,
+                   help="YAML of align settings (or a training config with an align: section); default: built-in")
+    p.add_argument("--root", default=None, help="folder the list file's paths are relative to (default: its folder)")
+    p.add_argument("--shard", default="0/1", help="process shard i of n (i/n) of the inputs, for job arrays")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes that decode, detect and write (default: one per two cores; 0: no subprocess)")
+    p.add_argument("--restart", action="store_true", help="ignore earlier progress in DST and redo every image")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="align overrides, e.g. image_size=[112,96] select=central no_face=skip")
+    p.set_defaults(func=cmd_align)
+
     p = sub.add_parser("train", help="train an embedding model from a YAML config")
     p.add_argument("--config", required=True, help="config name in configs/ or a YAML path")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/latest.pt")
@@ -149,12 +226,73 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="auto")
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=cmd_eval_pairs)
+
+    def model_options(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--flip", choices=["sum", "concat", "none"], default=None, help="flip fusion (default: config)")
+        q.add_argument("--batch-size", type=int, default=None)
+        q.add_argument("--device", default="auto")
+        q.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    q = eval_sub.add_parser("lfw", help="LFW verification on an official pairs file (View 1 or View 2)")
+    q.add_argument("--pairs", required=True, help="pairs.txt (View 2) or pairsDevTest.txt / pairsDevTrain.txt (View 1)")
+    q.add_argument("--images", default=None, help="folder of name/name_%%04d.jpg images (needs --checkpoint)")
+    q.add_argument("--checkpoint", default=None)
+    q.add_argument("--embeddings", default=None, help="'facepipe embed' output folder of those images instead")
+    q.add_argument("--threshold-pairs", default=None,
+                   help="separate pairs file to choose the threshold on (View 1: pairsDevTrain.txt)")
+    q.add_argument("--allow-missing", action="store_true",
+                   help="count pairs with a missing image (or no face) as wrong instead of stopping")
+    q.add_argument("--missing-list", default=None, help="file of relative image paths that had no face, one per line")
+    q.add_argument("--ext", default=".jpg", help="image file extension (default .jpg)")
+    q.add_argument("--out", required=True, help="report folder")
+    model_options(q)
+    q.set_defaults(func=cmd_eval_lfw)
+
+    q = eval_sub.add_parser("ytf", help="YouTube Faces video verification on a splits file")
+    q.add_argument("--splits", required=True, help="splits.txt: split, first video, second video, ..., is same")
+    q.add_argument("--videos", default=None, help="folder of person/n/<frames> (needs --checkpoint)")
+    q.add_argument("--checkpoint", default=None)
+    q.add_argument("--embeddings", default=None, help="'facepipe embed' output folder of the video frames instead")
+    q.add_argument("--max-frames", type=int, default=None, help="at most F evenly spaced frames per video")
+    q.add_argument("--allow-missing", action="store_true", help="count pairs with a missing video as wrong")
+    q.add_argument("--missing-list", default=None, help="file of relative frame paths that had no face")
+    q.add_argument("--out", required=True, help="report folder")
+    model_options(q)
+    q.set_defaults(func=cmd_eval_ytf)
+
+    q = eval_sub.add_parser("megaface", help="MegaFace-style identification with distractors")
+    q.add_argument("--probes", default=None, help="identity folders of probe images, or an embed output folder")
+    q.add_argument("--distractors", default=None,
+                   help="folder of distractor images, an embed output folder, or a .npy array (memory-mapped)")
+    q.add_argument("--lfw-images", default=None, help="LFW mini protocol: lfw-deepfunneled folder (or its embeddings)")
+    q.add_argument("--lfw-dev-pairs", default=None, help="LFW mini protocol: pairsDevTest.txt (the probe people)")
+    q.add_argument("--checkpoint", default=None, help="needed when probes or distractors are images")
+    q.add_argument("--impostor-top-k", type=int, default=100,
+                   help="distractor scores kept per probe for the verification ROC (default 100)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the distractor order (nested subsets)")
+    q.add_argument("--out", required=True, help="report folder")
+    model_options(q)
+    q.set_defaults(func=cmd_eval_megaface)
+
+    q = eval_sub.add_parser("bin", help="verification on an insightface .bin set (lfw.bin, cfp_fp.bin, agedb_30.bin)")
+    q.add_argument("--bin", required=True, help="the .bin file")
+    q.add_argument("--checkpoint", default=None)
+    q.add_argument("--embeddings", default=None, help=".npy with one row per image of the .bin, in file order")
+    q.add_argument("--out", required=True, help="report folder")
+    model_options(q)
+    q.set_defaults(func=cmd_eval_bin)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse cannot take positionals after options (``align SRC DST --quiet key=value``): hand
+    # leftover key=value words to the command's overrides; anything else is still an error.
+    if extra and hasattr(args, "overrides") and all("=" in word and not word.startswith("-") for word in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.verbose)
     from facepipe.errors import USER_ERRORS
 

@@ -138,14 +138,18 @@ def crop_windows(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def summed_area_table(images: torch.Tensor) -> torch.Tensor:
-    """[B, H+1, W+1, 3] float64 table T with T[b, i, j] = sum of images[b, :i, :j] (exact: integer sums).
+    """[B, H+1, W+1, 3] table T with T[b, i, j] = sum of images[b, :i, :j], in exact integers.
 
-    OpenCV's ``integral`` on CPU is several times faster than two ``cumsum`` passes.
+    int32 while 255 * H * W fits (images up to 8.4 megapixels; half the memory traffic of the
+    lookups), float64 (exact to 2^53) beyond. OpenCV's ``integral`` on CPU is several times
+    faster than two ``cumsum`` passes.
     """
+    height, width = images.shape[1:3]
+    exact_int32 = 255 * height * width < 2 ** 31
     if images.device.type == "cpu":
-        tables = [cv2.integral(image, sdepth=cv2.CV_64F) for image in images.numpy()]
-        return torch.from_numpy(np.stack(tables))
-    table = images.to(torch.float64).cumsum(1).cumsum(2)
+        depth = cv2.CV_32S if exact_int32 else cv2.CV_64F
+        return torch.from_numpy(np.stack([cv2.integral(image, sdepth=depth) for image in images.numpy()]))
+    table = images.to(torch.int32 if exact_int32 else torch.float64).cumsum(1).cumsum(2)
     return F.pad(table, (0, 0, 1, 0, 1, 0))
 
 
@@ -170,15 +174,29 @@ def resample_crops(table: torch.Tensor, image_index: torch.Tensor, windows: torc
         c1 = win[:, 2:3] + torch.div((cells[None] + 1) * cols[:, None] + size - 1, size, rounding_mode="floor")
         r0, r1, c0, c1 = r0[:, :, None], r1[:, :, None], c0[:, None, :], c1[:, None, :]
 
-        def corner(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-            # index_select on the flattened table is much faster than 3-D advanced indexing.
-            flat = ((base + r) * cols_plus_one + c).reshape(-1)
-            return flat_table.index_select(0, flat).view(len(win), size, size, channels)
-
-        sums = corner(r1, c1) - corner(r0, c1) - corner(r1, c0) + corner(r0, c0)
+        # One index_select on the flattened table for all four corners: far faster than 3-D
+        # advanced indexing.
+        corners = torch.stack([(base + r1) * cols_plus_one + c1, (base + r0) * cols_plus_one + c1,
+                               (base + r1) * cols_plus_one + c0, (base + r0) * cols_plus_one + c0])
+        values = flat_table.index_select(0, corners.reshape(-1)).view(4, len(win), size, size, channels)
+        sums = (values[0] - values[1] - values[2] + values[3]).to(torch.float64)
         area = ((r1 - r0) * (c1 - c0)).to(torch.float64)[..., None]
         out.append((sums / area).to(torch.float32).permute(0, 3, 1, 2))
     return torch.cat(out) if out else torch.zeros(0, 3, size, size, device=table.device)
+
+
+def area_resize(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``interpolate(images, (height, width), mode="area")`` as two 1-D adaptive average pools.
+
+    Each 2-D area bin is the product of a row bin and a column bin, so averaging along the width
+    and then along the height gives the same values (up to float rounding), about 1.5x faster on
+    CPU than the 2-D kernel.
+    """
+    batch, channels, rows, cols = images.shape
+    narrow = F.adaptive_avg_pool1d(images.reshape(batch * channels * rows, 1, cols), width)
+    narrow = narrow.view(batch * channels, rows, width).transpose(1, 2).reshape(-1, 1, rows)
+    resized = F.adaptive_avg_pool1d(narrow, height).view(batch, channels, width, height)
+    return resized.transpose(2, 3)
 
 
 def normalise(pixels: torch.Tensor) -> torch.Tensor:
@@ -264,7 +282,7 @@ class MTCNN:
         height, width = pixels.shape[2:]
         per_scale, per_scale_index = [], []
         for scale in self.pyramid_scales(height, width):
-            resized = F.interpolate(pixels, size=(int(height * scale + 1), int(width * scale + 1)), mode="area")
+            resized = area_resize(pixels, int(height * scale + 1), int(width * scale + 1))
             regression, probability = self.pnet(normalise(resized).contiguous(memory_format=torch.channels_last))
             face = probability[:, 1]
             hits = (face >= cfg.thresholds[0]).nonzero()

@@ -1,7 +1,16 @@
-"""Evaluation: face-verification metrics, pair lists and report plots."""
-from facepipe.eval.plots import plot_roc, plot_training_curves
+"""Evaluation: face-verification metrics, pair lists, report plots, and the evaluation jobs
+(LFW, YouTube Faces, MegaFace-style identification, insightface .bin sets, imbalance metrics).
+
+The metric functions are imported eagerly; the jobs lazily (on first attribute access), so that
+code needing only the metrics (the trainer's validation) does not load FAISS or imbalanced-learn.
+"""
+import importlib
+
+from facepipe.eval.plots import plot_cmc, plot_roc, plot_training_curves
 from facepipe.eval.verification import (
+    EvalInputError,
     VerificationResult,
+    accuracy_at_threshold,
     best_threshold,
     cosine_scores,
     evaluate_verification,
@@ -10,20 +19,59 @@ from facepipe.eval.verification import (
     make_pairs,
     read_pairs_csv,
     roc_metrics,
+    score_missing_as_wrong,
+    tail_roc,
     write_pairs_csv,
 )
 
+_LAZY = {
+    "LFWPairs": "facepipe.eval.lfw_pairs",
+    "parse_lfw_pairs": "facepipe.eval.lfw_pairs",
+    "EmbeddingTable": "facepipe.eval.lfw",
+    "evaluate_lfw": "facepipe.eval.lfw",
+    "load_embeddings_folder": "facepipe.eval.lfw",
+    "YTFSplits": "facepipe.eval.ytf",
+    "evaluate_ytf": "facepipe.eval.ytf",
+    "parse_ytf_splits": "facepipe.eval.ytf",
+    "video_embeddings": "facepipe.eval.ytf",
+    "MegaFaceResult": "facepipe.eval.megaface",
+    "evaluate_megaface": "facepipe.eval.megaface",
+    "lfw_megaface_sets": "facepipe.eval.megaface",
+    "megaface_identification": "facepipe.eval.megaface",
+    "BinPairs": "facepipe.eval.insightface_bin",
+    "UnsafePickleError": "facepipe.eval.insightface_bin",
+    "evaluate_bin": "facepipe.eval.insightface_bin",
+    "load_bin": "facepipe.eval.insightface_bin",
+    "ImbalanceMetrics": "facepipe.eval.imbalance",
+    "closed_set_predictions": "facepipe.eval.imbalance",
+    "imbalance_metrics": "facepipe.eval.imbalance",
+    "EvalReport": "facepipe.eval.report",
+    "write_report": "facepipe.eval.report",
+}
+
 __all__ = [
+    "EvalInputError",
     "VerificationResult",
+    "accuracy_at_threshold",
     "best_threshold",
     "cosine_scores",
     "evaluate_verification",
     "format_far",
     "kfold_accuracy",
     "make_pairs",
+    "plot_cmc",
     "plot_roc",
     "plot_training_curves",
     "read_pairs_csv",
     "roc_metrics",
+    "score_missing_as_wrong",
+    "tail_roc",
     "write_pairs_csv",
+    *_LAZY,
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'facepipe.eval' has no attribute '{name}'")

@@ -24,7 +24,9 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from facepipe.utils.io import atomic_write
 
 __all__ = [
+    "EvalInputError",
     "VerificationResult",
+    "accuracy_at_threshold",
     "best_threshold",
     "cosine_scores",
     "evaluate_verification",
@@ -33,14 +35,24 @@ __all__ = [
     "make_pairs",
     "read_pairs_csv",
     "roc_metrics",
+    "score_missing_as_wrong",
+    "tail_roc",
     "write_pairs_csv",
 ]
 
 PAIRS_CSV_HEADER = ("path_a", "path_b", "is_same")
 
+# fold_scheme of a result whose threshold came from a separate set of pairs.
+SEPARATE_THRESHOLD = "separate"
+
 # Pairs are scored in chunks so that scoring millions of pairs (MegaFace-style distractor
 # protocols) never materialises two (num_pairs, dim) float64 copies at once.
 _SCORE_CHUNK = 65536
+
+
+class EvalInputError(ValueError):
+    """Evaluation input that cannot be used: a malformed pairs/splits file, a pair naming a
+    missing image, an unsafe or malformed .bin file, embeddings that do not match a manifest."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,6 +204,38 @@ def best_threshold(scores: Any, is_same: Any) -> tuple[float, float]:
     return _best_threshold(s, y)
 
 
+def accuracy_at_threshold(scores: Any, is_same: Any, threshold: float) -> float:
+    """Accuracy (fraction in [0, 1]) of the rule ``score >= threshold -> same``."""
+    s, y = _check_scores(scores, is_same)
+    threshold = float(threshold)
+    if not np.isfinite(threshold):
+        raise ValueError(f"threshold must be finite, got {threshold}")
+    return float(np.mean((s >= threshold) == y))
+
+
+def score_missing_as_wrong(scores: Any, is_same: Any, missing: Any) -> np.ndarray:
+    """Scores in which every ``missing`` pair is wrong at every threshold inside the score range.
+
+    Used when pairs whose image is missing (or had no face) must be counted as errors rather
+    than dropped: a missing matched pair gets a score 1 below the lowest real score and a
+    missing mismatched pair 1 above the highest, so it is rejected / accepted by every
+    threshold between the real scores and counts as an error in accuracy, ROC, EER and TAR
+    alike. The entries of ``scores`` at missing pairs are ignored (pass anything finite).
+    """
+    s = np.asarray(scores, dtype=np.float64).copy()
+    y = _as_is_same(is_same)
+    gone = _as_is_same(missing, "missing")
+    if not s.shape == y.shape == gone.shape:
+        raise ValueError(f"scores, is_same and missing differ in shape: {s.shape}, {y.shape}, {gone.shape}")
+    present = s[~gone]
+    if present.size and not np.all(np.isfinite(present)):
+        raise ValueError("scores of present pairs must be finite")
+    low, high = (float(present.min()), float(present.max())) if present.size else (0.0, 0.0)
+    s[gone & y] = low - 1.0
+    s[gone & ~y] = high + 1.0
+    return s
+
+
 def _fold_ids(n: int, n_folds: int, folds: Any) -> tuple[np.ndarray, str]:
     if isinstance(n_folds, bool) or not isinstance(n_folds, (int, np.integer)) or n_folds < 2:
         raise ValueError(f"n_folds must be an integer >= 2, got {n_folds!r}")
@@ -270,6 +314,66 @@ def _tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, far: float) -> float:
         return float(tpr[j])
     w = (far - fpr[j]) / (fpr[j + 1] - fpr[j])
     return float(tpr[j] + w * (tpr[j + 1] - tpr[j]))
+
+
+def tail_roc(
+    genuine_scores: Any,
+    impostor_tail: Any,
+    num_impostors: int,
+    complete_above: float = -np.inf,
+    fars: Sequence[float] = (1e-6,),
+) -> dict:
+    """ROC of a verification set with far more impostor pairs than can be stored.
+
+    MegaFace-style protocols compare every probe with up to a million distractors, so only the
+    highest impostor scores are kept (the top k of each probe). The caller guarantees that
+    ``impostor_tail`` holds *every* impostor score above ``complete_above`` (for per-probe top-k
+    lists: the largest k-th score of any probe); scores at or below it are ignored. FAR is
+    counted against all ``num_impostors`` impostor pairs, so the curve is exact from FAR 0 up
+    to ``max_exact_far`` = (#tail scores above ``complete_above``) / ``num_impostors``.
+
+    Returns ``{"fpr", "tpr", "thresholds", "tar_at_far", "max_exact_far", "num_genuine",
+    "num_impostors"}``: the curve starts at (0, 0) with threshold +inf, one point per distinct
+    score; ``tar_at_far`` is interpolated on the curve exactly as in :func:`roc_metrics`, and
+    ``None`` for a FAR beyond ``max_exact_far``.
+    """
+    genuine = np.asarray(genuine_scores, dtype=np.float64).ravel()
+    tail = np.asarray(impostor_tail, dtype=np.float64).ravel()
+    if genuine.size == 0:
+        raise ValueError("tail_roc needs at least one genuine score")
+    if isinstance(num_impostors, bool) or not isinstance(num_impostors, (int, np.integer)) or num_impostors < 1:
+        raise ValueError(f"num_impostors must be a positive integer, got {num_impostors!r}")
+    if not (np.all(np.isfinite(genuine)) and np.all(np.isfinite(tail))):
+        raise ValueError("tail_roc scores must be finite")
+    complete_above = float(complete_above)
+    tail = tail[tail > complete_above]
+    if tail.size > num_impostors:
+        raise ValueError(f"{tail.size} impostor tail scores exceed num_impostors={num_impostors}")
+    kept_genuine = genuine[genuine > complete_above]
+    values = np.concatenate((kept_genuine, tail))
+    labels = np.concatenate((np.ones(kept_genuine.size, dtype=bool), np.zeros(tail.size, dtype=bool)))
+    order = np.argsort(-values, kind="stable")
+    values, labels = values[order], labels[order]
+    # One ROC point per distinct score: accepted = scores >= that value.
+    last_of_value = np.flatnonzero(np.diff(values, append=-np.inf) != 0) if values.size else np.zeros(0, int)
+    tps = np.cumsum(labels)[last_of_value] if values.size else np.zeros(0)
+    fps = np.cumsum(~labels)[last_of_value] if values.size else np.zeros(0)
+    fpr = np.concatenate(([0.0], fps / num_impostors))
+    tpr = np.concatenate(([0.0], tps / genuine.size))
+    thresholds = np.concatenate(([np.inf], values[last_of_value]))
+    max_exact_far = tail.size / num_impostors
+    tar = {}
+    for far in fars:
+        far = float(far)
+        if not 0.0 <= far <= 1.0:
+            raise ValueError(f"FAR values must lie in [0, 1], got {far}")
+        # At FAR == max_exact_far a lower threshold could still add genuine pairs without
+        # unseen impostors, so that point is exact only when the whole impostor set is known.
+        exact = far < max_exact_far or (far == max_exact_far and complete_above == -np.inf)
+        tar[far] = _tpr_at_fpr(fpr, tpr, far) if exact else None
+    return {"fpr": fpr, "tpr": tpr, "thresholds": thresholds, "tar_at_far": tar,
+            "max_exact_far": float(max_exact_far), "num_genuine": int(genuine.size),
+            "num_impostors": int(num_impostors)}
 
 
 def _eer(fpr: np.ndarray, tpr: np.ndarray, thresholds: np.ndarray) -> tuple[float, float]:
@@ -355,6 +459,10 @@ class VerificationResult:
     num_negative: int
     fpr: np.ndarray = field(repr=False)
     tpr: np.ndarray = field(repr=False)
+    # The operating threshold of the protocol: the mean of the fold thresholds under k-fold
+    # cross-validation, or the best threshold of the separate threshold pairs.
+    threshold: float = float("nan")
+    threshold_source: str = "k-fold"
 
     def to_dict(self, include_curve: bool = False) -> dict:
         """Plain-Python (JSON-ready) view; FAR keys are strings such as ``"1e-03"``.
@@ -374,6 +482,9 @@ class VerificationResult:
             "eer": float(self.eer),
             "eer_threshold": float(self.eer_threshold),
             "tar_at_far": {format_far(f): float(t) for f, t in self.tar_at_far.items()},
+            "tar_at_far_interpolated": True,
+            "threshold": float(self.threshold),
+            "threshold_source": self.threshold_source,
             "num_pairs": int(self.num_pairs),
             "num_positive": int(self.num_positive),
             "num_negative": int(self.num_negative),
@@ -385,8 +496,11 @@ class VerificationResult:
 
     def summary(self) -> str:
         """One line, e.g. ``acc 97.52 +- 0.61 %  AUC 0.9961  EER 2.90 %  TAR@FAR=1e-3 91.20 %``."""
+        accuracy = f"acc {100 * self.accuracy_mean:.2f} +- {100 * self.accuracy_std:.2f} %"
+        if self.fold_scheme == SEPARATE_THRESHOLD:
+            accuracy = f"acc {100 * self.accuracy_mean:.2f} % (threshold from separate pairs)"
         parts = [
-            f"acc {100 * self.accuracy_mean:.2f} +- {100 * self.accuracy_std:.2f} %",
+            accuracy,
             f"AUC {self.auc:.4f}",
             f"EER {100 * self.eer:.2f} %",
         ]
@@ -400,16 +514,35 @@ def evaluate_verification(
     n_folds: int = 10,
     folds: np.ndarray | None = None,
     fars: Sequence[float] = (1e-3, 1e-4),
+    threshold_scores: Any = None,
+    threshold_is_same: Any = None,
 ) -> VerificationResult:
     """Full verification report: k-fold (LFW protocol) accuracy, ROC metrics, and the single
     best threshold over all pairs (an optimistic, in-sample number, useful as an operating
     point but not as the reported accuracy).
 
     See :func:`kfold_accuracy` for ``n_folds``/``folds`` and :func:`roc_metrics` for ``fars``.
+
+    With ``threshold_scores``/``threshold_is_same`` (the scored pairs of a separate file, e.g.
+    LFW View 1 ``pairsDevTrain.txt`` for the single-fold ``pairsDevTest.txt``), no
+    cross-validation is run: the threshold is the best one on those pairs and the accuracy is
+    that of all test pairs at it (``fold_scheme`` ``"separate"``, one "fold", std 0).
     """
     s, y = _check_scores(scores, is_same)
     _check_both_classes(y)
-    kf = kfold_accuracy(s, y, n_folds=n_folds, folds=folds)
+    if (threshold_scores is None) != (threshold_is_same is None):
+        raise ValueError("pass both threshold_scores and threshold_is_same, or neither")
+    if threshold_scores is not None:
+        ts, ty = _check_scores(threshold_scores, threshold_is_same)
+        sep_thr, _ = _best_threshold(ts, ty)
+        sep_acc = accuracy_at_threshold(s, y, sep_thr)
+        kf = {"mean": sep_acc, "std": 0.0, "fold_accuracies": np.array([sep_acc]),
+              "fold_thresholds": np.array([sep_thr]), "fold_scheme": SEPARATE_THRESHOLD}
+        protocol_threshold, threshold_source = sep_thr, "separate threshold pairs"
+    else:
+        kf = kfold_accuracy(s, y, n_folds=n_folds, folds=folds)
+        protocol_threshold = float(np.mean(kf["fold_thresholds"]))
+        threshold_source = f"{kf['n_folds']}-fold cross-validation, mean of the fold thresholds"
     thr, thr_acc = _best_threshold(s, y)
     roc = roc_metrics(s, y, fars=fars)
     n_pos = int(y.sum())
@@ -430,6 +563,8 @@ def evaluate_verification(
         num_negative=int(s.shape[0]) - n_pos,
         fpr=roc["fpr"],
         tpr=roc["tpr"],
+        threshold=protocol_threshold,
+        threshold_source=threshold_source,
     )
 
 
