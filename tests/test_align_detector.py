@@ -13,7 +13,6 @@ from PIL import Image
 
 from facepipe.align.detector import (
     MTCNN,
-    area_resize,
     batched_nms,
     crop_windows,
     nms,
@@ -156,13 +155,6 @@ def test_resample_crops_equals_area_interpolation_of_each_crop():
             patch = images[index[k], r0:r1, c0:c1].permute(2, 0, 1)[None].float()
             expected = F.interpolate(patch, size=(size, size), mode="area")[0]
             torch.testing.assert_close(crops[k], expected, atol=1e-4, rtol=0)
-
-
-@pytest.mark.parametrize("size", [(23, 31), (12, 12), (37, 53), (5, 40)])
-def test_separable_area_resize_equals_area_interpolation(size):
-    images = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (2, 3, 37, 53)).astype(np.float32))
-    expected = F.interpolate(images, size=size, mode="area")
-    torch.testing.assert_close(area_resize(images, *size), expected, atol=1e-4, rtol=0)
 
 
 def test_weights_found_through_distribution_metadata():

