@@ -95,7 +95,7 @@ def cmd_eval_lfw(args: argparse.Namespace) -> int:
     result = evaluate_lfw(args.pairs, args.out, images=args.images, checkpoint=args.checkpoint,
                           embeddings=args.embeddings, threshold_pairs=args.threshold_pairs,
                           allow_missing=args.allow_missing, missing=_read_missing_list(args.missing_list),
-                          flip=args.flip, extension=args.ext, device=args.device, batch_size=args.batch_size,
+                          align=args.align, flip=args.flip, extension=args.ext, device=args.device, batch_size=args.batch_size,
                           progress=not args.quiet)
     print(result["summary"])
     return 0
@@ -235,7 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = eval_sub.add_parser("lfw", help="LFW verification on an official pairs file (View 1 or View 2)")
     q.add_argument("--pairs", required=True, help="pairs.txt (View 2) or pairsDevTest.txt / pairsDevTrain.txt (View 1)")
-    q.add_argument("--images", default=None, help="folder of name/name_%%04d.jpg images (needs --checkpoint)")
+    q.add_argument("--images", default=None,
+                   help="folder of name/name_%%04d.jpg images (needs --checkpoint); a 'facepipe align' output "
+                        "folder also tells which images had no face")
+    q.add_argument("--align", action="store_true",
+                   help="--images are raw photos: align them first (into OUT/aligned) as the checkpoint's config says")
     q.add_argument("--checkpoint", default=None)
     q.add_argument("--embeddings", default=None, help="'facepipe embed' output folder of those images instead")
     q.add_argument("--threshold-pairs", default=None,

@@ -216,8 +216,9 @@ class AlignConfig(StrictModel):
     select: Literal["largest", "central", "score", "all"] = "largest"
     # No face found: skip the image, or write a centre crop flagged in the manifest (LFW practice).
     no_face: Literal["skip", "center_crop"] = "center_crop"
-    # Side of the fallback centre square as a fraction of the short image side.
-    center_crop_fraction: float = Field(0.45, gt=0, le=1)
+    # Side of the fallback centre square as a fraction of the short image side; 0.53 puts an
+    # LFW deep-funneled face at the template scale (median eye distance 42 px of 250 vs 35.2 of 112).
+    center_crop_fraction: float = Field(0.53, gt=0, le=1)
     border_mode: Literal["constant", "replicate", "reflect"] = "constant"
     # Detection runs on a copy downscaled to at most this many pixels on the long side.
     max_detect_side: int = Field(4096, ge=64)

@@ -26,7 +26,7 @@ def require(path: Path) -> Path:
     return path
 
 
-def random_init_checkpoint(path: Path) -> Path:
+def random_init_checkpoint(path: Path, **sections) -> Path:
     """A loadable checkpoint of an untrained tiny model (32x32 input, 32-d): no training needed
     to exercise the image path of the evaluation jobs."""
     import torch
@@ -35,7 +35,7 @@ def random_init_checkpoint(path: Path) -> Path:
     from facepipe.train.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
-    config = tiny_config(path.parent, path.parent)
+    config = tiny_config(path.parent, path.parent, **sections)
     model = build_backbone(config.model, config.data.image_size)
     save_checkpoint(path, {"model": model.state_dict(), "config": config.to_dict(), "identities": ["a", "b"],
                            "epoch": 0, "step": 0})
@@ -333,3 +333,33 @@ def test_lfw_images_through_the_cli(tmp_path, capsys):
                  "--checkpoint", str(checkpoint), "--out", str(tmp_path / "r2"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "Abdullah_Gul/Abdullah_Gul_0099.jpg (file missing)" in err and "Traceback" not in err
+
+
+def test_raw_images_are_aligned_first_and_faceless_ones_never_dropped(tmp_path, capsys):
+    import shutil
+
+    import cv2
+    from PIL import Image
+
+    images = require(LFW / "lfw-deepfunneled")
+    dev = require(LFW / "pairsDevTest.txt").read_text().splitlines()
+    (tmp_path / "pairs.txt").write_text("\n".join(["10", *dev[1:11], *dev[501:511]]) + "\n")
+    names = sorted({name for side in parse_lfw_pairs(tmp_path / "pairs.txt").names(".jpg") for name in side})
+    raw = tmp_path / "raw"
+    for name in names:
+        (raw / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(images / name, raw / name)
+    faceless = names[0]
+    Image.new("RGB", (250, 250), (128, 128, 128)).save(raw / faceless, format="JPEG")
+    checkpoint = random_init_checkpoint(tmp_path / "random.pt", align={"no_face": "skip"})
+    command = ["eval", "lfw", "--pairs", str(tmp_path / "pairs.txt"), "--images", str(raw), "--align",
+               "--checkpoint", str(checkpoint), "--quiet", "--device", "cpu"]
+    assert main([*command, "--out", str(tmp_path / "stop")]) == 2
+    assert f"{faceless} (no face (alignment: no_face))" in capsys.readouterr().err
+    out = tmp_path / "report"
+    assert main([*command, "--out", str(out), "--allow-missing"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["counts"]["missing_images"] == 1 and metrics["counts"]["missing_pairs"] >= 1
+    # Crops at the model's input size (32x32), at the same relative paths as the raw photos.
+    assert cv2.imread(str(out / "aligned" / names[1])).shape == (32, 32, 3)
+    assert not (out / "aligned" / faceless).exists()

@@ -1,31 +1,26 @@
-"""Alignment stage: MTCNN detection and 5-point similarity alignment (``facepipe align``)."""
-from facepipe.align.decode import DecodedImage, decode_for_alignment
-from facepipe.align.detector import MTCNN, FaceDetections
-from facepipe.align.job import AlignError, AlignSummary, align_images, read_manifest
-from facepipe.align.networks import MissingWeightsError, load_networks, locate_weights
-from facepipe.align.transform import (
-    alignment_matrix,
-    center_crop_matrix,
-    landmark_template,
-    umeyama_similarity,
-    warp_face,
-)
+"""Alignment stage: MTCNN detection and 5-point similarity alignment (``facepipe align``).
 
-__all__ = [
-    "AlignError",
-    "AlignSummary",
-    "DecodedImage",
-    "FaceDetections",
-    "MTCNN",
-    "MissingWeightsError",
-    "align_images",
-    "alignment_matrix",
-    "center_crop_matrix",
-    "decode_for_alignment",
-    "landmark_template",
-    "load_networks",
-    "locate_weights",
-    "read_manifest",
-    "umeyama_similarity",
-    "warp_face",
-]
+Names load lazily, so reading a manifest (``facepipe.align.manifest``) does not import torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DecodedImage": "decode", "decode_for_alignment": "decode",
+    "MTCNN": "detector", "FaceDetections": "detector",
+    "align_images": "job", "AlignSummary": "job",
+    "AlignError": "manifest", "alignment_statuses": "manifest", "read_manifest": "manifest",
+    "MissingWeightsError": "networks", "load_networks": "networks", "locate_weights": "networks",
+    "alignment_matrix": "transform", "center_crop_matrix": "transform", "landmark_template": "transform",
+    "umeyama_similarity": "transform", "warp_face": "transform",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"facepipe.align.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'facepipe.align' has no attribute '{name}'")

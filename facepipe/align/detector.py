@@ -13,6 +13,7 @@ What differs is how the work is batched:
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
@@ -200,7 +201,10 @@ def frozen_for_cpu(network: torch.nn.Module, size: int, batch: int) -> torch.nn.
     Falls back to the eager module where tracing is unavailable."""
     example = torch.zeros(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     try:
-        with torch.inference_mode(False), torch.no_grad():
+        # torch.jit is deprecated but still the CPU path that pre-packs oneDNN weights without a
+        # compiler toolchain; when it goes, the eager fallback below keeps results identical.
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
             traced = torch.jit.trace(network, example, check_trace=False)
             return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
     except Exception as exc:  # an exotic build without the JIT: correctness does not depend on it

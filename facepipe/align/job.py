@@ -29,11 +29,16 @@ from facepipe.align.detector import MTCNN, FaceDetections
 from facepipe.align.transform import alignment_matrix, center_crop_matrix, warp_face
 from facepipe.config import AlignConfig
 from facepipe.data.dataset import IMAGE_EXTENSIONS
+from facepipe.align.manifest import (
+    MANIFEST_VERSION,
+    AlignError,
+    manifest_path,
+    read_manifest,
+)
 from facepipe.utils.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1
 # Outcome of every image, in the order the summary lists them.
 STATUSES = ("aligned", "fallback", "no_face", "too_small") + DECODE_FAILURES
 # Images per unit of work: one detector call, one manifest flush.
@@ -42,10 +47,6 @@ CHUNK_SIZE = 32
 RESULT_NEUTRAL_FIELDS = ("device",)
 # Suffixes OpenCV encodes; other inputs (pgm, ppm, gif) get PNG crops.
 WRITABLE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-class AlignError(ValueError):
-    """The alignment job cannot start (bad source, shard, or a DST made with another config)."""
 
 
 @dataclass
@@ -178,7 +179,9 @@ class Aligner:
         ok, encoded = cv2.imencode(suffix, cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), params)
         if not ok:
             raise OSError(f"OpenCV cannot encode {suffix} for {relative}")
-        write_bytes_atomic(self.destination / relative, encoded.tobytes())
+        # No fsync per crop (it cost more than the warp on a busy disk): the manifest row is fsynced
+        # after its chunk, and a resumed run redoes any crop that is missing or empty.
+        write_bytes_atomic(self.destination / relative, encoded.tobytes(), durable=False)
 
     def process(self, relative_paths: Sequence[str]) -> list[dict]:
         """Manifest rows of ``relative_paths``, writing their crops."""
@@ -237,30 +240,6 @@ class Aligner:
 
 
 # ----------------------------------------------------------------------------- manifest
-def manifest_path(destination: Path, shard: tuple[int, int]) -> Path:
-    index, count = shard
-    return destination / ("manifest.jsonl" if count == 1 else f"manifest.shard-{index}-of-{count}.jsonl")
-
-
-def read_manifest(path: Path) -> list[dict]:
-    """Rows of a manifest; a torn last line (a crash mid-append) is dropped, other bad lines are errors."""
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines):
-                log.warning("%s: dropping an incomplete last line (interrupted run)", path)
-                continue
-            raise AlignError(f"{path}:{number}: not a JSON line; the manifest is damaged") from None
-    return rows
-
-
 def _result_config(config: AlignConfig) -> dict:
     data = config.model_dump(mode="json")
     for key in RESULT_NEUTRAL_FIELDS:
@@ -286,11 +265,18 @@ def _check_destination(destination: Path, config: AlignConfig, restart: bool) ->
 
 
 def _already_done(rows: Iterable[dict], destination: Path) -> set[str]:
-    """Paths with a final status; aligned ones count only while their crops still exist."""
+    """Paths with a final status; aligned ones count only while their crops exist and are not
+    empty (what an OS crash can leave of a crop written without fsync)."""
+    def intact(name: str) -> bool:
+        try:
+            return (destination / name).stat().st_size > 0
+        except OSError:
+            return False
+
     done = set()
     for row in rows:
         outputs = [face["output"] for face in row.get("faces", [])] or ([row["output"]] if row.get("output") else [])
-        if all((destination / name).is_file() for name in outputs):
+        if all(intact(name) for name in outputs):
             done.add(row["path"])
     return done
 

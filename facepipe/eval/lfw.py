@@ -31,6 +31,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from facepipe.align.manifest import USABLE_STATUSES, alignment_statuses
 from facepipe.eval.lfw_pairs import LFWPairs, parse_lfw_pairs
 from facepipe.eval.report import EvalReport, Table, verification_rows, write_report
 from facepipe.eval.verification import (
@@ -171,6 +172,23 @@ def embed_files(
                           source={"checkpoint": str(checkpoint), "images": str(root)})
 
 
+def align_raw_images(checkpoint: str | os.PathLike, raw_root: str | os.PathLike, keys: Sequence[str],
+                     destination: str | os.PathLike, progress: bool = True) -> Path:
+    """Align the raw photos ``raw_root/key`` the way the checkpoint's model expects them (its
+    config's ``align`` settings at its input size) into ``destination``; resumable."""
+    from facepipe.align.job import align_images
+    from facepipe.config import Config
+    from facepipe.train.checkpoint import load_checkpoint
+
+    config = Config.model_validate(load_checkpoint(checkpoint)["config"])
+    align_config = config.align.model_copy(update={"image_size": config.data.image_size})
+    destination = Path(destination)
+    listing = destination / "images.txt"
+    write_text_atomic(listing, "".join(f"{key}\n" for key in keys))
+    align_images(listing, destination, align_config, root=raw_root, progress=progress)
+    return destination
+
+
 def missing_error(
     what: str, missing: dict[str, str], num_affected: int, num_total: int, out: str | os.PathLike | None,
     unit: str = "pair",
@@ -233,6 +251,7 @@ def evaluate_lfw(
     threshold_pairs: str | os.PathLike | None = None,
     allow_missing: bool = False,
     missing: Iterable[str] = (),
+    align: bool = False,
     flip: str | None = None,
     extension: str = ".jpg",
     n_folds: int = 10,
@@ -247,7 +266,9 @@ def evaluate_lfw(
     ``embeddings`` (a ``facepipe embed`` folder of those images). ``threshold_pairs``: a
     separate pairs file whose best threshold is applied to ``pairs`` (LFW View 1: DevTrain for
     DevTest). ``missing``: relative paths known to have had no face (from the alignment
-    manifest). See the module docstring for the protocol.
+    manifest; a ``facepipe align`` output folder given as ``images`` supplies these itself).
+    ``align``: ``images`` holds raw photos, aligned first into ``out/aligned`` as the checkpoint's
+    config says. See the module docstring for the protocol.
 
     Writes ``metrics.json``, ``report.md``, ``roc.png``, ``scores.csv`` (one row per pair; also
     ``threshold_scores.csv`` for ``threshold_pairs``). Returns ``{"metrics", "summary"}``.
@@ -261,8 +282,16 @@ def evaluate_lfw(
     sets = [test] + ([train] if train is not None else [])
     wanted = sorted({name for s in sets for side in s.names(extension) for name in side})
     no_face = {normalise_relative_path(p) for p in missing}
+    if align:
+        if images is None or checkpoint is None:
+            raise EvalInputError("aligning raw images needs the images folder and a checkpoint")
+        images = align_raw_images(checkpoint, images, wanted, Path(out) / "aligned", progress=progress)
+    # Crops made by `facepipe align` come with a manifest that says which images had no face.
+    statuses = alignment_statuses(images) if images is not None else {}
 
     absent: dict[str, str] = {key: NO_FACE for key in wanted if key in no_face}
+    absent.update({key: f"{NO_FACE} (alignment: {statuses[key]})" for key in wanted
+                   if key not in absent and key in statuses and statuses[key] not in USABLE_STATUSES})
     if embeddings is not None:
         table = load_embeddings_folder(embeddings)
         absent.update({key: NOT_EMBEDDED for key in wanted if key not in table.position and key not in absent})
@@ -323,6 +352,7 @@ def evaluate_lfw(
         "counts": {"pairs": len(test), "matched": int(test.is_same.sum()),
                    "mismatched": int((~test.is_same).sum()), "images": len(wanted),
                    "missing_images": len(absent), "missing_pairs": num_missing_pairs[0],
+                   "fallback_crops": sum(statuses.get(key) == "fallback" for key in wanted),
                    "threshold_pairs": len(train) if train is not None else 0,
                    "missing_threshold_pairs": num_missing_pairs[1] if train is not None else 0},
         "missing_images": dict(absent),

@@ -19,8 +19,12 @@ import numpy as np
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs: Any) -> Iterator[IO]:
-    """Open a temporary sibling of ``path`` for writing; rename it onto ``path`` on success."""
+def atomic_write(path: str | os.PathLike, mode: str = "wb", durable: bool = True, **open_kwargs: Any) -> Iterator[IO]:
+    """Open a temporary sibling of ``path`` for writing; rename it onto ``path`` on success.
+
+    ``durable=False`` skips the fsync: still whole-or-nothing if the process dies, but an OS
+    crash may leave an empty file; for many small outputs that are cheap to redo (image crops).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -28,7 +32,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs: Any) 
         with os.fdopen(fd, mode, **open_kwargs) as handle:
             yield handle
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.replace(tmp_name, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -36,8 +41,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs: Any) 
         raise
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_write(path, "wb") as handle:
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, durable: bool = True) -> None:
+    with atomic_write(path, "wb", durable=durable) as handle:
         handle.write(data)
 
 
