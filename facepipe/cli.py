@@ -20,6 +20,8 @@ def _setup_logging(verbose: bool) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    # FAISS logs every SIMD build it tries at INFO; only the outcome matters to users.
+    logging.getLogger("faiss.loader").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def _size(text: str) -> tuple[int, int]:
