@@ -6,7 +6,11 @@ The Python API mirrors the CLI, one function per command:
     facepipe.generate_dataset(out, n, ...)      # facepipe synth
     facepipe.train_model(facepipe.load_config(path))  # facepipe train
     facepipe.embed_folder(ckpt, images, out)    # facepipe embed
+    facepipe.align_images(src, dst)             # facepipe align
+    facepipe.link_identity_subset(src, dst, exclude)  # facepipe subset
     facepipe.evaluate_pairs_file(ckpt, pairs, root, out)  # facepipe eval pairs
+    facepipe.evaluate_lfw(pairs, out, images=..., checkpoint=...)  # facepipe eval lfw
+    facepipe.evaluate_ytf / evaluate_megaface / evaluate_bin    # facepipe eval ytf | megaface | bin
 """
 from __future__ import annotations
 
@@ -23,6 +27,14 @@ _API = {
     "extract_embeddings": "facepipe.embed",
     "load_model": "facepipe.embed",
     "evaluate_pairs_file": "facepipe.eval.pairs_job",
+    "align_images": "facepipe.align.job",
+    "MTCNN": "facepipe.align.detector",
+    "link_identity_subset": "facepipe.data.subset",
+    "evaluate_lfw": "facepipe.eval.lfw",
+    "evaluate_ytf": "facepipe.eval.ytf",
+    "evaluate_megaface": "facepipe.eval.megaface",
+    "evaluate_bin": "facepipe.eval.insightface_bin",
+    "imbalance_metrics": "facepipe.eval.imbalance",
     "load_config": "facepipe.config",
     "Config": "facepipe.config",
     "build_backbone": "facepipe.models",

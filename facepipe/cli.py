@@ -145,6 +145,20 @@ def cmd_align(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_subset(args: argparse.Namespace) -> int:
+    from facepipe.data.subset import link_identity_subset
+    from facepipe.eval.lfw_pairs import parse_lfw_pairs
+
+    excluded: set[str] = set()
+    for pairs in args.exclude_pairs:
+        excluded |= set(parse_lfw_pairs(pairs).persons())
+    counts = link_identity_subset(args.source, args.destination, excluded, args.min_images)
+    print(f"subset: {counts['identities']} identities, {counts['images']} images linked into {args.destination} "
+          f"({counts['excluded']} excluded by pairs files, {counts['too_few_images']} with fewer than "
+          f"{args.min_images} images)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from facepipe.demo import run_demo
 
@@ -199,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="align overrides, e.g. image_size=[112,96] select=central no_face=skip")
     p.set_defaults(func=cmd_align)
+
+    p = sub.add_parser("subset", help="link a subset of identity folders (e.g. the LFW development training split)")
+    p.add_argument("source", metavar="SRC", help="identity-folder tree (e.g. aligned LFW)")
+    p.add_argument("destination", metavar="DST", help="new folder of links DST/<identity> -> SRC/<identity>")
+    p.add_argument("--exclude-pairs", action="append", default=[],
+                   help="leave out every person named in this LFW pairs file (repeatable)")
+    p.add_argument("--min-images", type=int, default=1, help="keep identities with at least this many images")
+    p.set_defaults(func=cmd_subset)
 
     p = sub.add_parser("train", help="train an embedding model from a YAML config")
     p.add_argument("--config", required=True, help="config name in configs/ or a YAML path")
