@@ -77,21 +77,29 @@ class SoftmaxHeadConfig(StrictModel):
     type: Literal["softmax"] = "softmax"
 
 
+# Where class margins come from: the config value for every class, or (seed 000 UMM) class
+# uncertainty from MC dropout, refreshed during the stage; `m` is then the largest margin.
+MarginSource = Literal["fixed", "uncertainty"]
+
+
 class CosFaceHeadConfig(StrictModel):
     type: Literal["cosface"] = "cosface"
     s: float = Field(64.0, gt=0)
     m: float = Field(0.35, ge=0)
+    margin_source: MarginSource = "fixed"
 
 
 class ArcFaceHeadConfig(StrictModel):
     type: Literal["arcface"] = "arcface"
     s: float = Field(64.0, gt=0)
     m: float = Field(0.5, ge=0, lt=3.14159)
+    margin_source: MarginSource = "fixed"
 
 
 class LSoftmaxHeadConfig(StrictModel):
     type: Literal["lsoftmax", "sphereface"] = "lsoftmax"
     m: int = Field(4, ge=1)
+    margin_source: MarginSource = "fixed"
     lambda_base: float = Field(1000.0, ge=0)
     lambda_gamma: float = Field(0.12, ge=0)
     lambda_power: float = Field(1.0, ge=0)
@@ -105,8 +113,9 @@ HeadConfig = Annotated[
 
 
 def head_kwargs(head: BaseModel) -> dict[str, Any]:
-    """Keyword arguments for ``facepipe.losses.build_head`` (everything but the type tag)."""
-    return head.model_dump(exclude={"type"})
+    """Keyword arguments for ``facepipe.losses.build_head`` (everything but the type tag and
+    the margin source, which the trainer handles)."""
+    return head.model_dump(exclude={"type", "margin_source"})
 
 
 # ----------------------------------------------------------------------------- training
@@ -134,6 +143,24 @@ class StageConfig(StrictModel):
     name: str | None = None
     epochs: int = Field(ge=1)
     head: HeadConfig
+    # Seed 000 SUM: each sample gets the fraction F (its misclassification probability under its
+    # MC-dropout Gaussian embedding) of its class margin.
+    sample_uncertainty: bool = False
+
+    @model_validator(mode="after")
+    def _sum_needs_a_margin(self) -> "StageConfig":
+        if self.sample_uncertainty and self.head.type == "softmax":
+            raise ValueError("sample_uncertainty (SUM) weights a class margin; the softmax head has none")
+        return self
+
+
+class UncertaintyConfig(StrictModel):
+    """MC-dropout estimation of seed 000 (uses the output stage's dropout, model.dropout)."""
+
+    passes: int = Field(10, ge=2)  # N dropout passes over one backbone pass
+    refresh_every_epochs: int = Field(1, ge=1)  # class uncertainty at the start of every K-th epoch
+    max_per_class: int | None = Field(200, ge=1)  # images per class used; None = all
+    batch_size: int = Field(128, ge=1)
 
 
 class ValidationConfig(StrictModel):
@@ -153,6 +180,7 @@ class TrainConfig(StrictModel):
     checkpoint_every_steps: int = Field(0, ge=0)  # 0: checkpoints at epoch ends only
     max_steps_per_epoch: int | None = Field(None, ge=1)
     validation: ValidationConfig | None = None
+    uncertainty: UncertaintyConfig = UncertaintyConfig()
 
     @field_validator("stages")
     @classmethod

@@ -162,11 +162,17 @@ class MarginHead(nn.Module):
                 raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
         return embeddings.float(), self.weight.float()
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:  # pragma: no cover
-        raise NotImplementedError
+    def forward(self, embeddings: Tensor, labels: Tensor, margin_weight: Tensor | None = None) -> Tensor:
+        """Training logits; ``margin_weight`` [B] in [0, 1] gives each sample that fraction of its
+        class margin (seed 000 SUM: the probability it is misclassified); None = the full margin."""
+        raise NotImplementedError  # pragma: no cover
 
-    def inference_logits(self, embeddings: Tensor) -> Tensor:  # pragma: no cover
-        raise NotImplementedError
+    def inference_logits(self, embeddings: Tensor) -> Tensor:
+        raise NotImplementedError  # pragma: no cover
+
+    def _sample_margins(self, labels: Tensor, margin_weight: Tensor | None) -> Tensor:
+        m = self.margin[labels]
+        return m if margin_weight is None else m * margin_weight.to(m.dtype)
 
     def step(self) -> None:
         """Called once per optimisation step (schedules such as lambda annealing)."""
@@ -193,8 +199,8 @@ class SoftmaxHead(MarginHead):
     def set_margins(self, margin: MarginLike) -> None:
         raise ValueError("softmax has no margin")
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        # labels are validated for interface symmetry but do not change the logits.
+    def forward(self, embeddings: Tensor, labels: Tensor, margin_weight: Tensor | None = None) -> Tensor:
+        # labels (and margin weights) are accepted for interface symmetry; there is no margin.
         with _float32_only(embeddings.device.type):
             f, w = self._inputs(embeddings, labels)
             return f @ w.t()
@@ -252,11 +258,11 @@ class CosFaceHead(_NormalizedHead):
     ) -> None:
         super().__init__(num_classes, embedding_size, s=s, m=m, weight=weight)
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+    def forward(self, embeddings: Tensor, labels: Tensor, margin_weight: Tensor | None = None) -> Tensor:
         with _float32_only(embeddings.device.type):
             cos = self._cosine(embeddings, labels)
             y = labels.long().unsqueeze(1)
-            target = cos.gather(1, y) - self.margin[labels].unsqueeze(1)
+            target = cos.gather(1, y) - self._sample_margins(labels, margin_weight).unsqueeze(1)
             return self.s * cos.scatter(1, y, target)
 
 
@@ -280,11 +286,11 @@ class ArcFaceHead(_NormalizedHead):
     ) -> None:
         super().__init__(num_classes, embedding_size, s=s, m=m, weight=weight)
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+    def forward(self, embeddings: Tensor, labels: Tensor, margin_weight: Tensor | None = None) -> Tensor:
         with _float32_only(embeddings.device.type):
             cos = self._cosine(embeddings, labels)
             y = labels.long().unsqueeze(1)
-            m = self.margin[labels]
+            m = self._sample_margins(labels, margin_weight)
             # Without the clamp, sqrt(1 - cos^2) has an infinite derivative at theta = 0, pi.
             cos_y = cos.gather(1, y).squeeze(1).clamp(-1.0 + _COS_EPS, 1.0 - _COS_EPS)
             sin_y = torch.sqrt(1.0 - cos_y * cos_y)
@@ -425,7 +431,11 @@ class LSoftmaxHead(MarginHead):
     def _weight(self, w: Tensor) -> Tensor:
         return F.normalize(w, dim=1, eps=_NORM_EPS) if self.normalize_weights else w
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+    def forward(self, embeddings: Tensor, labels: Tensor, margin_weight: Tensor | None = None) -> Tensor:
+        """With ``margin_weight`` F, the target uses psi_F = cos - F (cos - psi_m): our reading of
+        seed 000 Eq. 15, whose printed form would pull a confident correct sample's target logit
+        to zero, against the paper's statement that zero uncertainty with m = 1 is plain softmax.
+        F = 0 gives softmax, F = 1 the full class margin."""
         with _float32_only(embeddings.device.type):
             f, w = self._inputs(embeddings, labels)
             w = self._weight(w)
@@ -438,6 +448,8 @@ class LSoftmaxHead(MarginHead):
                 theta = torch.acos(cos_y.clamp(-1.0, 1.0))
             m = self.margin[labels].long()
             psi_y = _psi_from_cos(cos_y, theta, m, self._max_margin)
+            if margin_weight is not None:
+                psi_y = cos_y - margin_weight.to(cos_y.dtype) * (cos_y - psi_y)
             lam = self._lambda()
             target = (lam * wf + norms * psi_y) / (1.0 + lam)
             return logits.scatter(1, y, target.unsqueeze(1))

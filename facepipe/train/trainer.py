@@ -29,10 +29,12 @@ from facepipe.embed.extract import extract_embeddings
 from facepipe.eval.pairs_job import PairsOnDisk, load_pairs
 from facepipe.eval.verification import cosine_scores, evaluate_verification
 from facepipe.losses import MarginHead, build_head
+from facepipe.losses.uncertainty import sum_margin_weights
 from facepipe.models import build_backbone
 from facepipe.train.checkpoint import BEST, LATEST, copy_checkpoint, load_checkpoint, save_checkpoint
 from facepipe.train.lr_schedule import lr_factor
 from facepipe.train.run_log import RunLog
+from facepipe.train.uncertainty_margins import refresh_margins
 from facepipe.utils.device import autocast, resolve_amp_dtype, resolve_device
 from facepipe.utils.io import write_json_atomic, write_text_atomic
 from facepipe.utils.seed import rng_state, seed_everything, set_rng_state
@@ -154,6 +156,19 @@ class Trainer:
         self.run_log.write("stage", self.global_step, epoch=self.epoch, stage=stage_index,
                            head=stage.head.type, name=stage.name)
 
+    def _refresh_uncertainty_margins(self) -> dict[str, Any] | None:
+        """UMM (seed 000 Sec. 4): at the start of every K-th epoch of a stage whose head takes its
+        margins from uncertainty. A mid-epoch resume keeps the margins saved with the head."""
+        stage = self.config.train.stages[self.stage_index]
+        if getattr(stage.head, "margin_source", "fixed") != "uncertainty" or self.step_in_epoch:
+            return None
+        stage_start = sum(s.epochs for s in self.config.train.stages[: self.stage_index])
+        if (self.epoch - stage_start) % self.config.train.uncertainty.refresh_every_epochs:
+            return None
+        record = refresh_margins(self)
+        self.run_log.write("uncertainty", self.global_step, **record)
+        return record
+
     def _load_validation_pairs(self) -> PairsOnDisk | None:
         spec = self.config.train.validation
         return None if spec is None else load_pairs(spec.pairs, spec.root)
@@ -216,9 +231,22 @@ class Trainer:
         labels = labels.to(self.device, non_blocking=True)
         if self.device.type == "cuda" and self.config.train.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        stage = self.config.train.stages[self.stage_index]
+        margin_weight = None
         with autocast(self.device, self.amp_dtype):
-            embeddings = self.model(images)
-        logits = self.head(embeddings.float(), labels)
+            feature_maps = self.model.features(images)
+            embeddings = self.model.output_stage(feature_maps)
+        if stage.sample_uncertainty:
+            # Seed 000 SUM: N extra dropout passes of the output stage only, on this batch's
+            # feature maps (no second backbone pass), give each sample its share of the margin.
+            weight = self.head.weight
+            if getattr(self.head, "normalize_weights", False):
+                weight = F.normalize(weight.detach().float(), dim=1)
+            margin_weight = sum_margin_weights(
+                self.model.output_stage, feature_maps, weight, labels, self.config.train.uncertainty.passes,
+                normalise=stage.head.type in ("cosface", "arcface"),
+            )
+        logits = self.head(embeddings.float(), labels, margin_weight=margin_weight)
         loss = F.cross_entropy(logits, labels)
         # The one host-device sync per step: a non-finite loss must be known before backward to
         # skip the step (bf16/fp32 have no grad scaler doing it); loss.item() below then costs nothing.
@@ -339,7 +367,11 @@ class Trainer:
             while self.epoch < stop_at:
                 stage_index, _ = cfg.train.stage_at(self.epoch)
                 self._switch_stage(stage_index)
+                refresh = self._refresh_uncertainty_margins()
                 metrics = self._run_epoch()
+                if refresh is not None:
+                    metrics["uncertainty_seconds"] = refresh["seconds"]
+                    metrics["uncertainty_spearman"] = refresh["spearman_uncertainty_vs_count"]
                 self.epoch += 1
                 self.step_in_epoch = 0
                 if self.validation is not None and (
