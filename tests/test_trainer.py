@@ -117,7 +117,7 @@ def test_dataset_smaller_than_a_batch_and_missing_root(tiny_dataset, tmp_path):
 def test_persistent_non_finite_loss_stops_with_a_clear_error(tiny_dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module, "MAX_CONSECUTIVE_NONFINITE", 3)
     trainer = Trainer(tiny_config(tiny_dataset, tmp_path / "run"), progress=False)
-    monkeypatch.setattr(trainer.head, "forward", lambda emb, labels: torch.full((len(labels), 12), float("nan")))
+    monkeypatch.setattr(trainer.head, "forward", lambda emb, labels, margin_weight=None: torch.full((len(labels), 12), float("nan")))
     with pytest.raises(TrainingError, match="non-finite"):
         trainer.fit()
     assert trainer.nonfinite_steps == 3
