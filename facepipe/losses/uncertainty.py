@@ -55,10 +55,13 @@ def predictive_uncertainty(probabilities: Tensor) -> Tensor:
     """Total predictive variance of each sample, [B], from N softmax vectors [N, B, C].
 
     Seed 000 Eq. 7: Cov = 1/N sum_n p_n p_n^T - p_bar p_bar^T; its trace is
-    sum_c (mean_n p_nc^2 - p_bar_c^2), computed without forming the C x C matrix.
+    sum_c (mean_n p_nc^2 - p_bar_c^2), computed without forming the C x C matrix. The moments are
+    taken of the differences to the first pass (the variance does not change under a shift), in
+    float64: identical passes (no dropout) then give exactly zero, not rounding residue.
     """
-    mean = probabilities.mean(dim=0)
-    return ((probabilities * probabilities).mean(dim=0) - mean * mean).sum(dim=1).clamp_min(0.0)
+    shifted = probabilities.double() - probabilities[:1].double()
+    mean = shifted.mean(dim=0)
+    return ((shifted * shifted).mean(dim=0) - mean * mean).sum(dim=1).clamp_min(0.0).to(probabilities.dtype)
 
 
 def class_uncertainty(sample_uncertainty: Tensor, labels: Tensor, num_classes: int) -> Tensor:
