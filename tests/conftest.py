@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from facepipe.config import config_from_dict
+from facepipe.config import Config, config_from_dict
 from facepipe.data.synth import generate_dataset
 
 # Tests use tiny models, which run fastest on one intra-op thread; it also keeps DataLoader
@@ -24,7 +24,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return root
 
 
-def tiny_config(root: Path, out: Path, **sections) -> "facepipe.config.Config":
+def tiny_config(root: Path, out: Path, **sections) -> Config:
     """A config that trains in seconds on ``tiny_dataset``; ``sections`` override top-level keys."""
     data = {
         "seed": 0,

@@ -14,6 +14,7 @@ implements (Khan et al., "Striking the Right Balance with Uncertainty", CVPR 201
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import inspect
 import math
@@ -60,7 +61,7 @@ def _float32_only(device_type: str):
         return contextlib.nullcontext()
 
 
-class MarginHead(nn.Module):
+class MarginHead(nn.Module, metaclass=abc.ABCMeta):
     """Base: classifier weight W [C, D] + per-class margins.
 
     Subclasses implement :meth:`forward` (training logits, margin on the target class) and
@@ -162,13 +163,14 @@ class MarginHead(nn.Module):
                 raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
         return embeddings.float(), self.weight.float()
 
+    @abc.abstractmethod
     def forward(self, embeddings: Tensor, labels: Tensor, margin_weight: Tensor | None = None) -> Tensor:
         """Training logits; ``margin_weight`` [B] in [0, 1] gives each sample that fraction of its
         class margin (seed 000 SUM: the probability it is misclassified); None = the full margin."""
-        raise NotImplementedError  # pragma: no cover
 
+    @abc.abstractmethod
     def inference_logits(self, embeddings: Tensor) -> Tensor:
-        raise NotImplementedError  # pragma: no cover
+        """Logits without any margin (prediction, accuracy, uncertainty)."""
 
     def _sample_margins(self, labels: Tensor, margin_weight: Tensor | None) -> Tensor:
         m = self.margin[labels]
