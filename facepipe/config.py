@@ -137,6 +137,55 @@ class SchedulerConfig(StrictModel):
     min_lr_factor: float = Field(0.0, ge=0, le=1)  # cosine floor, as a fraction of lr
 
 
+# ----------------------------------------------------------------------------- losses on the logits
+class CrossEntropyLossConfig(StrictModel):
+    type: Literal["ce"] = "ce"
+
+
+class FocalLossConfig(StrictModel):
+    type: Literal["focal"] = "focal"
+    gamma: float = Field(1.0, ge=0)
+
+
+class ClassBalancedLossConfig(StrictModel):
+    """Cui et al.: CE (gamma 0) or focal loss weighted by the inverse effective number."""
+
+    type: Literal["class_balanced"] = "class_balanced"
+    beta: float = Field(0.9999, gt=0, lt=1)
+    gamma: float = Field(0.0, ge=0)
+
+
+class LogitAdjustedLossConfig(StrictModel):
+    """Menon et al.: CE on logits + tau log(class prior) during training."""
+
+    type: Literal["logit_adjusted"] = "logit_adjusted"
+    tau: float = Field(1.0, ge=0)
+
+
+class MaximumMarginLossConfig(StrictModel):
+    """Seed 001 MM loss: target logit z_y - Delta; delta_plus = beta * delta_minus."""
+
+    type: Literal["mm"] = "mm"
+    delta_minus: float = Field(0.6, ge=0)
+    beta: float = Field(1.5, ge=0)
+
+
+LossConfig = Annotated[
+    Union[CrossEntropyLossConfig, FocalLossConfig, ClassBalancedLossConfig, LogitAdjustedLossConfig,
+          MaximumMarginLossConfig],
+    Field(discriminator="type"),
+]
+
+
+class DRWConfig(StrictModel):
+    """Deferred re-weighting (seed 001 Algorithm 1): class weights from run epoch ``start_epoch``
+    (0-based, counted over the whole schedule) on."""
+
+    start_epoch: int = Field(ge=0)
+    kind: Literal["effective_number", "inverse_frequency"] = "effective_number"
+    beta: float = Field(0.9999, gt=0, lt=1)
+
+
 class StageConfig(StrictModel):
     """One stage of the schedule: a number of epochs trained with one head (loss)."""
 
@@ -146,11 +195,16 @@ class StageConfig(StrictModel):
     # Seed 000 SUM: each sample gets the fraction F (its misclassification probability under its
     # MC-dropout Gaussian embedding) of its class margin.
     sample_uncertainty: bool = False
+    # The loss on the head's logits (cross-entropy by default) and optional deferred re-weighting.
+    loss: LossConfig = CrossEntropyLossConfig()
+    drw: DRWConfig | None = None
 
     @model_validator(mode="after")
-    def _sum_needs_a_margin(self) -> "StageConfig":
+    def _consistent(self) -> "StageConfig":
         if self.sample_uncertainty and self.head.type == "softmax":
             raise ValueError("sample_uncertainty (SUM) weights a class margin; the softmax head has none")
+        if self.drw is not None and self.loss.type == "class_balanced":
+            raise ValueError("loss class_balanced already weights classes; drw on top would weight them twice")
         return self
 
 

@@ -34,6 +34,7 @@ from facepipe.models import build_backbone
 from facepipe.train.checkpoint import BEST, LATEST, copy_checkpoint, load_checkpoint, save_checkpoint
 from facepipe.train.lr_schedule import lr_factor
 from facepipe.train.run_log import RunLog
+from facepipe.train.stage_loss import build_stage_loss
 from facepipe.train.uncertainty_margins import refresh_margins
 from facepipe.utils.device import autocast, resolve_amp_dtype, resolve_device
 from facepipe.utils.io import write_json_atomic, write_text_atomic
@@ -93,7 +94,9 @@ class Trainer:
         if self.device.type == "cuda" and config.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.stage_index = 0
+        self.class_counts = np.bincount(self.dataset.labels, minlength=self.dataset.num_classes).tolist()
         self.head = self._build_head(0, weight=None)
+        self.loss_fn, self.drw = self._build_loss(0)
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -119,6 +122,10 @@ class Trainer:
             weight=weight, **head_kwargs(stage.head),
         )
         return head.to(self.device)
+
+    def _build_loss(self, stage_index: int) -> tuple[nn.Module, Any]:
+        loss, drw = build_stage_loss(self.config.train.stages[stage_index], self.class_counts)
+        return loss.to(self.device), drw
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         optim = self.config.optim
@@ -146,6 +153,7 @@ class Trainer:
             return
         previous = self.config.train.stages[self.stage_index]
         self.head = self._build_head(stage_index, weight=self.head.weight)
+        self.loss_fn, self.drw = self._build_loss(stage_index)
         self._sync_head_parameters()
         self.stage_index = stage_index
         stage = self.config.train.stages[stage_index]
@@ -247,7 +255,7 @@ class Trainer:
                 normalise=stage.head.type in ("cosface", "arcface"),
             )
         logits = self.head(embeddings.float(), labels, margin_weight=margin_weight)
-        loss = F.cross_entropy(logits, labels)
+        loss = self.loss_fn(logits, labels)
         # The one host-device sync per step: a non-finite loss must be known before backward to
         # skip the step (bf16/fp32 have no grad scaler doing it); loss.item() below then costs nothing.
         if not torch.isfinite(loss):
@@ -367,6 +375,8 @@ class Trainer:
             while self.epoch < stop_at:
                 stage_index, _ = cfg.train.stage_at(self.epoch)
                 self._switch_stage(stage_index)
+                if self.drw is not None:  # DRW weights depend on the epoch only: also right after a resume
+                    self.loss_fn.set_class_weights(self.drw.weights_for_epoch(self.epoch).to(self.device))
                 refresh = self._refresh_uncertainty_margins()
                 metrics = self._run_epoch()
                 if refresh is not None:

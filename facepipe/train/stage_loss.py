@@ -1,0 +1,38 @@
+"""The loss on a stage's logits, built from its config and the training set's class counts."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import nn
+
+from facepipe.config import StageConfig
+from facepipe.losses.imbalance import (
+    ClassBalancedLoss,
+    DeferredReweighting,
+    FocalLoss,
+    LogitAdjustedLoss,
+    MaximumMarginLoss,
+    WeightedCrossEntropyLoss,
+)
+
+
+def build_stage_loss(stage: StageConfig, class_counts: Sequence[int]) -> tuple[nn.Module, DeferredReweighting | None]:
+    """(loss module taking logits and labels, DRW schedule or None).
+
+    Plain cross-entropy without DRW is ``nn.CrossEntropyLoss``, bit for bit what the trainer
+    computed before losses were configurable; DRW needs a loss with settable class weights.
+    """
+    spec = stage.loss
+    drw = (DeferredReweighting(class_counts, stage.drw.start_epoch, stage.drw.kind, stage.drw.beta)
+           if stage.drw is not None else None)
+    if spec.type == "ce":
+        loss: nn.Module = WeightedCrossEntropyLoss() if drw is not None else nn.CrossEntropyLoss()
+    elif spec.type == "focal":
+        loss = FocalLoss(gamma=spec.gamma)
+    elif spec.type == "class_balanced":
+        loss = ClassBalancedLoss(class_counts, beta=spec.beta, gamma=spec.gamma)
+    elif spec.type == "logit_adjusted":
+        loss = LogitAdjustedLoss(class_counts, tau=spec.tau)
+    else:
+        loss = MaximumMarginLoss(delta_minus=spec.delta_minus, beta=spec.beta)
+    return loss, drw
