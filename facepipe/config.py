@@ -162,17 +162,30 @@ class LogitAdjustedLossConfig(StrictModel):
     tau: float = Field(1.0, ge=0)
 
 
+class LDAMLossConfig(StrictModel):
+    """Cao et al. LDAM on cosines: margins proportional to n_j^(-1/4), the largest max_margin,
+    then scale s. Needs a head that outputs cosines (cosface with s 1 and m 0)."""
+
+    type: Literal["ldam"] = "ldam"
+    max_margin: float = Field(0.5, gt=0)
+    scale: float = Field(30.0, gt=0)
+
+
 class MaximumMarginLossConfig(StrictModel):
-    """Seed 001 MM loss: target logit z_y - Delta; delta_plus = beta * delta_minus."""
+    """Seed 001 MM loss: target logit z_y - Delta; delta_plus = beta * delta_minus. With
+    ``ldam: true`` (MM-LDAM) it takes cosines like LDAM and adds its margins and scale."""
 
     type: Literal["mm"] = "mm"
     delta_minus: float = Field(0.6, ge=0)
     beta: float = Field(1.5, ge=0)
+    ldam: bool = False
+    max_margin: float = Field(0.5, gt=0)  # LDAM margins (ldam: true only)
+    scale: float = Field(30.0, gt=0)  # LDAM scale (ldam: true only)
 
 
 LossConfig = Annotated[
     Union[CrossEntropyLossConfig, FocalLossConfig, ClassBalancedLossConfig, LogitAdjustedLossConfig,
-          MaximumMarginLossConfig],
+          LDAMLossConfig, MaximumMarginLossConfig],
     Field(discriminator="type"),
 ]
 
@@ -205,6 +218,11 @@ class StageConfig(StrictModel):
             raise ValueError("sample_uncertainty (SUM) weights a class margin; the softmax head has none")
         if self.drw is not None and self.loss.type == "class_balanced":
             raise ValueError("loss class_balanced already weights classes; drw on top would weight them twice")
+        takes_cosines = self.loss.type == "ldam" or (self.loss.type == "mm" and self.loss.ldam)
+        if takes_cosines and not (self.head.type == "cosface" and self.head.s == 1.0 and self.head.m == 0.0
+                                  and self.head.margin_source == "fixed"):
+            raise ValueError("LDAM losses apply their own margins and scale to cosines: use the head "
+                             "{type: cosface, s: 1.0, m: 0.0}")
         return self
 
 

@@ -15,8 +15,9 @@ from facepipe.train.stage_loss import build_stage_loss
 from facepipe.train.trainer import Trainer
 
 
-def stage(**fields):
-    return config_from_dict({"train": {"stages": [{"epochs": 1, "head": {"type": "softmax"}, **fields}]}}).train.stages[0]
+def stage(head=None, **fields):
+    head = head or {"type": "softmax"}
+    return config_from_dict({"train": {"stages": [{"epochs": 1, "head": head, **fields}]}}).train.stages[0]
 
 
 def test_default_is_exactly_cross_entropy():
@@ -65,3 +66,30 @@ def test_drw_switches_class_weights_at_the_configured_epoch(tiny_dataset, tmp_pa
     assert float(expected.sum()) == pytest.approx(12.0)
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in records if r["event"] == "epoch")
+
+
+COSINE_HEAD = {"type": "cosface", "s": 1.0, "m": 0.0}
+
+
+def test_ldam_and_mm_ldam_take_cosines_from_a_plain_cosine_head():
+    from facepipe.losses.imbalance import LDAMLoss, MaximumMarginLoss, ldam_margins
+
+    counts = [40, 10, 2]
+    cosines, labels = torch.rand(6, 3) * 2 - 1, torch.tensor([0, 1, 2, 0, 1, 2])
+    loss, _ = build_stage_loss(stage(head=COSINE_HEAD, loss={"type": "ldam", "max_margin": 0.5, "scale": 30.0}), counts)
+    torch.testing.assert_close(loss(cosines, labels), LDAMLoss(counts, 0.5, 30.0)(cosines, labels))
+    loss, _ = build_stage_loss(stage(head=COSINE_HEAD, loss={"type": "mm", "ldam": True}), counts)
+    expected = MaximumMarginLoss(0.6, 1.5, class_margins=ldam_margins(counts, 0.5), scale=30.0)(cosines, labels)
+    torch.testing.assert_close(loss(cosines, labels), expected)
+    with pytest.raises(ConfigError, match="use the head"):
+        stage(head={"type": "cosface", "s": 64.0, "m": 0.35}, loss={"type": "ldam"})
+    with pytest.raises(ConfigError, match="use the head"):
+        stage(loss={"type": "mm", "ldam": True})
+
+
+def test_ldam_drw_trains(tiny_dataset, tmp_path):
+    config = tiny_config(tiny_dataset, tmp_path / "run")
+    data = config.to_dict()
+    data["train"]["stages"] = [{"epochs": 2, "head": COSINE_HEAD, "loss": {"type": "ldam"}, "drw": {"start_epoch": 1}}]
+    metrics = Trainer(config_from_dict(data), progress=False).fit()
+    assert np.isfinite(metrics["loss"]) and metrics["epoch"] == 2

@@ -10,9 +10,11 @@ from facepipe.losses.imbalance import (
     ClassBalancedLoss,
     DeferredReweighting,
     FocalLoss,
+    LDAMLoss,
     LogitAdjustedLoss,
     MaximumMarginLoss,
     WeightedCrossEntropyLoss,
+    ldam_margins,
 )
 
 
@@ -33,6 +35,11 @@ def build_stage_loss(stage: StageConfig, class_counts: Sequence[int]) -> tuple[n
         loss = ClassBalancedLoss(class_counts, beta=spec.beta, gamma=spec.gamma)
     elif spec.type == "logit_adjusted":
         loss = LogitAdjustedLoss(class_counts, tau=spec.tau)
+    elif spec.type == "ldam":
+        loss = LDAMLoss(class_counts, max_margin=spec.max_margin, scale=spec.scale)
+    elif spec.ldam:  # MM-LDAM: cosines in, LDAM margins and scale, then the MM Delta
+        loss = MaximumMarginLoss(delta_minus=spec.delta_minus, beta=spec.beta, scale=spec.scale,
+                                 class_margins=ldam_margins(class_counts, spec.max_margin))
     else:
         loss = MaximumMarginLoss(delta_minus=spec.delta_minus, beta=spec.beta)
     return loss, drw
