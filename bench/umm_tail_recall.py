@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facepipe.config import config_from_dict
+from facepipe.config import config_from_dict, head_kwargs
 from facepipe.data.synth import generate_dataset, identity_counts
 from facepipe.embed.extract import load_model
 from facepipe.eval.imbalance import imbalance_metrics
@@ -77,8 +77,8 @@ def predict(checkpoint: Path, test: list[tuple[str, int]]) -> np.ndarray:
     loaded = load_model(checkpoint)
     state = load_checkpoint(checkpoint)
     stage = loaded.config.train.stages[int(state["head_stage"])]
-    params = {k: v for k, v in stage.head.model_dump().items() if k not in ("type", "margin_source")}
-    head = build_head(stage.head.type, len(loaded.identities), loaded.config.model.embedding_size, **params)
+    head = build_head(stage.head.type, len(loaded.identities), loaded.config.model.embedding_size,
+                      **head_kwargs(stage.head))
     head.load_state_dict(state["head"])
     transform = build_eval_transform(loaded.config.data.image_size)
     images = torch.stack([ImageListDataset([p], transform)[0][0] for p, _ in test])
