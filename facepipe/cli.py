@@ -64,6 +64,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_classify(args: argparse.Namespace) -> int:
+    from facepipe.config import find_config, load_config
+    from facepipe.train.classify import run_classification
+
+    config = load_config(find_config(args.config), args.overrides)
+    results = run_classification(config, resume=args.resume, progress=not args.quiet)
+    per_class = "  ".join(f"{c}:{a:.3f}" for c, a in results["test_class_accuracy"].items())
+    print(f"test G-mean {results['test_gmean']:.4f}  accuracy {results['test_accuracy']:.4f}  "
+          f"(best epoch {results['best_epoch']}, val G-mean {results['best_val_gmean']:.4f})\n"
+          f"per-class accuracy  {per_class}\nresults in {config.output_dir}/results.json")
+    return 0
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     from facepipe.embed import embed_folder
 
@@ -167,6 +180,118 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index_source(args: argparse.Namespace) -> str:
+    # Exactly one gallery source: a checkpoint with an aligned identity-folder tree, or embeddings.
+    from facepipe.index.store import ClusterIndexError
+
+    if args.embeddings is not None and (args.images is not None or args.checkpoint is not None):
+        raise ClusterIndexError("give --checkpoint with --images, or --embeddings (with --labels), not both")
+    if args.embeddings is not None:
+        return "embeddings"
+    if args.images is None or args.checkpoint is None:
+        raise ClusterIndexError("give --checkpoint with --images (aligned identity folders), or --embeddings "
+                                "with --labels")
+    return "images"
+
+
+def _index_options(args: argparse.Namespace) -> dict:
+    names = ("num_neighbours", "unknown_threshold", "nlist", "nprobe", "hnsw_m", "ef_search")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from facepipe.index.store import (
+        ClusterIndexError,
+        build_index_from_checkpoint,
+        build_index_from_embeddings,
+        load_embedding_source,
+    )
+
+    options = dict(kind=args.kind, config=_index_options(args), seed=args.seed, overwrite=args.overwrite,
+                   progress=not args.quiet)
+    if _index_source(args) == "images":
+        index = build_index_from_checkpoint(args.dir, args.checkpoint, args.images, args.cluster_size,
+                                            device=args.device, batch_size=args.batch_size, **options)
+    else:
+        source = load_embedding_source(args.embeddings, args.labels)
+        if source["names"] is None:
+            raise ClusterIndexError("--embeddings needs --labels (one identity name per row) unless it is a "
+                                    "'facepipe embed' output folder")
+        config = {**options.pop("config"), **({"flip": source["flip"]} if source["flip"] else {})}
+        index = build_index_from_embeddings(args.dir, source["embeddings"], source["names"], args.cluster_size,
+                                            fingerprint=source["fingerprint"], config=config, **options)
+    print(f"built index {args.dir}: {index.num_clusters} clusters of {len(index.identities())} identities "
+          f"(kind {index.kind}, dim {index.dim}, model {index.fingerprint or 'unrecorded'})")
+    return 0
+
+
+def cmd_index_add(args: argparse.Namespace) -> int:
+    from facepipe.index.store import enrol_images
+
+    if _index_source(args) == "images":
+        summary = enrol_images(args.dir, args.checkpoint, args.images, cluster_size=args.cluster_size, seed=args.seed,
+                               device=args.device, batch_size=args.batch_size, progress=not args.quiet)
+    else:
+        summary = enrol_images(args.dir, embeddings=args.embeddings, labels=args.labels,
+                               cluster_size=args.cluster_size, seed=args.seed, progress=not args.quiet)
+    print(f"added {summary['clusters_added']} clusters of {summary['embeddings']} embeddings to {args.dir}: "
+          f"{len(summary['new_identities'])} new identities, {len(summary['extended_identities'])} extended")
+    return 0
+
+
+def cmd_index_remove(args: argparse.Namespace) -> int:
+    from facepipe.index.store import ClusterIndex
+
+    summary = ClusterIndex.open(args.dir).remove(args.identities)
+    print(f"removed {len(summary['removed_identities'])} identities ({summary['removed_clusters']} clusters) from "
+          f"{args.dir}; {summary['remaining_clusters']} clusters left")
+    return 0
+
+
+def cmd_index_info(args: argparse.Namespace) -> int:
+    from facepipe.index.store import ClusterIndex
+
+    info = ClusterIndex.open(args.dir).info()
+    print(f"index {info['folder']}: kind {info['kind']}, dim {info['dim']}, model "
+          f"{info['fingerprint'] or 'unrecorded'}, generation {info['generation']}")
+    print(f"{info['num_identities']} identities, {info['num_clusters']} clusters, {info['num_embeddings']} "
+          "embeddings enrolled")
+    print("config: " + ", ".join(f"{key}={value}" for key, value in sorted(info["config"].items())))
+    width = max([len("IDENTITY"), *map(len, info["identities"])])
+    print(f"{'IDENTITY':<{width}}  CLUSTERS")
+    for name, count in sorted(info["identities"].items()):
+        print(f"{name:<{width}}  {count}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from facepipe.index.store import search_images
+    from facepipe.utils.io import write_json_atomic
+
+    results = search_images(args.index, args.checkpoint, args.inputs, top_k=args.top_k, align=args.align,
+                            num_neighbours=args.num_neighbours, device=args.device, batch_size=args.batch_size,
+                            progress=not args.quiet)
+    rows = []
+    for result in results:
+        if result["status"] != "ok":
+            rows.append((result["input"], "-", f"({result['status']})", ""))
+            continue
+        if result["unknown"]:
+            best = result["matches"][0] if result["matches"] else None
+            rows.append((result["input"], "-", "unknown", f"{best['score']:.4f} ({best['identity']})" if best else ""))
+            continue
+        for rank, match in enumerate(result["matches"], 1):
+            rows.append((result["input"] if rank == 1 else "", str(rank), match["identity"], f"{match['score']:.4f}"))
+    header = ("INPUT", "RANK", "IDENTITY", "SCORE")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    if args.json:
+        write_json_atomic(args.json, {"index": args.index, "top_k": args.top_k, "score": "log of seed 002 Eq. 10",
+                                      "results": results})
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -222,12 +347,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-images", type=int, default=1, help="keep identities with at least this many images")
     p.set_defaults(func=cmd_subset)
 
-    p = sub.add_parser("train", help="train an embedding model from a YAML config")
-    p.add_argument("--config", required=True, help="config name in configs/ or a YAML path")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/latest.pt")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.root=DIR")
-    p.set_defaults(func=cmd_train)
+    for name, helptext, example, func in (
+        ("train", "train an embedding model from a YAML config", "data.root=DIR", cmd_train),
+        ("classify", "imbalanced image classification (seed 003's MNIST-q protocol)",
+         "classify.imbalance_ratio=10", cmd_classify),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--config", required=True, help="config name in configs/ or a YAML path")
+        p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/latest.pt")
+        p.add_argument("--quiet", action="store_true")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("embed", help="embed every image of a folder with a trained checkpoint")
     p.add_argument("--checkpoint", required=True)
@@ -309,6 +439,65 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="report folder")
     model_options(q)
     q.set_defaults(func=cmd_eval_bin)
+
+    p = sub.add_parser("index", help="cluster index of a gallery for the k-nearest-cluster rule (seed 002 Eq. 10)")
+    index_sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    def index_source(q: argparse.ArgumentParser) -> None:
+        q.add_argument("dir", metavar="DIR", help="index folder")
+        q.add_argument("--checkpoint", default=None, help="model that embeds --images")
+        q.add_argument("--images", default=None, help="aligned identity folders: IMAGES/<identity>/<image>")
+        q.add_argument("--embeddings", default=None,
+                       help="X.npy of embeddings (one row per image), or a 'facepipe embed' output folder")
+        q.add_argument("--labels", default=None,
+                       help="identity of each row: a text file (one name per line), .npy, or manifest.csv")
+        q.add_argument("--seed", type=int, default=0, help="k-means seed")
+        q.add_argument("--batch-size", type=int, default=None)
+        q.add_argument("--device", default="auto")
+        q.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    q = index_sub.add_parser("build", help="cluster a gallery's embeddings per identity and index the centroids")
+    index_source(q)
+    q.add_argument("--cluster-size", type=int, default=20, help="embeddings per cluster, l (default 20)")
+    q.add_argument("--kind", choices=["flat", "hnsw", "ivf"], default="flat",
+                   help="FAISS index: exact flat (default), HNSW graph, or IVF lists")
+    q.add_argument("--num-neighbours", type=int, default=None, help="N of Eq. 10: clusters retrieved per query")
+    q.add_argument("--threshold", dest="unknown_threshold", type=float, default=None,
+                   help="open-set threshold: a best log score below it is 'unknown'")
+    q.add_argument("--nlist", type=int, default=None, help="IVF lists (default sqrt of the number of clusters)")
+    q.add_argument("--nprobe", type=int, default=None, help="IVF lists searched (default a quarter of them)")
+    q.add_argument("--overwrite", action="store_true", help="replace the index already in DIR")
+    q.set_defaults(func=cmd_index_build)
+
+    q = index_sub.add_parser("add", help="enrol new identities or more images of enrolled ones")
+    index_source(q)
+    q.add_argument("--cluster-size", type=int, default=None, help="embeddings per cluster (default: the index's)")
+    q.set_defaults(func=cmd_index_add)
+
+    q = index_sub.add_parser("remove", help="remove identities and their clusters")
+    q.add_argument("dir", metavar="DIR", help="index folder")
+    q.add_argument("identities", nargs="+", metavar="IDENTITY")
+    q.set_defaults(func=cmd_index_remove)
+
+    q = index_sub.add_parser("info", help="identities, clusters, kind and model of an index")
+    q.add_argument("dir", metavar="DIR", help="index folder")
+    q.set_defaults(func=cmd_index_info)
+
+    p = sub.add_parser("search", help="identify faces against a cluster index (k-nearest-cluster rule, seed 002 Eq. 10)")
+    p.add_argument("--index", required=True, help="index folder made by 'facepipe index build'")
+    p.add_argument("--checkpoint", default=None, help="model of the index (needed for images)")
+    p.add_argument("--top-k", type=int, default=5, help="identities listed per input (default 5)")
+    p.add_argument("--num-neighbours", type=int, default=None, help="N of Eq. 10 (default: the index's)")
+    p.add_argument("--align", dest="align", action="store_const", const=True, default="auto",
+                   help="inputs are raw photos: detect and align them first")
+    p.add_argument("--no-align", dest="align", action="store_const", const=False,
+                   help="inputs are aligned crops (default: auto, by image size)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the results to this JSON file")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders of images, or .npy embeddings")
+    p.set_defaults(func=cmd_search)
     return parser
 
 

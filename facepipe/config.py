@@ -57,14 +57,16 @@ class DataConfig(StrictModel):
 
     @field_validator("image_size")
     @classmethod
-    def _divisible_by_16(cls, value: tuple[int, int]) -> tuple[int, int]:
-        if any(side < 16 or side % 16 for side in value):
-            raise ValueError(f"image_size {list(value)}: both sides must be multiples of 16 (four stride-2 stages)")
+    def _positive(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if any(side < 1 for side in value):
+            raise ValueError(f"image_size {list(value)}: both sides must be positive")
         return value
 
 
 # ----------------------------------------------------------------------------- model
 class ModelConfig(StrictModel):
+    # irse: the IR-SE face backbone; mnist_cnn: seed 003's 28x28 grey-level classification CNN.
+    arch: Literal["irse", "mnist_cnn"] = "irse"
     depth: Literal[18, 34, 50, 100] = 50
     width: float = Field(1.0, gt=0, le=4)
     embedding_size: int = Field(512, ge=2)
@@ -106,8 +108,30 @@ class LSoftmaxHeadConfig(StrictModel):
     lambda_min: float = Field(5.0, ge=0)
 
 
+class PrototypeHeadConfig(StrictModel):
+    """Convolutional prototype learning (CPL, seed 003's base framework): logits -||f - C_j||^2."""
+
+    type: Literal["prototype"] = "prototype"
+
+
+class ARConvLHeadConfig(StrictModel):
+    """Seed 003 ARConvL: class regions (centres and radii) and the loss L_R + L_D + L_M; the head
+    computes its own loss, so the stage's ``loss`` must stay cross-entropy without DRW."""
+
+    type: Literal["arconvl"] = "arconvl"
+    gamma: float = Field(0.05, ge=0, le=1)
+    radius_init: float = Field(0.1, ge=0)
+    # Radii learning rate: radius_warmup_lr for the first radius_warmup_epochs of the stage, then
+    # radius_lr (Sec. 4.1: 0.001 for 3 epochs, then 0.01); it does not follow the main schedule.
+    radius_warmup_epochs: int = Field(3, ge=0)
+    radius_warmup_lr: float = Field(0.001, gt=0)
+    radius_lr: float = Field(0.01, gt=0)
+    use_prior: bool = False  # predict with log eta_j added (the literal argmax of p(x in j))
+
+
 HeadConfig = Annotated[
-    Union[SoftmaxHeadConfig, CosFaceHeadConfig, ArcFaceHeadConfig, LSoftmaxHeadConfig],
+    Union[SoftmaxHeadConfig, CosFaceHeadConfig, ArcFaceHeadConfig, LSoftmaxHeadConfig, PrototypeHeadConfig,
+          ARConvLHeadConfig],
     Field(discriminator="type"),
 ]
 
@@ -214,8 +238,11 @@ class StageConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "StageConfig":
-        if self.sample_uncertainty and self.head.type == "softmax":
-            raise ValueError("sample_uncertainty (SUM) weights a class margin; the softmax head has none")
+        if self.sample_uncertainty and self.head.type in ("softmax", "prototype", "arconvl"):
+            raise ValueError(f"sample_uncertainty (SUM) weights a class margin; the {self.head.type} head has none")
+        if self.head.type == "arconvl" and (self.loss.type != "ce" or self.drw is not None):
+            raise ValueError("the arconvl head computes its own loss (seed 003 Eq. 1): leave the stage's "
+                             "loss at ce and drop drw")
         if self.drw is not None and self.loss.type == "class_balanced":
             raise ValueError("loss class_balanced already weights classes; drw on top would weight them twice")
         takes_cosines = self.loss.type == "ldam" or (self.loss.type == "mm" and self.loss.ldam)
@@ -247,7 +274,9 @@ class TrainConfig(StrictModel):
     stages: list[StageConfig] = Field(default_factory=lambda: [StageConfig(epochs=1, head=SoftmaxHeadConfig())])
     device: str = "auto"
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
-    channels_last: bool = True  # CUDA only
+    # NHWC memory format: "auto" = on CUDA only (what the trainer always did); true also on CPU,
+    # where oneDNN runs the small MNIST CNN about 1.4x faster in it.
+    channels_last: Literal["auto"] | bool = "auto"
     log_every_steps: int = Field(20, ge=1)
     checkpoint_every_steps: int = Field(0, ge=0)  # 0: checkpoints at epoch ends only
     max_steps_per_epoch: int | None = Field(None, ge=1)
@@ -337,6 +366,17 @@ class AlignConfig(StrictModel):
         return value
 
 
+class ClassifyConfig(StrictModel):
+    """``facepipe classify``: seed 003's imbalanced-image protocol (Sec. 4.1) on MNIST idx files."""
+
+    root: str  # folder holding train-/t10k-images-idx3-ubyte(.gz) and the label files
+    # Keep a random 1/q of the training images of each minority class (all of the others).
+    imbalance_ratio: int = Field(100, ge=1)
+    minority_classes: list[int] = [0, 2, 4, 6, 8]
+    val_fraction: float = Field(0.1, gt=0, lt=1)  # held out (stratified) for best-epoch selection
+    eval_batch_size: int = Field(1024, ge=1)
+
+
 class Config(StrictModel):
     seed: int = 0
     output_dir: str = "runs/default"
@@ -348,6 +388,18 @@ class Config(StrictModel):
     embed: EmbedConfig = EmbedConfig()
     align: AlignConfig = AlignConfig()  # how raw images are aligned before embedding
     demo: DemoConfig | None = None  # read by `facepipe demo` only
+    classify: ClassifyConfig | None = None  # read by `facepipe classify` only
+
+    @model_validator(mode="after")
+    def _input_size_fits_backbone(self) -> "Config":
+        side_ok = all(side >= 16 and side % 16 == 0 for side in self.data.image_size)
+        if self.model.arch == "irse" and not side_ok:
+            raise ValueError(f"data.image_size {list(self.data.image_size)}: both sides must be multiples of "
+                             "16 for the IR-SE backbone (four stride-2 stages)")
+        if self.model.arch == "mnist_cnn" and any(side % 4 for side in self.data.image_size):
+            raise ValueError(f"data.image_size {list(self.data.image_size)}: both sides must be multiples of "
+                             "4 for mnist_cnn (two 2x2 poolings)")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -397,7 +397,7 @@ def test_input_shape_errors():
 
 # ---------------------------------------------------------------- registry
 def test_registry_and_build_head_errors():
-    assert set(HEADS) == {"softmax", "cosface", "arcface", "lsoftmax", "sphereface"}
+    assert set(HEADS) == {"softmax", "cosface", "arcface", "lsoftmax", "sphereface", "prototype"}
     assert build_head("lsoftmax", 3, 2).normalize_weights is False
     assert build_head("sphereface", 3, 2).normalize_weights is True
     head = build_head("cosface", 3, 2, s=8.0, m=0.2)

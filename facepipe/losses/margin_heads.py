@@ -31,6 +31,7 @@ __all__ = [
     "ArcFaceHead",
     "LSoftmaxHead",
     "SphereFaceHead",
+    "PrototypeHead",
     "HEADS",
     "UnknownParameterError",
     "build_head",
@@ -211,6 +212,36 @@ class SoftmaxHead(MarginHead):
         with _float32_only(embeddings.device.type):
             f, w = self._inputs(embeddings)
             return f @ w.t()
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, embedding_size={self.embedding_size}"
+
+
+class PrototypeHead(MarginHead):
+    """Convolutional prototype learning (Yang et al. 2018, seed 003 ref. [40]): the rows of W are
+    class centres C_j and the logits are -||f - C_j||^2, so cross-entropy on them is CPL's
+    distance-based loss and the prediction is the nearest centre. Seed 003 trains every method
+    in this framework ("all methods are set under the same CPL framework"). No margin."""
+
+    def __init__(self, num_classes: int, embedding_size: int, weight: nn.Parameter | None = None) -> None:
+        super().__init__(num_classes, embedding_size, margin=None, weight=weight)
+
+    def set_margins(self, margin: MarginLike) -> None:
+        raise ValueError("the prototype head has no margin")
+
+    def _negative_squared_distances(self, embeddings: Tensor, labels: Tensor | None = None) -> Tensor:
+        f, w = self._inputs(embeddings, labels)
+        # Expanded form: no [B, C, D] intermediate; clamped because rounding can go below zero.
+        squared = (f * f).sum(1, keepdim=True) + (w * w).sum(1).unsqueeze(0) - 2.0 * (f @ w.t())
+        return -squared.clamp_min(0.0)
+
+    def forward(self, embeddings: Tensor, labels: Tensor, margin_weight: Tensor | None = None) -> Tensor:
+        with _float32_only(embeddings.device.type):
+            return self._negative_squared_distances(embeddings, labels)
+
+    def inference_logits(self, embeddings: Tensor) -> Tensor:
+        with _float32_only(embeddings.device.type):
+            return self._negative_squared_distances(embeddings)
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, embedding_size={self.embedding_size}"
@@ -504,6 +535,7 @@ HEADS: dict[str, type] = {
     "arcface": ArcFaceHead,
     "lsoftmax": LSoftmaxHead,
     "sphereface": SphereFaceHead,
+    "prototype": PrototypeHead,
 }
 
 _FIXED_ARGS = ("self", "num_classes", "embedding_size", "weight")

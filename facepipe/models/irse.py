@@ -143,15 +143,3 @@ class IRSEBackbone(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.output_stage(self.features(images))
-
-
-def build_backbone(model_config, input_size: tuple[int, int]) -> IRSEBackbone:
-    """Backbone from a ``ModelConfig`` and the (height, width) of the training crops."""
-    return IRSEBackbone(
-        depth=model_config.depth,
-        width=model_config.width,
-        embedding_size=model_config.embedding_size,
-        dropout=model_config.dropout,
-        input_size=tuple(input_size),
-        se_reduction=model_config.se_reduction,
-    )

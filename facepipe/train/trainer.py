@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from facepipe.data.transforms import build_train_transform
 from facepipe.embed.extract import extract_embeddings
 from facepipe.eval.pairs_job import PairsOnDisk, load_pairs
 from facepipe.eval.verification import cosine_scores, evaluate_verification
-from facepipe.losses import MarginHead, build_head
+from facepipe.losses import ARConvLHead, MarginHead, build_head
 from facepipe.losses.uncertainty import sum_margin_weights
 from facepipe.models import build_backbone
 from facepipe.train.checkpoint import BEST, LATEST, copy_checkpoint, load_checkpoint, save_checkpoint
@@ -50,11 +50,49 @@ class TrainingError(RuntimeError):
     """Training cannot continue (diverged, inconsistent resume)."""
 
 
-class Trainer:
-    """Trains ``config`` into ``config.output_dir``; ``resume=True`` continues from ``latest.pt``."""
+class Validator(Protocol):
+    """End-of-epoch evaluation: returns metrics, among them ``metric`` (higher is better), which
+    selects the best checkpoint."""
 
-    def __init__(self, config: Config, resume: bool = False, progress: bool = True) -> None:
-        if config.data.root is None:
+    metric: str
+    every_epochs: int
+
+    def __call__(self, trainer: "Trainer") -> dict[str, Any]: ...
+
+
+class PairsValidator:
+    """Verification on the configured pairs (``train.validation``): ``val_accuracy`` is the accuracy
+    at the best threshold (what model selection uses), beside the 10-fold accuracy and the AUC."""
+
+    metric = "val_accuracy"
+
+    def __init__(self, pairs: PairsOnDisk, every_epochs: int) -> None:
+        self.pairs = pairs
+        self.every_epochs = every_epochs
+
+    def __call__(self, trainer: "Trainer") -> dict[str, Any]:
+        pairs, config = self.pairs, trainer.config
+        embeddings = extract_embeddings(
+            trainer.model, pairs.paths, config.data.image_size, trainer.device,
+            batch_size=config.embed.batch_size, flip=config.embed.flip, amp_dtype=trainer.amp_dtype,
+        )
+        scores = cosine_scores(embeddings, pairs.idx_a, pairs.idx_b)
+        result = evaluate_verification(scores, pairs.is_same)
+        return {"val_accuracy": result.best_threshold_accuracy, "val_accuracy_10fold": result.accuracy_mean,
+                "val_accuracy_10fold_std": result.accuracy_std, "val_auc": result.auc}
+
+
+class Trainer:
+    """Trains ``config`` into ``config.output_dir``; ``resume=True`` continues from ``latest.pt``.
+
+    The training set is the identity folder ``data.root`` unless ``dataset`` is given (any dataset
+    with ``labels``, ``identities`` and ``(image, label, index)`` items, e.g. the in-memory images
+    of ``facepipe classify``); ``validator`` replaces the verification pairs of ``train.validation``.
+    """
+
+    def __init__(self, config: Config, resume: bool = False, progress: bool = True, dataset: Any = None,
+                 validator: Validator | None = None) -> None:
+        if dataset is None and config.data.root is None:
             raise DatasetError("data.root is not set: point it at an identity-folder dataset (data.root=DIR)")
         self.config = config
         self.progress = progress
@@ -63,7 +101,7 @@ class Trainer:
         self.amp_dtype = resolve_amp_dtype(config.train.amp, self.device)
         seed_everything(config.seed)
 
-        self.dataset = IdentityFolderDataset(
+        self.dataset = dataset if dataset is not None else IdentityFolderDataset(
             config.data.root, build_train_transform(config.data.image_size, config.data.augment)
         )
         self.stats = class_statistics(self.dataset.labels, self.dataset.num_classes, config.data.head_share)
@@ -91,16 +129,18 @@ class Trainer:
         )
 
         self.model = build_backbone(config.model, config.data.image_size).to(self.device)
-        if self.device.type == "cuda" and config.train.channels_last:
+        setting = config.train.channels_last
+        self.channels_last = setting is True or (setting == "auto" and self.device.type == "cuda")
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.stage_index = 0
         self.class_counts = np.bincount(self.dataset.labels, minlength=self.dataset.num_classes).tolist()
         self.head = self._build_head(0, weight=None)
         self.loss_fn, self.drw = self._build_loss(0)
         self.optimizer = self._build_optimizer()
+        # One rule per parameter group: the main schedule, or a head's own (ARConvL radii).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda step: lr_factor(step, config.scheduler, self.steps_per_epoch, self.total_steps),
+            self.optimizer, [self._lr_rule(group, 0) for group in self.optimizer.param_groups]
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
@@ -110,13 +150,18 @@ class Trainer:
         self.best_metric = -math.inf
         self.nonfinite_steps = 0
         self.last_metrics: dict[str, Any] = {}
-        self.validation = self._load_validation_pairs()
+        self.head_stats: dict[str, float] = {}  # per-step diagnostics of heads that compute their loss
+        self.validator = validator if validator is not None else self._pairs_validator()
         if resume:
             self.resume(self.run_dir / LATEST)
 
     # ------------------------------------------------------------------ construction
-    def _build_head(self, stage_index: int, weight: nn.Parameter | None) -> MarginHead:
+    def _build_head(self, stage_index: int, weight: nn.Parameter | None) -> nn.Module:
         stage = self.config.train.stages[stage_index]
+        if stage.head.type == "arconvl":
+            # Its centres are not a classifier weight: a switch to or from ARConvL starts them afresh.
+            return ARConvLHead(self.dataset.num_classes, self.config.model.embedding_size, self.class_counts,
+                               gamma=stage.head.gamma, radius_init=stage.head.radius_init).to(self.device)
         head = build_head(
             stage.head.type, self.dataset.num_classes, self.config.model.embedding_size,
             weight=weight, **head_kwargs(stage.head),
@@ -127,26 +172,50 @@ class Trainer:
         loss, drw = build_stage_loss(self.config.train.stages[stage_index], self.class_counts)
         return loss.to(self.device), drw
 
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        optim = self.config.optim
+    def _param_groups(self, params: list[nn.Parameter]) -> list[dict[str, Any]]:
         # No weight decay on BN/PReLU parameters and biases: decaying them only fights the
         # normalisation; the classifier weight (2-D) is decayed like the convolutions.
-        decay, no_decay = [], []
-        for param in list(self.model.parameters()) + list(self.head.parameters()):
-            (decay if param.ndim > 1 else no_decay).append(param)
-        groups = [{"params": decay, "weight_decay": optim.weight_decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
+        radii = getattr(self.head, "radii", None)
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1 and p is not radii]
+        groups = [{"params": group, "weight_decay": wd, "lr_rule": "main"}
+                  for group, wd in ((decay, self.config.optim.weight_decay), (no_decay, 0.0)) if group]
+        if any(p is radii for p in params):
+            # ARConvL radii: their own absolute rate (lr 1.0 times the rule), no decay (Eq. 2 has gamma R^2).
+            groups.append({"params": [radii], "weight_decay": 0.0, "lr": 1.0, "lr_rule": "radius"})
+        return groups
+
+    def _lr_rule(self, group: dict[str, Any], stage_index: int) -> Callable[[int], float]:
+        """The factor on a group's initial rate at a given optimisation step."""
+        if group.get("lr_rule") == "radius":
+            head = self.config.train.stages[stage_index].head
+            stage_start = sum(s.epochs for s in self.config.train.stages[:stage_index])
+            # Seed 003 Sec. 4.1: 0.001 for the stage's first 3 epochs, then 0.01; no decay.
+            return lambda step: (head.radius_warmup_lr if step // self.steps_per_epoch - stage_start
+                                 < head.radius_warmup_epochs else head.radius_lr)
+        cfg = self.config
+        return lambda step: lr_factor(step, cfg.scheduler, self.steps_per_epoch, self.total_steps)
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        optim = self.config.optim
+        groups = self._param_groups(list(self.model.parameters()) + list(self.head.parameters()))
         if optim.name == "sgd":
             return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov)
         return torch.optim.AdamW(groups, lr=optim.lr)
 
-    def _sync_head_parameters(self) -> None:
-        """Register parameters a new head brings beyond the shared classifier weight."""
+    def _sync_head_parameters(self, stage_index: int) -> None:
+        """Register parameters a new head brings beyond the shared classifier weight, each group
+        under its learning-rate rule from the current step on."""
         known = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         new = [p for p in self.head.parameters() if id(p) not in known]
-        if new:
-            self.optimizer.add_param_group({"params": new, "weight_decay": 0.0})
+        for group in self._param_groups(new):
+            self.optimizer.add_param_group(group)
+            added = self.optimizer.param_groups[-1]
+            rule = self._lr_rule(added, stage_index)
+            added["initial_lr"] = added["lr"]
+            self.scheduler.base_lrs.append(added["lr"])
+            self.scheduler.lr_lambdas.append(rule)
+            added["lr"] = added["initial_lr"] * rule(self.global_step)
 
     def _switch_stage(self, stage_index: int, announce: bool = True) -> None:
         if stage_index == self.stage_index:
@@ -154,7 +223,7 @@ class Trainer:
         previous = self.config.train.stages[self.stage_index]
         self.head = self._build_head(stage_index, weight=self.head.weight)
         self.loss_fn, self.drw = self._build_loss(stage_index)
-        self._sync_head_parameters()
+        self._sync_head_parameters(stage_index)
         self.stage_index = stage_index
         stage = self.config.train.stages[stage_index]
         if not announce:
@@ -177,9 +246,9 @@ class Trainer:
         self.run_log.write("uncertainty", self.global_step, **record)
         return record
 
-    def _load_validation_pairs(self) -> PairsOnDisk | None:
+    def _pairs_validator(self) -> PairsValidator | None:
         spec = self.config.train.validation
-        return None if spec is None else load_pairs(spec.pairs, spec.root)
+        return None if spec is None else PairsValidator(load_pairs(spec.pairs, spec.root), spec.every_epochs)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -237,7 +306,7 @@ class Trainer:
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float] | None:
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
-        if self.device.type == "cuda" and self.config.train.channels_last:
+        if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         stage = self.config.train.stages[self.stage_index]
         margin_weight = None
@@ -254,8 +323,14 @@ class Trainer:
                 self.model.output_stage, feature_maps, weight, labels, self.config.train.uncertainty.passes,
                 normalise=stage.head.type in ("cosface", "arcface"),
             )
-        logits = self.head(embeddings.float(), labels, margin_weight=margin_weight)
-        loss = self.loss_fn(logits, labels)
+        if isinstance(self.head, ARConvLHead):  # seed 003: the head's regions give the whole loss
+            parts = self.head(embeddings.float(), labels)
+            loss = parts["loss"]
+            logits = self.head.scores(embeddings.detach().float())
+            self.head_stats = {k: float(parts[k]) for k in ("beta", "sigma2", "r_ben", "r_upp")}
+        else:
+            logits = self.head(embeddings.float(), labels, margin_weight=margin_weight)
+            loss = self.loss_fn(logits, labels)
         # The one host-device sync per step: a non-finite loss must be known before backward to
         # skip the step (bf16/fp32 have no grad scaler doing it); loss.item() below then costs nothing.
         if not torch.isfinite(loss):
@@ -271,7 +346,8 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.head.step()
+        if isinstance(self.head, MarginHead):
+            self.head.step()
         accuracy = (logits.detach().argmax(1) == labels).float().mean().item()
         return loss.item(), accuracy
 
@@ -320,7 +396,7 @@ class Trainer:
                 speed = window_images / max(elapsed, 1e-9)
                 record = {"epoch": self.epoch, "loss": float(np.mean(window_loss)),
                           "accuracy": float(np.mean(window_acc)), "lr": self.optimizer.param_groups[0]["lr"],
-                          "images_per_s": speed}
+                          "images_per_s": speed, **self.head_stats}
                 self.run_log.write("train", self.global_step, **record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}", img_s=f"{speed:.0f}")
                 window_loss, window_acc, window_images, window_start = [], [], 0, time.perf_counter()
@@ -341,19 +417,19 @@ class Trainer:
         }
 
     def validate(self) -> dict[str, Any] | None:
-        """Verification on the configured pairs: ``val_accuracy`` is the accuracy at the best
-        threshold (what model selection uses), beside the 10-fold accuracy and the AUC."""
-        if self.validation is None:
+        """The validator's metrics (verification pairs by default), or None without one."""
+        if self.validator is None:
             return None
-        pairs = self.validation
-        embeddings = extract_embeddings(
-            self.model, pairs.paths, self.config.data.image_size, self.device,
-            batch_size=self.config.embed.batch_size, flip=self.config.embed.flip, amp_dtype=self.amp_dtype,
-        )
-        scores = cosine_scores(embeddings, pairs.idx_a, pairs.idx_b)
-        result = evaluate_verification(scores, pairs.is_same)
-        return {"val_accuracy": result.best_threshold_accuracy, "val_accuracy_10fold": result.accuracy_mean,
-                "val_accuracy_10fold_std": result.accuracy_std, "val_auc": result.auc}
+        self.model.eval()
+        self.head.eval()
+        with torch.no_grad():
+            return self.validator(self)
+
+    def class_scores(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Class scores [B, C] without margins, whose argmax is the head's prediction."""
+        if isinstance(self.head, ARConvLHead):
+            return self.head.scores(embeddings, use_prior=self.config.train.stages[self.stage_index].head.use_prior)
+        return self.head.inference_logits(embeddings)
 
     def fit(self, max_epochs: int | None = None) -> dict[str, Any]:
         """Train the remaining epochs of the schedule (or up to epoch ``max_epochs``, a checkpoint
@@ -363,7 +439,7 @@ class Trainer:
         write_text_atomic(self.run_dir / "config.yaml", cfg.to_yaml())
         write_json_atomic(self.run_dir / "class_stats.json", self.stats.to_dict())
         self.run_log = RunLog(self.run_dir)
-        log.info("dataset %s: %s", cfg.data.root, self.stats.summary())
+        log.info("dataset %s: %s", cfg.data.root or type(self.dataset).__name__, self.stats.summary())
         log.info("device %s, amp %s, %d steps/epoch x %d epochs", self.device,
                  self.amp_dtype or "off", self.steps_per_epoch, cfg.train.total_epochs)
         if self.epoch == 0 and self.step_in_epoch == 0:
@@ -384,12 +460,12 @@ class Trainer:
                     metrics["uncertainty_spearman"] = refresh["spearman_uncertainty_vs_count"]
                 self.epoch += 1
                 self.step_in_epoch = 0
-                if self.validation is not None and (
-                    self.epoch % cfg.train.validation.every_epochs == 0 or self.epoch == cfg.train.total_epochs
+                if self.validator is not None and (
+                    self.epoch % self.validator.every_epochs == 0 or self.epoch == cfg.train.total_epochs
                 ):
                     metrics.update(self.validate())
-                # Model selection: validation accuracy when pairs are given, else the training loss.
-                score = metrics.get("val_accuracy", -metrics["loss"])
+                # Model selection: the validator's metric when there is one, else the training loss.
+                score = metrics.get(self.validator.metric if self.validator else "", -metrics["loss"])
                 improved = bool(np.isfinite(score) and score > self.best_metric)
                 if improved:
                     self.best_metric = float(score)

@@ -1,0 +1,27 @@
+"""Cluster index: per-identity balanced spherical k-means clusters of embeddings."""
+
+# The k-nearest-cluster rule (seed 002 Eq. 10) and the on-disk cluster index. Loaded on first
+# use: importing facepipe.index (e.g. for the clusters) does not pay for FAISS.
+_LAZY = {
+    "knc": (
+        "DEFAULT_NUM_NEIGHBOURS_GRID", "KNCResult", "NeighbourChoice", "ThresholdCalibration",
+        "calibrate_unknown_threshold", "choose_num_neighbours", "knc_scores",
+    ),
+    "store": (
+        "ClusterIndex", "ClusterIndexError", "DimensionMismatchError", "EmptyGalleryError",
+        "FingerprintMismatchError", "INDEX_KINDS", "SearchResult", "UnknownIdentityError",
+        "build_index_from_checkpoint", "build_index_from_embeddings", "enrol_images",
+        "load_embedding_source", "read_labels", "search_images",
+    ),
+}
+
+__all__ = [*globals().get("__all__", []), *(name for names in _LAZY.values() for name in names)]
+
+
+def __getattr__(name: str):
+    import importlib
+
+    for module, names in _LAZY.items():
+        if name in names:
+            return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
