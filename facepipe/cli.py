@@ -483,7 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("dir", metavar="DIR", help="index folder")
     q.set_defaults(func=cmd_index_info)
 
-    p = sub.add_parser("search", help="identify faces against a cluster index (k-nearest-cluster rule, seed 002 Eq. 10)")
+    p = sub.add_parser("search",
+                       help="identify faces against a cluster index (k-nearest-cluster rule, seed 002 Eq. 10)")
     p.add_argument("--index", required=True, help="index folder made by 'facepipe index build'")
     p.add_argument("--checkpoint", default=None, help="model of the index (needed for images)")
     p.add_argument("--top-k", type=int, default=5, help="identities listed per input (default 5)")

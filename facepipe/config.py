@@ -207,9 +207,30 @@ class MaximumMarginLossConfig(StrictModel):
     scale: float = Field(30.0, gt=0)  # LDAM scale (ldam: true only)
 
 
+class ClusterMarginLossConfig(StrictModel):
+    """Seed 002 CLMLE (Eq. 8-9) on the stage's cluster mini-batches (``train.clusters``): absolute
+    cosine margins between a sample's cluster and the clusters of other identities
+    (``inter_margin``, a1) and the other clusters of its identity (``intra_margin``, a2 < a1).
+    ``classification_weight`` adds that times cross-entropy on the stage head's logits."""
+
+    type: Literal["clmle"] = "clmle"
+    scale: float = Field(16.0, gt=0)  # s = 1 is the paper's literal form (its hinge never reaches 0)
+    inter_margin: float = Field(0.3, ge=0, lt=2)
+    intra_margin: float = Field(0.1, ge=0, lt=2)
+    cost_sensitive: bool = True  # inverse in-batch identity frequency weights, mean 1
+    classification_weight: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _inter_above_intra(self) -> "ClusterMarginLossConfig":
+        if self.inter_margin <= self.intra_margin:
+            raise ValueError(f"inter_margin ({self.inter_margin}) must exceed intra_margin ({self.intra_margin}): "
+                             "seed 002 keeps identities further apart than clusters of one identity")
+        return self
+
+
 LossConfig = Annotated[
     Union[CrossEntropyLossConfig, FocalLossConfig, ClassBalancedLossConfig, LogitAdjustedLossConfig,
-          LDAMLossConfig, MaximumMarginLossConfig],
+          LDAMLossConfig, MaximumMarginLossConfig, ClusterMarginLossConfig],
     Field(discriminator="type"),
 ]
 
@@ -240,6 +261,10 @@ class StageConfig(StrictModel):
     def _consistent(self) -> "StageConfig":
         if self.sample_uncertainty and self.head.type in ("softmax", "prototype", "arconvl"):
             raise ValueError(f"sample_uncertainty (SUM) weights a class margin; the {self.head.type} head has none")
+        if self.loss.type == "clmle" and (self.drw is not None or self.head.type == "arconvl"
+                                          or self.sample_uncertainty):
+            raise ValueError("a clmle stage weights samples itself (cost-sensitive) and needs a plain "
+                             "classification head: no drw, no arconvl head, no sample_uncertainty")
         if self.head.type == "arconvl" and (self.loss.type != "ce" or self.drw is not None):
             raise ValueError("the arconvl head computes its own loss (seed 003 Eq. 1): leave the stage's "
                              "loss at ce and drop drw")
@@ -262,6 +287,18 @@ class UncertaintyConfig(StrictModel):
     batch_size: int = Field(128, ge=1)
 
 
+class ClusterConfig(StrictModel):
+    """Clusters and cluster mini-batches of CLMLE stages (seed 002 Sec. 3.2-3.3)."""
+
+    cluster_size: int = Field(200, ge=1)  # l: identity c gets max(1, floor(L_c / l)) clusters
+    refresh_every_steps: int = Field(2000, ge=1)  # re-extract features and re-cluster (paper: 2k-5k)
+    clusters_per_batch: int = Field(12, ge=2)  # M
+    images_per_cluster: int = Field(20, ge=1)  # k (batch = M * k)
+    query: Literal["hardest", "uniform"] = "hardest"  # uniform: the Table 7 ablation
+    kmeans_iterations: int = Field(20, ge=1)
+    batch_size: int = Field(256, ge=1)  # feature extraction
+
+
 class ValidationConfig(StrictModel):
     """Verification pairs (CSV ``path_a,path_b,is_same``) checked at the end of epochs."""
 
@@ -282,6 +319,7 @@ class TrainConfig(StrictModel):
     max_steps_per_epoch: int | None = Field(None, ge=1)
     validation: ValidationConfig | None = None
     uncertainty: UncertaintyConfig = UncertaintyConfig()
+    clusters: ClusterConfig = ClusterConfig()
 
     @field_validator("stages")
     @classmethod

@@ -27,8 +27,10 @@ def build_stage_loss(stage: StageConfig, class_counts: Sequence[int]) -> tuple[n
     spec = stage.loss
     drw = (DeferredReweighting(class_counts, stage.drw.start_epoch, stage.drw.kind, stage.drw.beta)
            if stage.drw is not None else None)
-    if spec.type == "ce":
-        loss: nn.Module = WeightedCrossEntropyLoss() if drw is not None else nn.CrossEntropyLoss()
+    if spec.type == "clmle":  # the cluster loss is the trainer's (cluster_stage); this is its optional CE part
+        loss: nn.Module = nn.CrossEntropyLoss()
+    elif spec.type == "ce":
+        loss = WeightedCrossEntropyLoss() if drw is not None else nn.CrossEntropyLoss()
     elif spec.type == "focal":
         loss = FocalLoss(gamma=spec.gamma)
     elif spec.type == "class_balanced":

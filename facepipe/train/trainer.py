@@ -31,6 +31,7 @@ from facepipe.eval.verification import cosine_scores, evaluate_verification
 from facepipe.losses import ARConvLHead, MarginHead, build_head
 from facepipe.losses.uncertainty import sum_margin_weights
 from facepipe.models import build_backbone
+from facepipe.train.cluster_stage import ClusterStage
 from facepipe.train.checkpoint import BEST, LATEST, copy_checkpoint, load_checkpoint, save_checkpoint
 from facepipe.train.lr_schedule import lr_factor
 from facepipe.train.run_log import RunLog
@@ -110,23 +111,14 @@ class Trainer:
             raise DatasetError(
                 f"the dataset has {len(self.dataset)} images, fewer than one batch (data.batch_size={batch_size})"
             )
-        self.sampler = build_sampler(config.data.sampler, self.dataset.labels, config.seed)
-        self.steps_per_epoch = len(self.sampler) // batch_size
+        self.epoch_sampler = build_sampler(config.data.sampler, self.dataset.labels, config.seed)
+        self.steps_per_epoch = len(self.epoch_sampler) // batch_size
         if config.train.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, config.train.max_steps_per_epoch)
         self.total_steps = self.steps_per_epoch * config.train.total_epochs
-        self.loader = DataLoader(
-            self.dataset,
-            batch_size=batch_size,
-            sampler=self.sampler,
-            num_workers=config.data.num_workers,
-            drop_last=True,  # BatchNorm needs more than one sample; equal batches keep steps comparable
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=config.data.num_workers > 0,
-            # Its own generator: otherwise each new epoch iterator draws a seed from the global
-            # torch RNG and a mid-epoch resume would shift the dropout random stream.
-            generator=torch.Generator().manual_seed(config.seed),
-        )
+        self.cluster_stage: ClusterStage | None = None  # the CLMLE state while a clmle stage runs
+        self._saved_cluster_stage: dict[str, Any] | None = None
+        self._use_sampler(self.epoch_sampler, batch_size)
 
         self.model = build_backbone(config.model, config.data.image_size).to(self.device)
         setting = config.train.channels_last
@@ -156,6 +148,35 @@ class Trainer:
             self.resume(self.run_dir / LATEST)
 
     # ------------------------------------------------------------------ construction
+    def _use_sampler(self, sampler: Any, batch_size: int) -> None:
+        self.sampler = sampler
+        self.loader = DataLoader(
+            self.dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=self.config.data.num_workers,
+            drop_last=True,  # BatchNorm needs more than one sample; equal batches keep steps comparable
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=self.config.data.num_workers > 0,
+            # Its own generator: otherwise each new epoch iterator draws a seed from the global
+            # torch RNG and a mid-epoch resume would shift the dropout random stream.
+            generator=torch.Generator().manual_seed(self.config.seed),
+        )
+
+    def _enter_cluster_stage(self) -> None:
+        """Seed 002: clusters and cluster mini-batches for a clmle stage (its first epoch, or the
+        state saved in the checkpoint after a resume); back to the epoch sampler after it."""
+        stage = self.config.train.stages[self.stage_index]
+        if stage.loss.type != "clmle":
+            if self.cluster_stage is not None:
+                self.cluster_stage = None
+                self._use_sampler(self.epoch_sampler, self.config.data.batch_size)
+            return
+        if self.cluster_stage is None or self.cluster_stage.stage_index != self.stage_index:
+            self.cluster_stage = ClusterStage(self, self.stage_index, saved=self._saved_cluster_stage)
+            self._saved_cluster_stage = None
+            self._use_sampler(self.cluster_stage.sampler, self.cluster_stage.sampler.batch_size)
+
     def _build_head(self, stage_index: int, weight: nn.Parameter | None) -> nn.Module:
         stage = self.config.train.stages[stage_index]
         if stage.head.type == "arconvl":
@@ -268,6 +289,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "identities": list(self.dataset.identities),
             "metrics": self.last_metrics,
+            "cluster_stage": None if self.cluster_stage is None else self.cluster_stage.state_dict(),
         }
 
     def save(self, best: bool = False) -> Path:
@@ -299,11 +321,13 @@ class Trainer:
         self.best_metric = float(state["best_metric"])
         self.nonfinite_steps = int(state["nonfinite_steps"])
         self.last_metrics = dict(state.get("metrics") or {})
+        self._saved_cluster_stage = state.get("cluster_stage")
         set_rng_state(state["rng"])
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.global_step)
 
     # ------------------------------------------------------------------ training
-    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float] | None:
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor,
+                    indices: torch.Tensor | None = None) -> tuple[float, float] | None:
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
         if self.channels_last:
@@ -328,6 +352,12 @@ class Trainer:
             loss = parts["loss"]
             logits = self.head.scores(embeddings.detach().float())
             self.head_stats = {k: float(parts[k]) for k in ("beta", "sigma2", "r_ben", "r_upp")}
+        elif self.cluster_stage is not None:  # seed 002 CLMLE, plus an optional classification term
+            clusters = self.cluster_stage.loss_for(embeddings.float(), labels, indices)
+            logits = self.head(embeddings.float(), labels)
+            loss = clusters.loss
+            if self.cluster_stage.classification_weight:
+                loss = loss + self.cluster_stage.classification_weight * self.loss_fn(logits, labels)
         else:
             logits = self.head(embeddings.float(), labels, margin_weight=margin_weight)
             loss = self.loss_fn(logits, labels)
@@ -346,6 +376,8 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        if self.cluster_stage is not None:
+            self.cluster_stage.record_losses(indices, clusters.per_sample)
         if isinstance(self.head, MarginHead):
             self.head.step()
         accuracy = (logits.detach().argmax(1) == labels).float().mean().item()
@@ -353,7 +385,7 @@ class Trainer:
 
     def _run_epoch(self) -> dict[str, Any]:
         cfg = self.config
-        batch_size = cfg.data.batch_size
+        batch_size = self.loader.batch_size
         self.sampler.set_epoch(self.epoch, start=self.step_in_epoch * batch_size)
         self.model.train()
         self.head.train()
@@ -366,8 +398,8 @@ class Trainer:
         consecutive_bad = 0
         batches = iter(self.loader)
         for _ in range(remaining):
-            images, labels, _ = next(batches)
-            result = self._train_step(images, labels)
+            images, labels, indices = next(batches)
+            result = self._train_step(images, labels, indices)
             self.step_in_epoch += 1
             if result is None:
                 self.nonfinite_steps += 1
@@ -391,6 +423,9 @@ class Trainer:
             window_acc.append(accuracy)
             window_images += len(labels)
             bar.update(1)
+            if self.cluster_stage is not None and self.step_in_epoch < self.steps_per_epoch \
+                    and self.cluster_stage.maybe_refresh():
+                self.save()  # the new clusters cost minutes: keep them with a checkpoint
             if self.global_step % cfg.train.log_every_steps == 0 or self.step_in_epoch == self.steps_per_epoch:
                 elapsed = time.perf_counter() - window_start
                 speed = window_images / max(elapsed, 1e-9)
@@ -451,6 +486,10 @@ class Trainer:
             while self.epoch < stop_at:
                 stage_index, _ = cfg.train.stage_at(self.epoch)
                 self._switch_stage(stage_index)
+                epoch_started = time.perf_counter()
+                self._enter_cluster_stage()
+                if self.cluster_stage is not None and self.step_in_epoch == 0 and self.cluster_stage.maybe_refresh():
+                    self.save()
                 if self.drw is not None:  # DRW weights depend on the epoch only: also right after a resume
                     self.loss_fn.set_class_weights(self.drw.weights_for_epoch(self.epoch).to(self.device))
                 refresh = self._refresh_uncertainty_margins()
@@ -458,6 +497,10 @@ class Trainer:
                 if refresh is not None:
                     metrics["uncertainty_seconds"] = refresh["seconds"]
                     metrics["uncertainty_spearman"] = refresh["spearman_uncertainty_vs_count"]
+                if self.cluster_stage is not None:
+                    share = self.cluster_stage.add_elapsed(time.perf_counter() - epoch_started)
+                    metrics["cluster_refresh_seconds"] = self.cluster_stage.refresh_seconds
+                    metrics["cluster_refresh_share"] = share
                 self.epoch += 1
                 self.step_in_epoch = 0
                 if self.validator is not None and (

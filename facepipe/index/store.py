@@ -1,0 +1,1196 @@
+"""A searchable gallery of identity clusters: FAISS index of centroids + SQLite metadata.
+
+Seed 002 (CLMLE, Sec. 4) represents every identity by several cluster centroids mu_k (unit
+vectors, Eq. 7) and labels a query with the k-nearest-cluster rule of Eq. 10 over its N nearest
+centroids (:mod:`facepipe.index.knc`). This module keeps such a gallery on disk and searches it.
+
+Folder layout::
+
+    DIR/meta.sqlite          identities (id, name), clusters (faiss id -> identity, size, centroid),
+                             meta (format_version, dim, fingerprint, kind, config JSON, generation)
+    DIR/centroids.<G>.faiss  the FAISS index of the centroids of generation G (the one meta names)
+
+The SQLite database is the source of truth (it also keeps every centroid, so an update can
+rebuild any index kind, e.g. re-train IVF lists or drop nodes from HNSW, which cannot delete);
+the FAISS file is the search structure derived from it.
+
+Crash safety: every update is one SQLite transaction that holds the write lock from start to
+end. Inside it the new FAISS index is written to ``centroids.<G+1>.faiss`` (temporary file,
+fsync, rename, fsync of the folder), the tables change, and ``generation`` becomes G+1 with the
+file's SHA-256; only then does COMMIT make all of it current at once. A crash anywhere before
+COMMIT leaves generation G and its file untouched (SQLite rolls the journal back; the stray
+G+1 file is ignored and removed by the next update). The old file is deleted after COMMIT.
+Readers take the generation and metadata from one read transaction and load that file.
+
+Index kinds: ``flat`` (exact ``IndexFlatIP``), ``hnsw`` (``IndexHNSWFlat``, inner product) and
+``ivf`` (``IndexIVFFlat``, inner product, trained on the centroids, nlist = sqrt(K) by default),
+each wrapped in ``IndexIDMap2`` so that FAISS ids are the cluster ids of the database. Flat and
+IVF indexes are searched on all GPUs when this faiss build sees any.
+
+Scores are log Eq. 10 scores (see :mod:`facepipe.index.knc`): ``min_m s_m - logsumexp`` of the
+other identities' retrieved similarities; an optional open-set threshold on the best score
+turns a query into ``unknown``.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sqlite3
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import faiss
+import numpy as np
+
+from facepipe.index.knc import (
+    DEFAULT_NUM_NEIGHBOURS_GRID,
+    KNCResult,
+    NeighbourChoice,
+    ThresholdCalibration,
+    calibrate_unknown_threshold,
+    choose_num_neighbours,
+    knc_scores,
+)
+from facepipe.utils.io import write_bytes_atomic
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ClusterIndex",
+    "ClusterIndexError",
+    "DimensionMismatchError",
+    "EmptyGalleryError",
+    "FingerprintMismatchError",
+    "INDEX_KINDS",
+    "SearchResult",
+    "UnknownIdentityError",
+    "build_index_from_checkpoint",
+    "build_index_from_embeddings",
+    "enrol_images",
+    "load_embedding_source",
+    "read_labels",
+    "search_images",
+]
+
+FORMAT_VERSION = 1
+META_FILE = "meta.sqlite"
+INDEX_KINDS = ("flat", "hnsw", "ivf")
+METRIC = "inner_product"
+DEFAULT_CLUSTER_SIZE = 20
+# Until N is tuned on validation data (ClusterIndex.tune_num_neighbours), the middle of seed
+# 002's 20:10:200 grid; always clipped to the number of clusters.
+DEFAULT_NUM_NEIGHBOURS = 100
+DEFAULT_HNSW_M = 32
+DEFAULT_HNSW_EF_CONSTRUCTION = 80
+# FAISS GPU k-selection handles at most this many neighbours; larger N searches on the CPU.
+GPU_MAX_K = 2048
+SEARCH_CHUNK = 16384
+_FAISS_FILE = re.compile(r"^centroids\.(\d+)\.faiss$")
+_TEMP_FILE = re.compile(r"^\.centroids\.\d+\.faiss\..*\.tmp$")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS identities (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS clusters (
+    faiss_id INTEGER PRIMARY KEY,
+    identity_id INTEGER NOT NULL REFERENCES identities(id),
+    size INTEGER NOT NULL,
+    centroid BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS clusters_by_identity ON clusters(identity_id);
+"""
+_REQUIRED_META = ("format_version", "dim", "fingerprint", "kind", "config", "generation", "faiss_sha256",
+                  "next_faiss_id")
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+class ClusterIndexError(ValueError):
+    """A cluster index that cannot be used as asked: missing or damaged files, wrong dimension,
+    wrong model, empty gallery, unknown identity. The CLI prints it as one line (exit 2)."""
+
+
+class DimensionMismatchError(ClusterIndexError):
+    """Embeddings whose dimension differs from the index's."""
+
+
+class FingerprintMismatchError(ClusterIndexError):
+    """Embeddings from another model than the one the index was built with."""
+
+
+class EmptyGalleryError(ClusterIndexError):
+    """An index with no cluster (built empty or emptied by ``remove``)."""
+
+
+class UnknownIdentityError(ClusterIndexError, KeyError):
+    """``remove`` named an identity that the index does not hold (nothing was changed)."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
+# --------------------------------------------------------------------------------------------
+# Search results
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SearchResult:
+    """Top-k identities of one query by log Eq. 10 score, best first; ``unknown`` when an
+    open-set threshold is set and the best score is below it."""
+
+    matches: list[tuple[str, float]]
+    unknown: bool = False
+
+    @property
+    def identity(self) -> str | None:
+        """The predicted identity; None when unknown or when nothing was retrieved."""
+        return None if self.unknown or not self.matches else self.matches[0][0]
+
+    def to_dict(self) -> dict:
+        return {"identity": self.identity, "unknown": self.unknown,
+                "matches": [{"identity": name, "score": score} for name, score in self.matches]}
+
+
+@dataclass
+class _Snapshot:
+    meta: dict[str, Any]
+    names: dict[int, str]  # identity id -> name, in id order
+    faiss_ids: np.ndarray  # [K] sorted
+    cluster_identity: np.ndarray  # [K] identity id of each faiss id
+    cluster_size: np.ndarray  # [K]
+
+
+# --------------------------------------------------------------------------------------------
+# Files and the database
+# --------------------------------------------------------------------------------------------
+def _faiss_path(folder: Path, generation: int) -> Path:
+    return folder / f"centroids.{generation}.faiss"
+
+
+def _fsync_directory(folder: Path) -> None:
+    # The rename of the new FAISS file must be on disk before COMMIT names it.
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_faiss_file(path: Path, data: bytes) -> None:
+    """Whole-or-nothing, durable write of a serialised FAISS index."""
+    write_bytes_atomic(path, data)
+    _fsync_directory(path.parent)
+
+
+def _connect(path: Path, create: bool = False) -> sqlite3.Connection:
+    if not create and not path.is_file():
+        raise ClusterIndexError(f"{path.parent} is not a cluster index: {path.name} is missing")
+    # mode=rw: opening never creates an empty database in a folder that lacks one.
+    uri = f"{path.resolve().as_uri()}?mode={'rwc' if create else 'rw'}"
+    try:
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=60.0)
+    except sqlite3.Error as exc:
+        raise ClusterIndexError(f"cannot open the index database {path}: {exc}") from None
+    return conn
+
+
+def _dump(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _read_meta(conn: sqlite3.Connection) -> dict[str, Any]:
+    return {key: json.loads(value) for key, value in conn.execute("SELECT key, value FROM meta")}
+
+
+def _set_meta(conn: sqlite3.Connection, **values: Any) -> None:
+    conn.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                     [(key, _dump(value)) for key, value in values.items()])
+
+
+def _read_snapshot(folder: Path) -> _Snapshot:
+    path = folder / META_FILE
+    conn = _connect(path)
+    try:
+        # One read transaction: the generation and the tables it belongs to come together.
+        conn.execute("BEGIN")
+        meta = _read_meta(conn)
+        names = dict(conn.execute("SELECT id, name FROM identities ORDER BY id").fetchall())
+        rows = conn.execute("SELECT faiss_id, identity_id, size FROM clusters ORDER BY faiss_id").fetchall()
+        conn.execute("COMMIT")
+    except (sqlite3.Error, json.JSONDecodeError) as exc:
+        raise ClusterIndexError(f"the index database {path} is damaged or not an index database ({exc})") from None
+    finally:
+        conn.close()
+    missing = [key for key in _REQUIRED_META if key not in meta]
+    if missing:
+        raise ClusterIndexError(f"the index database {path} lacks {', '.join(missing)}: not a complete cluster index")
+    if int(meta["format_version"]) > FORMAT_VERSION:
+        raise ClusterIndexError(f"{folder} has index format {meta['format_version']}, newer than this facepipe "
+                                f"({FORMAT_VERSION}); upgrade facepipe")
+    table = np.array(rows, dtype=np.int64).reshape(-1, 3)
+    return _Snapshot(meta, names, table[:, 0].copy(), table[:, 1].copy(), table[:, 2].copy())
+
+
+def _read_centroids(conn: sqlite3.Connection, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    rows = conn.execute("SELECT faiss_id, centroid FROM clusters ORDER BY faiss_id").fetchall()
+    ids = np.array([row[0] for row in rows], dtype=np.int64)
+    vectors = np.frombuffer(b"".join(row[1] for row in rows), dtype=np.float32).reshape(len(rows), dim)
+    return ids, np.ascontiguousarray(vectors)
+
+
+def _clean_stray_files(folder: Path, generation: int) -> None:
+    """Remove FAISS files of other generations and temporary files: leftovers of a crash (a
+    file never committed) or of an old generation that could not be deleted. Called only
+    under the write lock, so it never deletes a concurrent writer's uncommitted file."""
+    for path in folder.iterdir():
+        match = _FAISS_FILE.match(path.name)
+        if (match and int(match.group(1)) != generation) or _TEMP_FILE.match(path.name):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                log.info("removed stray index file %s", path)
+
+
+# --------------------------------------------------------------------------------------------
+# FAISS
+# --------------------------------------------------------------------------------------------
+def _auto_nlist(num_clusters: int, config: dict) -> int:
+    nlist = config.get("nlist") or int(round(math.sqrt(num_clusters)))
+    return max(1, min(int(nlist), num_clusters))
+
+
+def _auto_nprobe(nlist: int, config: dict) -> int:
+    # A quarter of the lists by default: Eq. 10 needs the N nearest clusters, not only the first,
+    # so the search must look beyond the query's own list.
+    nprobe = config.get("nprobe") or math.ceil(nlist / 4)
+    return max(1, min(int(nprobe), nlist))
+
+
+def _build_faiss(kind: str, config: dict, dim: int, ids: np.ndarray, vectors: np.ndarray) -> faiss.Index:
+    if len(ids) == 0:
+        # An emptied gallery: nothing to train an IVF on; a flat index holds nothing just as well.
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    if kind == "flat":
+        inner = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        inner = faiss.IndexHNSWFlat(dim, int(config.get("hnsw_m") or DEFAULT_HNSW_M), faiss.METRIC_INNER_PRODUCT)
+        inner.hnsw.efConstruction = int(config.get("ef_construction") or DEFAULT_HNSW_EF_CONSTRUCTION)
+    elif kind == "ivf":
+        nlist = _auto_nlist(len(ids), config)
+        quantizer = faiss.IndexFlatIP(dim)
+        inner = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        # Galleries hold few centroids per list; the default minimum (39) would only warn.
+        inner.cp.min_points_per_centroid = 1
+        inner.train(vectors)
+        inner.nprobe = _auto_nprobe(nlist, config)
+    else:  # pragma: no cover - validated before
+        raise ClusterIndexError(f"unknown index kind '{kind}'; choose one of {INDEX_KINDS}")
+    index = faiss.IndexIDMap2(inner)
+    index.add_with_ids(vectors, ids)
+    return index
+
+
+def _gpu_available() -> bool:
+    return (hasattr(faiss, "get_num_gpus") and hasattr(faiss, "index_cpu_to_all_gpus")
+            and faiss.get_num_gpus() > 0)
+
+
+def _check_config(kind: str, config: dict) -> dict:
+    if kind not in INDEX_KINDS:
+        raise ClusterIndexError(f"unknown index kind '{kind}'; choose one of {', '.join(INDEX_KINDS)}")
+    config = dict(config)
+    if config.get("metric", METRIC) != METRIC:
+        raise ClusterIndexError(f"metric '{config['metric']}' is not supported: Eq. 10 uses inner products "
+                                f"of unit vectors ('{METRIC}')")
+    config["metric"] = METRIC
+    config.setdefault("num_neighbours", DEFAULT_NUM_NEIGHBOURS)
+    config.setdefault("unknown_threshold", None)
+    config.setdefault("cluster_size", None)
+    for key in ("num_neighbours", "cluster_size", "nlist", "nprobe", "hnsw_m", "ef_search", "ef_construction"):
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+            raise ClusterIndexError(f"index config {key}={value!r} must be a positive integer")
+        if value is not None:
+            config[key] = int(value)
+    threshold = config.get("unknown_threshold")
+    if threshold is not None:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.floating)) \
+                or not math.isfinite(threshold):
+            raise ClusterIndexError(f"unknown_threshold {threshold!r} must be a finite number or None")
+        config["unknown_threshold"] = float(threshold)
+    return config
+
+
+def _unit_rows(x: np.ndarray, what: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
+        raise ClusterIndexError(f"{what} must be a 2-D numeric array [rows, dim], got shape {list(x.shape)}")
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise ClusterIndexError(f"{what} contain non-finite values (NaN or inf)")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise ClusterIndexError(f"{what} contain zero vectors, which have no direction on the hypersphere")
+    # Eq. 10 compares inner products of unit vectors: normalise whatever comes in.
+    return np.ascontiguousarray(x / norms, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# The index
+# --------------------------------------------------------------------------------------------
+class ClusterIndex:
+    """A gallery folder: centroids of identity clusters, searched with seed 002 Eq. 10.
+
+    Make one with :meth:`build`, load one with :meth:`open`. :meth:`search` ranks identities for
+    query embeddings; :meth:`add`, :meth:`remove`, :meth:`set_threshold`,
+    :meth:`set_num_neighbours` change the folder transactionally (see the module docstring).
+    One writer at a time (others wait for the SQLite write lock); readers may run alongside.
+    """
+
+    def __init__(self, folder: str | os.PathLike, use_gpu: bool | None = None) -> None:
+        # Use ClusterIndex.open(folder); the constructor loads the current generation.
+        self.folder = Path(folder)
+        self._use_gpu = use_gpu
+        self._load()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def open(cls, folder: str | os.PathLike, fingerprint: str | None = None,
+             use_gpu: bool | None = None) -> "ClusterIndex":
+        """Load the index in ``folder``. ``fingerprint``: the model fingerprint of the queries to
+        come; a different stored one raises :class:`FingerprintMismatchError`. ``use_gpu``:
+        None = when faiss sees a GPU."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ClusterIndexError(f"index folder {folder} does not exist")
+        index = cls(folder, use_gpu=use_gpu)
+        if fingerprint is not None:
+            index.check_fingerprint(fingerprint)
+        return index
+
+    @classmethod
+    def build(
+        cls,
+        folder: str | os.PathLike,
+        centroids: np.ndarray,
+        cluster_identity: Sequence[int] | np.ndarray,
+        identity_names: Sequence[str],
+        cluster_sizes: Sequence[int] | np.ndarray | None = None,
+        fingerprint: str = "",
+        kind: str = "flat",
+        config: dict | None = None,
+        overwrite: bool = False,
+        use_gpu: bool | None = None,
+    ) -> "ClusterIndex":
+        """Write a new index of ``centroids`` [K, D] (normalised to unit rows) into ``folder``.
+
+        ``cluster_identity`` [K]: index into ``identity_names`` of each centroid's identity;
+        every name must be unique, non-empty and own at least one cluster. ``cluster_sizes``
+        [K]: embeddings per cluster (0 = unknown, the default). ``fingerprint``: the model
+        that made the embeddings (:func:`facepipe.train.checkpoint.model_fingerprint`).
+        ``config``: cluster_size, num_neighbours (N of Eq. 10), unknown_threshold, and per kind
+        nlist / nprobe (ivf), hnsw_m / ef_search / ef_construction (hnsw).
+
+        An existing non-empty ``folder`` needs ``overwrite``; an existing index is then replaced
+        in one transaction (a crash keeps the old one). A folder that is not an index is never
+        overwritten.
+        """
+        folder = Path(folder)
+        config = _check_config(kind, config or {})
+        vectors = _unit_rows(centroids, "centroids")
+        num_clusters, dim = vectors.shape
+        if num_clusters == 0 or dim == 0:
+            raise EmptyGalleryError(f"cannot build an index of {num_clusters} clusters of dimension {dim}: "
+                                    "the gallery is empty")
+        names = [str(name) for name in identity_names]
+        owner = np.asarray(cluster_identity)
+        if owner.shape != (num_clusters,) or not np.issubdtype(owner.dtype, np.integer):
+            raise ClusterIndexError(f"cluster_identity must be {num_clusters} integers (one per centroid), got "
+                                    f"shape {list(owner.shape)} dtype {owner.dtype}")
+        if owner.min() < 0 or owner.max() >= len(names):
+            raise ClusterIndexError(f"cluster_identity must index identity_names (0..{len(names) - 1})")
+        _check_names(names)
+        if len(set(names)) != len(names):
+            duplicated = sorted({n for n in names if names.count(n) > 1})
+            raise ClusterIndexError(f"identity names must be unique; repeated: {', '.join(duplicated[:10])}")
+        without = [names[i] for i in sorted(set(range(len(names))) - set(owner.tolist()))]
+        if without:
+            raise ClusterIndexError(f"{len(without)} identity name(s) own no cluster: {', '.join(without[:10])}")
+        sizes = _cluster_sizes(cluster_sizes, num_clusters)
+
+        def write_all(conn: sqlite3.Connection, meta: dict) -> None:
+            if meta:  # overwriting an index: replace everything (executescript would COMMIT)
+                conn.execute("DELETE FROM clusters")
+                conn.execute("DELETE FROM identities")
+            conn.executemany("INSERT INTO identities(name) VALUES (?)", [(name,) for name in names])
+            ids = dict(conn.execute("SELECT name, id FROM identities").fetchall())
+            first = int(meta.get("next_faiss_id", 0))
+            conn.executemany(
+                "INSERT INTO clusters(faiss_id, identity_id, size, centroid) VALUES (?, ?, ?, ?)",
+                [(first + k, ids[names[int(owner[k])]], int(sizes[k]), vectors[k].tobytes())
+                 for k in range(num_clusters)])
+            _set_meta(conn, format_version=FORMAT_VERSION, dim=int(dim), fingerprint=str(fingerprint or ""),
+                      kind=kind, config=config, next_faiss_id=first + num_clusters,
+                      created_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+        if folder.exists() and not folder.is_dir():
+            raise ClusterIndexError(f"{folder} exists and is not a folder")
+        if folder.is_dir() and any(folder.iterdir()):
+            if not overwrite:
+                raise ClusterIndexError(f"{folder} exists and is not empty; pass overwrite (--overwrite) to replace "
+                                        "the index in it")
+            if not (folder / META_FILE).is_file():
+                raise ClusterIndexError(f"{folder} is not a cluster index (no {META_FILE}); refusing to overwrite it")
+            _commit(folder, write_all, rebuild=True)
+            return cls(folder, use_gpu=use_gpu)
+        # A fresh index is made in a hidden sibling folder and renamed into place: a crash
+        # never leaves a half-made index at ``folder``.
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.building-", dir=folder.parent))
+        try:
+            _commit(staging, write_all, rebuild=True, create=True)
+            os.replace(staging, folder)  # onto a missing or empty folder: atomic
+            _fsync_directory(folder.parent)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return cls(folder, use_gpu=use_gpu)
+
+    def _load(self) -> None:
+        for attempt in range(3):
+            snapshot = _read_snapshot(self.folder)
+            path = _faiss_path(self.folder, int(snapshot.meta["generation"]))
+            try:
+                data = path.read_bytes()
+                break
+            except FileNotFoundError:
+                # A writer may have committed a newer generation and deleted this file since the
+                # snapshot was read: read again; if the generation did not move, the file is lost.
+                if _read_snapshot(self.folder).meta["generation"] == snapshot.meta["generation"]:
+                    raise ClusterIndexError(f"index file {path} is missing (the database names generation "
+                                            f"{snapshot.meta['generation']}); rebuild the index") from None
+        else:  # pragma: no cover - three concurrent commits in a row
+            raise ClusterIndexError(f"{self.folder} changed while being opened; try again")
+        meta = snapshot.meta
+        if hashlib.sha256(data).hexdigest() != meta["faiss_sha256"]:
+            raise ClusterIndexError(f"index file {path} is corrupt (its checksum differs from the one recorded "
+                                    "when it was written); rebuild the index")
+        try:
+            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        except RuntimeError as exc:
+            raise ClusterIndexError(f"index file {path} cannot be read by FAISS: {exc}") from None
+        dim = int(meta["dim"])
+        stored_ids = np.sort(faiss.vector_to_array(index.id_map)) if hasattr(index, "id_map") else None
+        if index.d != dim or index.ntotal != len(snapshot.faiss_ids) or stored_ids is None \
+                or not np.array_equal(stored_ids, snapshot.faiss_ids):
+            raise ClusterIndexError(f"index file {path} does not match {META_FILE} ({index.ntotal} vectors of "
+                                    f"dimension {index.d} vs {len(snapshot.faiss_ids)} clusters of dimension {dim})")
+        self._snapshot = snapshot
+        self._cpu_index = index
+        self._search_index = index
+        self._on_gpu = False
+        use_gpu = _gpu_available() if self._use_gpu is None else self._use_gpu
+        if use_gpu and self.kind != "hnsw" and index.ntotal > 0:  # FAISS has no GPU HNSW
+            if not _gpu_available():
+                raise ClusterIndexError("GPU search requested, but this faiss build sees no GPU")
+            try:
+                self._search_index = faiss.index_cpu_to_all_gpus(index)
+                self._on_gpu = True
+            except Exception as exc:  # an index type the GPU cloner does not support
+                log.warning("searching %s on the CPU: moving it to the GPU failed (%s)", self.folder, exc)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def dim(self) -> int:
+        return int(self._snapshot.meta["dim"])
+
+    @property
+    def kind(self) -> str:
+        return str(self._snapshot.meta["kind"])
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self._snapshot.meta["fingerprint"])
+
+    @property
+    def config(self) -> dict:
+        return dict(self._snapshot.meta["config"])
+
+    @property
+    def generation(self) -> int:
+        return int(self._snapshot.meta["generation"])
+
+    @property
+    def num_clusters(self) -> int:
+        return int(len(self._snapshot.faiss_ids))
+
+    @property
+    def unknown_threshold(self) -> float | None:
+        return self._snapshot.meta["config"].get("unknown_threshold")
+
+    @property
+    def num_neighbours(self) -> int:
+        return int(self._snapshot.meta["config"].get("num_neighbours") or DEFAULT_NUM_NEIGHBOURS)
+
+    def identities(self) -> list[str]:
+        """Names of the identities in the gallery, in enrolment order."""
+        return list(self._snapshot.names.values())
+
+    def cluster_counts(self) -> dict[str, int]:
+        """Clusters per identity name."""
+        counts = np.bincount(np.searchsorted(list(self._snapshot.names), self._snapshot.cluster_identity),
+                             minlength=len(self._snapshot.names))
+        return {name: int(c) for name, c in zip(self._snapshot.names.values(), counts)}
+
+    def identity_ids(self, names: Iterable[str]) -> np.ndarray:
+        """Internal ids of ``names`` (-1 for a name not in the gallery), as :meth:`knc` reports them."""
+        lookup = {name: i for i, name in self._snapshot.names.items()}
+        return np.array([lookup.get(str(name), -1) for name in names], dtype=np.int64)
+
+    def identity_names(self, ids: Iterable[int]) -> list[str | None]:
+        return [self._snapshot.names.get(int(i)) for i in ids]
+
+    def info(self) -> dict:
+        """Summary for ``facepipe index info``."""
+        counts = self.cluster_counts()
+        effective: dict[str, Any] = {}
+        if self.kind == "ivf" and self.num_clusters:
+            inner = faiss.extract_index_ivf(self._cpu_index)
+            effective = {"nlist": int(inner.nlist), "nprobe": int(inner.nprobe)}
+        return {
+            "folder": str(self.folder),
+            "format_version": int(self._snapshot.meta["format_version"]),
+            "kind": self.kind,
+            "dim": self.dim,
+            "fingerprint": self.fingerprint,
+            "num_identities": len(counts),
+            "num_clusters": self.num_clusters,
+            "num_embeddings": int(self._snapshot.cluster_size.sum()),
+            "generation": self.generation,
+            "gpu": self._on_gpu,
+            "config": {**self.config, **effective},
+            "identities": counts,
+        }
+
+    def check_fingerprint(self, fingerprint: str | None) -> None:
+        """Raise :class:`FingerprintMismatchError` when embeddings of model ``fingerprint`` do not
+        belong in this index. An index built without a fingerprint accepts any (with a warning)."""
+        if not fingerprint:
+            return
+        if not self.fingerprint:
+            log.warning("index %s records no model fingerprint: cannot check that model %s made its embeddings",
+                        self.folder, fingerprint)
+            return
+        if fingerprint != self.fingerprint:
+            raise FingerprintMismatchError(
+                f"the index {self.folder} was built with embeddings of model {self.fingerprint}, but these come "
+                f"from model {fingerprint}: embeddings of different models cannot be compared; rebuild the index "
+                "with this checkpoint or use the one it was built with")
+
+    # ------------------------------------------------------------------ search
+    def _check_queries(self, queries: np.ndarray) -> np.ndarray:
+        queries = np.asarray(queries)
+        if queries.ndim == 1:
+            queries = queries[None, :]
+        if queries.ndim == 2 and queries.shape[1] != self.dim:
+            raise DimensionMismatchError(f"queries have dimension {queries.shape[1]} but the index {self.folder} "
+                                         f"holds {self.dim}-d centroids")
+        return _unit_rows(queries, "queries")
+
+    def retrieve(self, queries: np.ndarray, num_neighbours: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``num_neighbours`` nearest clusters of each query, most similar first:
+        similarities [Q, n] and the identity id of each cluster [Q, n] (-1: no result);
+        n = min(num_neighbours, number of clusters)."""
+        queries = self._check_queries(queries)
+        if self.num_clusters == 0:
+            raise EmptyGalleryError(f"the index {self.folder} holds no identity (all were removed); add some first")
+        if num_neighbours < 1:
+            raise ClusterIndexError(f"num_neighbours must be >= 1, got {num_neighbours}")
+        k = min(int(num_neighbours), self.num_clusters)
+        index = self._search_index if (not self._on_gpu or k <= GPU_MAX_K) else self._cpu_index
+        if self.kind == "hnsw":
+            # HNSW returns at most efSearch results: keep the beam wider than N.
+            inner = faiss.downcast_index(self._cpu_index.index)
+            inner.hnsw.efSearch = max(int(self.config.get("ef_search") or 0), 2 * k, 64)
+        sims = np.empty((len(queries), k), dtype=np.float32)
+        labels = np.empty((len(queries), k), dtype=np.int64)
+        for start in range(0, len(queries), SEARCH_CHUNK):
+            block = queries[start:start + SEARCH_CHUNK]
+            sims[start:start + len(block)], labels[start:start + len(block)] = index.search(block, k)
+        # FAISS ids -> identity ids of the clusters.
+        ids, owner = self._snapshot.faiss_ids, self._snapshot.cluster_identity
+        position = np.clip(np.searchsorted(ids, labels), 0, len(ids) - 1)
+        found = (labels >= 0) & (ids[position] == labels)
+        return sims, np.where(found, owner[position], -1)
+
+    def knc(self, queries: np.ndarray, num_neighbours: int | None = None) -> KNCResult:
+        """Seed 002 Eq. 10 over each query's N nearest clusters (N: ``num_neighbours`` or the
+        index's setting); identities as internal ids (:meth:`identity_names` maps them)."""
+        sims, owner = self.retrieve(queries, num_neighbours or self.num_neighbours)
+        return knc_scores(sims, owner)
+
+    def search(self, queries: np.ndarray, top_k: int = 5, num_neighbours: int | None = None) -> list[SearchResult]:
+        """Top-``top_k`` identities of each query row by the k-nearest-cluster rule (seed 002
+        Eq. 10, log scores), with ``unknown`` set where the best score is below the index's
+        open-set threshold."""
+        if top_k < 1:
+            raise ClusterIndexError(f"top_k must be >= 1, got {top_k}")
+        result = self.knc(queries, num_neighbours)
+        threshold = self.unknown_threshold
+        names = self._snapshot.names
+        out = []
+        for identities, scores in zip(result.identities[:, :top_k].tolist(), result.log_scores[:, :top_k].tolist()):
+            matches = [(names[i], float(s)) for i, s in zip(identities, scores) if i >= 0]
+            unknown = threshold is not None and (not matches or matches[0][1] < threshold)
+            out.append(SearchResult(matches, unknown))
+        return out
+
+    # ------------------------------------------------------------------ tuning
+    def tune_num_neighbours(self, queries: np.ndarray, true_names: Sequence[str],
+                            grid: Iterable[int] = DEFAULT_NUM_NEIGHBOURS_GRID, store: bool = True) -> NeighbourChoice:
+        """Choose N of Eq. 10 on labelled validation queries (seed 002 Sec. 5: N in 20:10:200,
+        clipped to the number of clusters), maximising top-1 accuracy; ``store`` saves it."""
+        grid = list(grid)
+        sims, owner = self.retrieve(queries, max(grid))
+        truth = self.identity_ids(true_names)
+        choice = choose_num_neighbours(sims, owner, truth, grid, num_clusters=self.num_clusters)
+        if store:
+            self.set_num_neighbours(choice.num_neighbours)
+        return choice
+
+    def calibrate_threshold(self, genuine_queries: np.ndarray, impostor_queries: np.ndarray, target_far: float,
+                            store: bool = True) -> ThresholdCalibration:
+        """Open-set threshold at ``target_far`` from queries of enrolled identities (genuine)
+        and of absent ones (impostor); ``store`` saves it (:meth:`set_threshold`)."""
+        genuine = self.knc(genuine_queries).best_log_scores if len(genuine_queries) else np.zeros(0)
+        calibration = calibrate_unknown_threshold(genuine, self.knc(impostor_queries).best_log_scores, target_far)
+        if store:
+            self.set_threshold(calibration.threshold if math.isfinite(calibration.threshold) else None)
+        return calibration
+
+    # ------------------------------------------------------------------ updates
+    def set_threshold(self, threshold: float | None) -> None:
+        """Open-set threshold on the best log Eq. 10 score (None: every query gets an identity)."""
+        self._update_config(unknown_threshold=threshold)
+
+    def set_num_neighbours(self, num_neighbours: int) -> None:
+        """N of Eq. 10: how many nearest clusters a search retrieves."""
+        self._update_config(num_neighbours=num_neighbours)
+
+    def _update_config(self, **changes: Any) -> None:
+        def change(conn: sqlite3.Connection, meta: dict) -> None:
+            _set_meta(conn, config=_check_config(meta["kind"], {**meta["config"], **changes}))
+
+        _commit(self.folder, change, rebuild=False)
+        self._load()
+
+    def add(
+        self,
+        embeddings: np.ndarray,
+        identity_names: Sequence[str],
+        cluster_size: int | None = None,
+        fingerprint: str | None = None,
+        seed: int = 0,
+        niter: int = 20,
+        progress: bool = False,
+    ) -> dict:
+        """Enrol ``embeddings`` [M, D] with one identity name per row.
+
+        The rows of each name are clustered with balanced spherical k-means (seed 002 Eq. 6-7,
+        :func:`facepipe.index.clusters.balanced_spherical_kmeans`, clusters of ``cluster_size``,
+        default the index's). A new name becomes a new identity. For a name already in the
+        gallery the new clusters are *added* to its existing ones: the index keeps centroids,
+        not the embeddings they came from, so the old clusters cannot be re-clustered together
+        with the new images. Returns counts of new/extended identities and added clusters.
+        """
+        from facepipe.index.clusters import balanced_spherical_kmeans
+
+        self.check_fingerprint(fingerprint)
+        x = np.asarray(embeddings)
+        if x.ndim == 2 and x.shape[1] != self.dim:
+            raise DimensionMismatchError(f"embeddings have dimension {x.shape[1]} but the index {self.folder} "
+                                         f"holds {self.dim}-d centroids")
+        x = _unit_rows(x, "embeddings")
+        names = [str(name) for name in identity_names]
+        if len(names) != len(x):
+            raise ClusterIndexError(f"{len(names)} identity names for {len(x)} embeddings (one name per row)")
+        if not len(x):
+            raise ClusterIndexError("nothing to add: no embeddings")
+        _check_names(names)
+        cluster_size = int(cluster_size or self.config.get("cluster_size") or DEFAULT_CLUSTER_SIZE)
+        unique, codes = np.unique(np.array(names, dtype=object), return_inverse=True)
+        assignment = balanced_spherical_kmeans(x, codes.astype(np.int64), cluster_size, seed=seed, niter=niter,
+                                               progress=progress)
+        centroids = _unit_rows(assignment.centroids, "centroids")
+        owners = [str(unique[c]) for c in assignment.cluster_identity.tolist()]
+        sizes = assignment.cluster_sizes()
+        summary: dict[str, Any] = {}
+
+        def change(conn: sqlite3.Connection, meta: dict) -> None:
+            existing = dict(conn.execute("SELECT name, id FROM identities").fetchall())
+            new = [str(name) for name in unique if str(name) not in existing]
+            conn.executemany("INSERT INTO identities(name) VALUES (?)", [(name,) for name in new])
+            ids = dict(conn.execute("SELECT name, id FROM identities").fetchall())
+            first = int(meta["next_faiss_id"])
+            conn.executemany(
+                "INSERT INTO clusters(faiss_id, identity_id, size, centroid) VALUES (?, ?, ?, ?)",
+                [(first + k, ids[owner], int(sizes[k]), centroids[k].tobytes()) for k, owner in enumerate(owners)])
+            _set_meta(conn, next_faiss_id=first + len(owners))
+            summary.update(new_identities=new, extended_identities=sorted(set(map(str, unique)) - set(new)),
+                           clusters_added=len(owners), embeddings=len(x), cluster_size=cluster_size)
+
+        _commit(self.folder, change, rebuild=True)
+        self._load()
+        return summary
+
+    def remove(self, identity_names: Iterable[str]) -> dict:
+        """Remove identities and all their clusters. An unknown name raises
+        :class:`UnknownIdentityError` naming it, and nothing is changed."""
+        names = list(dict.fromkeys(str(name) for name in identity_names))
+        if not names:
+            raise ClusterIndexError("no identity to remove was named")
+        summary: dict[str, Any] = {}
+
+        def change(conn: sqlite3.Connection, meta: dict) -> None:
+            ids = dict(conn.execute("SELECT name, id FROM identities").fetchall())
+            unknown = [name for name in names if name not in ids]
+            if unknown:
+                what = "identity" if len(unknown) == 1 else "identities"
+                raise UnknownIdentityError(f"the index {self.folder} holds no {what} "
+                                           f"{', '.join(repr(n) for n in unknown)}; nothing was removed")
+            removed = 0
+            for name in names:
+                removed += conn.execute("DELETE FROM clusters WHERE identity_id = ?", (ids[name],)).rowcount
+                conn.execute("DELETE FROM identities WHERE id = ?", (ids[name],))
+            summary.update(removed_identities=names, removed_clusters=removed)
+
+        _commit(self.folder, change, rebuild=True)
+        self._load()
+        summary["remaining_clusters"] = self.num_clusters
+        return summary
+
+
+def _check_names(names: Sequence[str]) -> None:
+    bad = [name for name in names if not name or name != name.strip() or "\n" in name]
+    if bad:
+        raise ClusterIndexError(f"identity names must be non-empty and without surrounding spaces; got "
+                                f"{', '.join(repr(n) for n in bad[:5])}")
+
+
+def _cluster_sizes(cluster_sizes: Sequence[int] | np.ndarray | None, num_clusters: int) -> np.ndarray:
+    if cluster_sizes is None:
+        return np.zeros(num_clusters, dtype=np.int64)
+    sizes = np.asarray(cluster_sizes)
+    if sizes.shape != (num_clusters,) or not np.issubdtype(sizes.dtype, np.integer) or (sizes < 0).any():
+        raise ClusterIndexError(f"cluster_sizes must be {num_clusters} non-negative integers (one per centroid)")
+    return sizes.astype(np.int64)
+
+
+def _commit(folder: Path, change: Callable[[sqlite3.Connection, dict], None], rebuild: bool,
+            create: bool = False) -> None:
+    """Apply ``change`` (SQL on an open transaction, given the current meta) and, with
+    ``rebuild``, write the FAISS index of the resulting clusters as the next generation; all
+    of it becomes current at COMMIT, or none of it (see the module docstring)."""
+    conn = _connect(folder / META_FILE, create=create)
+    new_path: Path | None = None
+    old_generation = None
+    committing = False
+    try:
+        try:
+            # IMMEDIATE: take the write lock now, so that no other writer interleaves.
+            conn.execute("BEGIN IMMEDIATE")
+            if create:
+                for statement in _SCHEMA.strip().split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+            meta = _read_meta(conn)
+        except sqlite3.Error as exc:
+            raise ClusterIndexError(f"cannot update the index database {folder / META_FILE}: {exc}") from None
+        old_generation = int(meta.get("generation", 0))
+        if not create:
+            missing = [key for key in _REQUIRED_META if key not in meta]
+            if missing:
+                raise ClusterIndexError(f"{folder / META_FILE} lacks {', '.join(missing)}: not a complete index")
+            _clean_stray_files(folder, old_generation)
+        change(conn, meta)
+        meta = _read_meta(conn)
+        if rebuild:
+            generation = old_generation + 1
+            dim = int(meta["dim"])
+            ids, vectors = _read_centroids(conn, dim)
+            index = _build_faiss(meta["kind"], meta["config"], dim, ids, vectors)
+            data = faiss.serialize_index(index).tobytes()
+            new_path = _faiss_path(folder, generation)
+            _write_faiss_file(new_path, data)
+            _set_meta(conn, generation=generation, faiss_sha256=hashlib.sha256(data).hexdigest(),
+                      updated_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        committing = True
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+        # The uncommitted file is garbage; after a failed COMMIT its fate is unknown, so it is
+        # left for the next writer's clean-up, which keeps whatever generation was committed.
+        if new_path is not None and not committing:
+            with contextlib.suppress(OSError):
+                new_path.unlink()
+        raise
+    finally:
+        conn.close()
+    if rebuild and old_generation:
+        with contextlib.suppress(OSError):
+            _faiss_path(folder, old_generation).unlink()
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding sources and the jobs behind the CLI
+# --------------------------------------------------------------------------------------------
+def read_labels(path: str | os.PathLike) -> list[str]:
+    """Identity names, one per embedding row, from a text file (one name per line), a ``.npy``
+    array (strings or integers) or a ``facepipe embed`` ``manifest.csv`` (its identity column)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClusterIndexError(f"labels file {path} does not exist")
+    if path.suffix.lower() == ".npy":
+        try:
+            labels = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise ClusterIndexError(f"{path}: not a plain .npy array of labels ({exc})") from None
+        if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or labels.dtype.kind == "U"):
+            raise ClusterIndexError(f"{path}: labels must be a 1-D array of integers or strings, got shape "
+                                    f"{list(labels.shape)} dtype {labels.dtype}")
+        return [str(x) for x in labels.tolist()]
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".csv":
+        rows = list(csv.reader(text.splitlines()))
+        if not rows or [h.strip() for h in rows[0]] != ["row", "path", "identity"]:
+            raise ClusterIndexError(f"{path}: a .csv of labels must be a 'facepipe embed' manifest "
+                                    "(header row,path,identity)")
+        return [row[2].strip().replace("\\", "/").strip("/") for row in rows[1:] if row]
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return [line.strip() for line in lines]
+
+
+def load_embedding_source(embeddings: str | os.PathLike | np.ndarray,
+                          labels: str | os.PathLike | Sequence[str] | None = None) -> dict:
+    """Embeddings and their identity names from an array, a ``.npy`` file or a ``facepipe embed``
+    output folder (``embeddings.npy`` + ``manifest.csv`` for the names + ``embed.json`` for the
+    model fingerprint and flip mode; a ``.npy`` inside such a folder finds them too).
+
+    Returns ``{"embeddings", "names" (None if unknown), "fingerprint", "flip"}``.
+    """
+    info: dict[str, Any] = {}
+    manifest = None
+    if isinstance(embeddings, np.ndarray):
+        array = embeddings
+    else:
+        path = Path(embeddings)
+        if path.is_dir():
+            path = path / "embeddings.npy"
+        if not path.is_file():
+            raise ClusterIndexError(f"embeddings file {path} does not exist")
+        try:
+            array = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise ClusterIndexError(f"{path}: not a plain numeric .npy array ({exc})") from None
+        if (path.parent / "embed.json").is_file():
+            info = json.loads((path.parent / "embed.json").read_text(encoding="utf-8"))
+        if (path.parent / "manifest.csv").is_file() and path.name == "embeddings.npy":
+            manifest = path.parent / "manifest.csv"
+    if labels is None and manifest is not None:
+        labels = manifest
+    if isinstance(labels, (str, os.PathLike)):
+        names: list[str] | None = read_labels(labels)
+    else:
+        names = None if labels is None else [str(x) for x in labels]
+    if names is not None and len(names) != len(array):
+        raise ClusterIndexError(f"{len(names)} labels for {len(array)} embeddings (one label per row)")
+    return {"embeddings": array, "names": names, "fingerprint": info.get("model_fingerprint") or "",
+            "flip": info.get("flip")}
+
+
+def build_index_from_embeddings(
+    folder: str | os.PathLike,
+    embeddings: np.ndarray,
+    labels: Sequence[str] | Sequence[int] | np.ndarray,
+    cluster_size: int = DEFAULT_CLUSTER_SIZE,
+    *,
+    kind: str = "flat",
+    config: dict | None = None,
+    fingerprint: str = "",
+    seed: int = 0,
+    niter: int = 20,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> ClusterIndex:
+    """Cluster every identity's embeddings into clusters of ``cluster_size`` (seed 002 Eq. 6-7)
+    and build an index of the centroids in ``folder`` (names: ``str`` of each label)."""
+    from facepipe.index.clusters import balanced_spherical_kmeans
+
+    x = _unit_rows(embeddings, "embeddings")
+    names = [str(label) for label in (labels.tolist() if isinstance(labels, np.ndarray) else labels)]
+    if len(names) != len(x):
+        raise ClusterIndexError(f"{len(names)} labels for {len(x)} embeddings (one label per row)")
+    if not len(x):
+        raise EmptyGalleryError("cannot build an index from zero embeddings: the gallery is empty")
+    _check_names(names)
+    unique, codes = np.unique(np.array(names, dtype=object), return_inverse=True)
+    assignment = balanced_spherical_kmeans(x, codes.astype(np.int64), cluster_size, seed=seed, niter=niter,
+                                           progress=progress)
+    config = {**(config or {}), "cluster_size": int(cluster_size)}
+    return ClusterIndex.build(folder, assignment.centroids, assignment.cluster_identity,
+                              [str(name) for name in unique], cluster_sizes=assignment.cluster_sizes(),
+                              fingerprint=fingerprint, kind=kind, config=config, overwrite=overwrite)
+
+
+def _embed_paths(loaded: Any, paths: Sequence[str], flip: str, device: Any, batch_size: int | None,
+                 progress: bool) -> np.ndarray:
+    from facepipe.embed.extract import extract_embeddings
+    from facepipe.utils.device import resolve_amp_dtype
+
+    return extract_embeddings(
+        loaded.model, list(paths), loaded.config.data.image_size, device,
+        batch_size=batch_size or loaded.config.embed.batch_size, flip=flip,
+        amp_dtype=resolve_amp_dtype(loaded.config.train.amp, device), progress=progress)
+
+
+def _embed_identity_folder(checkpoint: str | os.PathLike, images: str | os.PathLike, flip: str | None,
+                           device: str, batch_size: int | None, progress: bool) -> dict:
+    from facepipe.embed.extract import list_images, load_model
+    from facepipe.utils.device import resolve_device
+
+    items = list_images(images)
+    loose = [path for path, identity in items if not identity]
+    if loose:
+        raise ClusterIndexError(f"{images} must hold one subfolder per identity; {len(loose)} image(s) lie directly "
+                                f"in it (e.g. {loose[0]})")
+    torch_device = resolve_device(device)
+    loaded = load_model(checkpoint, torch_device)
+    flip = flip or loaded.config.embed.flip
+    vectors = _embed_paths(loaded, [path for path, _ in items], flip, torch_device, batch_size, progress)
+    return {"embeddings": vectors, "names": [identity for _, identity in items], "fingerprint": loaded.fingerprint,
+            "flip": flip}
+
+
+def build_index_from_checkpoint(
+    folder: str | os.PathLike,
+    checkpoint: str | os.PathLike,
+    image_root: str | os.PathLike,
+    cluster_size: int = DEFAULT_CLUSTER_SIZE,
+    *,
+    kind: str = "flat",
+    config: dict | None = None,
+    seed: int = 0,
+    niter: int = 20,
+    overwrite: bool = False,
+    flip: str | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> ClusterIndex:
+    """Embed an aligned identity-folder tree (``image_root/<identity>/<image>``) with the
+    checkpoint's model and build an index of its clusters; the index records the model
+    fingerprint and the flip fusion, which searches then reuse."""
+    source = _embed_identity_folder(checkpoint, image_root, flip, device, batch_size, progress)
+    return build_index_from_embeddings(
+        folder, source["embeddings"], source["names"], cluster_size, kind=kind,
+        config={**(config or {}), "flip": source["flip"]}, fingerprint=source["fingerprint"], seed=seed,
+        niter=niter, overwrite=overwrite, progress=progress)
+
+
+def enrol_images(
+    folder: str | os.PathLike,
+    checkpoint: str | os.PathLike | None = None,
+    images: str | os.PathLike | None = None,
+    *,
+    embeddings: str | os.PathLike | np.ndarray | None = None,
+    labels: str | os.PathLike | Sequence[str] | None = None,
+    cluster_size: int | None = None,
+    seed: int = 0,
+    niter: int = 20,
+    device: str = "auto",
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Add identities (or more images of enrolled ones) to the index in ``folder``: either an
+    aligned identity-folder tree ``images`` embedded with ``checkpoint`` (whose fingerprint must
+    match the index's), or precomputed ``embeddings`` with ``labels``. See
+    :meth:`ClusterIndex.add` for how existing identities are extended."""
+    index = ClusterIndex.open(folder)
+    if (images is None) == (embeddings is None):
+        raise ClusterIndexError("give either images (with a checkpoint) or embeddings (with labels), "
+                                "not both or neither")
+    if images is not None:
+        if checkpoint is None:
+            raise ClusterIndexError("enrolling images needs the checkpoint to embed them")
+        source = _embed_identity_folder(checkpoint, images, index.config.get("flip"), device, batch_size, progress)
+    else:
+        source = load_embedding_source(embeddings, labels)
+        if source["names"] is None:
+            raise ClusterIndexError("enrolling embeddings needs labels: one identity name per row")
+    return index.add(source["embeddings"], source["names"], cluster_size=cluster_size,
+                     fingerprint=source["fingerprint"] or None, seed=seed, niter=niter, progress=progress)
+
+
+def _expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    from facepipe.data.dataset import IMAGE_EXTENSIONS
+
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise ClusterIndexError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
+            paths.extend(found)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise ClusterIndexError(f"search input {path} does not exist")
+    return paths
+
+
+def _align_photos(checkpoint: str | os.PathLike, photos: Sequence[Path], workdir: Path,
+                  progress: bool) -> list[tuple[str, Path | None]]:
+    """Align raw photos the way the checkpoint's model expects (its config's ``align`` section
+    at its input size, as ``facepipe eval lfw --align`` does); (status, crop or None) each."""
+    from facepipe.align.manifest import USABLE_STATUSES, read_manifest
+    from facepipe.eval.lfw import align_raw_images
+
+    # Links under numbered folders give every photo a unique relative path in one root.
+    raw = workdir / "raw"
+    keys = []
+    for number, photo in enumerate(photos):
+        key = f"{number}/{photo.name}"
+        (raw / key).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.symlink(photo.resolve(), raw / key)
+        except OSError:
+            shutil.copyfile(photo, raw / key)
+        keys.append(key)
+    aligned = align_raw_images(checkpoint, raw, keys, workdir / "aligned", progress=progress)
+    rows = {}
+    for manifest in sorted(aligned.glob("manifest*.jsonl")):
+        rows.update({row["path"]: row for row in read_manifest(manifest)})
+    out = []
+    for key in keys:
+        row = rows.get(key, {"status": "missing"})
+        usable = row["status"] in USABLE_STATUSES and row.get("output")
+        out.append((row["status"], aligned / row["output"] if usable else None))
+    return out
+
+
+def search_images(
+    folder: str | os.PathLike,
+    checkpoint: str | os.PathLike | None = None,
+    inputs: Iterable[str | os.PathLike] = (),
+    top_k: int = 5,
+    align: bool | str = "auto",
+    *,
+    num_neighbours: int | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Search the index in ``folder`` for every input: image files, folders of images (walked
+    recursively), or ``.npy`` arrays of embeddings (one query per row; no checkpoint needed).
+
+    Images are embedded with ``checkpoint`` (its fingerprint must match the index's) and the
+    index's flip fusion. ``align``: True = every image is a raw photo, detected and aligned
+    first (the checkpoint's align settings, in a temporary folder); False = every image is an
+    aligned crop; ``"auto"`` = an image already at the model's input size is a crop, any other
+    is a raw photo. Returns one dict per query: input, status (``ok`` or why there is no
+    result, e.g. ``no_face``), alignment, identity (None when unknown), unknown, matches.
+    """
+    if align not in (True, False, "auto"):
+        raise ClusterIndexError(f"align must be True, False or 'auto', got {align!r}")
+    index = ClusterIndex.open(folder)
+    if index.num_clusters == 0:
+        raise EmptyGalleryError(f"the index {folder} holds no identity (all were removed); add some first")
+    inputs = list(inputs)
+    if not inputs:
+        raise ClusterIndexError("nothing to search: give image files, folders or .npy embeddings")
+    entries: list[dict] = []  # one per query, in input order
+    queries: list[np.ndarray] = []
+    images = []
+    for item in inputs:
+        if Path(item).suffix.lower() == ".npy":
+            source = load_embedding_source(item)
+            rows = np.atleast_2d(source["embeddings"])
+            index.check_fingerprint(source["fingerprint"] or None)
+            for row in range(len(rows)):
+                entries.append({"input": f"{item}[{row}]", "status": "ok", "alignment": "embedding",
+                                "query": len(queries)})
+                queries.append(rows[row])
+        else:
+            for path in _expand_inputs([item]):
+                entry = {"input": str(path), "status": "ok", "alignment": None, "query": None}
+                entries.append(entry)
+                images.append((entry, path))
+    if images:
+        if checkpoint is None:
+            raise ClusterIndexError("searching images needs the checkpoint to embed them (--checkpoint)")
+        _embed_search_images(index, checkpoint, images, queries, align, device, batch_size, progress)
+    results = []
+    found = index.search(np.stack(queries), top_k=top_k, num_neighbours=num_neighbours) if queries else []
+    for entry in entries:
+        query = entry.pop("query")
+        if query is None:
+            results.append({**entry, "identity": None, "unknown": None, "matches": []})
+        else:
+            results.append({**entry, **found[query].to_dict()})
+    return results
+
+
+def _embed_search_images(index: ClusterIndex, checkpoint: str | os.PathLike, images: list[tuple[dict, Path]],
+                         queries: list[np.ndarray], align: bool | str, device: str, batch_size: int | None,
+                         progress: bool) -> None:
+    from facepipe.data.dataset import UnreadableImageError, decode_image
+    from facepipe.embed.extract import load_model
+    from facepipe.utils.device import resolve_device
+
+    torch_device = resolve_device(device)
+    loaded = load_model(checkpoint, torch_device)
+    index.check_fingerprint(loaded.fingerprint)
+    height, width = loaded.config.data.image_size
+    crops: list[tuple[dict, Path]] = []
+    photos: list[tuple[dict, Path]] = []
+    for entry, path in images:
+        if align == "auto":
+            try:
+                shape = decode_image(path).shape[:2]
+            except UnreadableImageError as exc:
+                entry.update(status="unreadable", error=str(exc))
+                continue
+            (crops if tuple(shape) == (height, width) else photos).append((entry, path))
+        else:
+            (photos if align else crops).append((entry, path))
+    for entry, _ in crops:
+        entry["alignment"] = "crop"
+    with tempfile.TemporaryDirectory(prefix="facepipe-search-") as workdir:
+        if photos:
+            aligned = _align_photos(checkpoint, [path for _, path in photos], Path(workdir), progress)
+            for (entry, _), (status, crop) in zip(photos, aligned):
+                entry["alignment"] = status
+                if crop is None:
+                    entry["status"] = status
+                else:
+                    crops.append((entry, crop))
+        if crops:
+            flip = index.config.get("flip") or loaded.config.embed.flip
+            vectors = _embed_paths(loaded, [str(path) for _, path in crops], flip, torch_device, batch_size, progress)
+            for (entry, _), vector in zip(crops, vectors):
+                entry["query"] = len(queries)
+                queries.append(vector)

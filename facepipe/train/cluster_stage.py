@@ -1,0 +1,135 @@
+"""CLMLE stages of the trainer (seed 002 Sec. 3.2-3.3): clusters, cluster mini-batches, the loss.
+
+When a stage whose loss is ``clmle`` starts, the current model embeds every training image (no
+augmentation), each identity is split into balanced spherical k-means clusters of about
+``cluster_size`` images, and training switches to cluster mini-batches (M clusters of k images
+around a hardest query cluster). Every ``refresh_every_steps`` steps the features are extracted
+again and the clusters rebuilt (the paper alternates every 2k-5k iterations). A stage epoch keeps
+the run's number of steps per epoch, so the learning-rate schedule is unchanged; each step then
+holds M * k images.
+
+The assignment and the per-sample loss cache are saved in every checkpoint, so a resumed run
+continues with exactly the clusters and cache it had; ``clusters.npz`` in the run folder holds
+the latest clusters for inspection.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from facepipe.data.cluster_sampler import ClusterBatchSampler, LossCache
+from facepipe.embed.extract import extract_embeddings
+from facepipe.index.clusters import ClusterAssignment, balanced_spherical_kmeans, format_margin_bounds
+from facepipe.losses.clmle import ClusterLossOutput, ClusterMarginLoss
+
+if TYPE_CHECKING:
+    from facepipe.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+CLUSTERS_FILE = "clusters.npz"
+
+
+class ClusterStage:
+    """The CLMLE state of one stage: assignment, sampler, loss cache, loss and refresh schedule."""
+
+    def __init__(self, trainer: "Trainer", stage_index: int, saved: dict[str, Any] | None = None) -> None:
+        self.trainer = trainer
+        self.stage_index = stage_index
+        spec = trainer.config.train.stages[stage_index].loss
+        self.settings = trainer.config.train.clusters
+        self.loss = ClusterMarginLoss(spec.scale, spec.inter_margin, spec.intra_margin, spec.cost_sensitive)
+        self.classification_weight = spec.classification_weight
+        dataset = trainer.dataset
+        if not hasattr(dataset, "samples"):
+            raise TypeError("clmle stages re-extract features from image files: they need an identity-folder dataset")
+        self.paths = [sample.path for sample in dataset.samples]
+        self.cache = LossCache(len(dataset))
+        self.refresh_seconds = 0.0  # clustering (feature extraction + k-means) so far in this stage
+        self.elapsed_seconds = 0.0  # wall time of the stage so far, clustering included
+        if saved is not None and saved.get("stage") == stage_index:
+            self.assignment = ClusterAssignment(saved["sample_cluster"].numpy(), saved["centroids"].numpy(),
+                                                saved["cluster_identity"].numpy())
+            self.cache.load_state_dict(saved["cache"])
+            self.refreshed_at = int(saved["refreshed_at"])
+            self.refresh_seconds = float(saved["refresh_seconds"])
+            self.elapsed_seconds = float(saved["elapsed_seconds"])
+        else:
+            log.info("CLMLE margins: %s", format_margin_bounds(np.bincount(dataset.labels)))
+            self.assignment = self._cluster()
+            self.refreshed_at = trainer.global_step
+        self.sampler = ClusterBatchSampler(
+            self.assignment.sample_cluster, self.assignment.centroids, self.assignment.cluster_identity,
+            clusters_per_batch=self.settings.clusters_per_batch, images_per_cluster=self.settings.images_per_cluster,
+            num_batches=trainer.steps_per_epoch, seed=trainer.config.seed, query=self.settings.query,
+            loss_cache=self.cache,
+        )
+
+    # ------------------------------------------------------------------ clusters
+    def _cluster(self) -> ClusterAssignment:
+        """Seed 002 Eq. 6-7: features of the current model, balanced spherical k-means per identity."""
+        trainer = self.trainer
+        started = time.perf_counter()
+        embeddings = extract_embeddings(
+            trainer.model, self.paths, trainer.config.data.image_size, trainer.device,
+            batch_size=self.settings.batch_size, flip="none", num_workers=trainer.config.data.num_workers,
+            amp_dtype=trainer.amp_dtype, progress=trainer.progress,
+        )
+        extracted = time.perf_counter()
+        assignment = balanced_spherical_kmeans(
+            embeddings, trainer.dataset.labels, self.settings.cluster_size, seed=trainer.config.seed + trainer.global_step,
+            niter=self.settings.kmeans_iterations,
+        )
+        assignment.to_npz(trainer.run_dir / CLUSTERS_FILE)
+        seconds = time.perf_counter() - started
+        self.refresh_seconds += seconds
+        sizes = assignment.cluster_sizes()
+        record = {"seconds": seconds, "extract_seconds": extracted - started, "clusters": assignment.num_clusters,
+                  "cluster_size_min": int(sizes.min()), "cluster_size_max": int(sizes.max()),
+                  "refresh_seconds_total": self.refresh_seconds}
+        log.info("clusters: %d for %d identities (sizes %d..%d) in %.1f s (features %.1f s)",
+                 assignment.num_clusters, trainer.dataset.num_classes, sizes.min(), sizes.max(), seconds,
+                 record["extract_seconds"])
+        if hasattr(trainer, "run_log"):
+            trainer.run_log.write("clusters", trainer.global_step, **record)
+        return assignment
+
+    def maybe_refresh(self) -> bool:
+        """Re-cluster when ``refresh_every_steps`` steps have passed since the last clustering."""
+        if self.trainer.global_step - self.refreshed_at < self.settings.refresh_every_steps:
+            return False
+        self.assignment = self._cluster()
+        self.refreshed_at = self.trainer.global_step
+        self.sampler.update_clusters(self.assignment.sample_cluster, self.assignment.centroids,
+                                     self.assignment.cluster_identity)
+        return True
+
+    # ------------------------------------------------------------------ loss
+    def loss_for(self, embeddings: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> ClusterLossOutput:
+        """Seed 002 Eq. 8-9 on a cluster mini-batch; the clusters come from the current assignment."""
+        clusters = torch.from_numpy(self.assignment.sample_cluster[indices.cpu().numpy()]).to(embeddings.device)
+        return self.loss(embeddings, clusters, labels)
+
+    def record_losses(self, indices: torch.Tensor, per_sample: torch.Tensor) -> None:
+        self.cache.update(indices.cpu(), per_sample.detach().cpu())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage_index,
+            "sample_cluster": torch.from_numpy(self.assignment.sample_cluster),
+            "centroids": torch.from_numpy(self.assignment.centroids),
+            "cluster_identity": torch.from_numpy(self.assignment.cluster_identity),
+            "cache": self.cache.state_dict(),
+            "refreshed_at": self.refreshed_at,
+            "refresh_seconds": self.refresh_seconds,
+            "elapsed_seconds": self.elapsed_seconds,
+        }
+
+    def add_elapsed(self, seconds: float) -> float:
+        """Count an epoch's wall time; returns the share of the stage spent clustering."""
+        self.elapsed_seconds += seconds
+        return self.refresh_seconds / max(self.elapsed_seconds, 1e-9)
