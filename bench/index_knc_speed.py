@@ -9,13 +9,18 @@ Seed 002 Sec. 4 argues that searching cluster centroids instead of examples make
 function of the cluster count L/l instead of the example count L ("up to three orders of
 magnitude speedup"). This bench measures that on synthetic data:
 
-- gallery: ``--identities`` identities with ``--num-embeddings`` 512-d embeddings in all. Each
-  identity has a random direction, ``--centres`` sub-centres around it (pose-like modes), and
+- gallery: ``--identities`` identities with ``--num-embeddings`` 512-d embeddings in all, split
+  by ``--distribution``: ``longtail`` (default) draws identity sizes from a Pareto power law
+  (exponent ``--alpha``, seeded) scaled to the total with at least 2 per identity, so that the
+  head identities get several clusters of l = 200 and most get one (seed 002's point: the
+  cluster count grows with the data, not with the identities); ``uniform`` gives every identity
+  the same count. Each identity has a random direction, ``--centres`` sub-centres around it (pose-like modes), and
   samples = sub-centre + Gaussian noise of norm ``--noise``, L2-normalised (a vMF-like cloud;
   the noise makes instance-level top-1 far from trivial while identities stay separable);
 - clusters: balanced spherical k-means per identity (seed 002 Eq. 6-7) of size ``--cluster-size``
   (timed: the index build time; peak RSS from resource.getrusage) and a flat ClusterIndex;
-- queries: ``--queries`` held-out samples drawn the same way;
+- queries: ``--queries`` held-out samples drawn the same way, of identities picked uniformly
+  (so a long-tailed gallery is probed as often at its tail as at its head);
 - methods: the kNC rule (ClusterIndex.search, N = ``--num-neighbours``), FAISS IndexFlatIP
   exhaustive search over every embedding (1-NN identity, and a k = ``--knn`` vote), and
   scikit-learn NearestNeighbors(algorithm='brute') on a ``--sklearn-subsample`` of the gallery
@@ -35,6 +40,7 @@ import shutil
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import faiss
@@ -52,6 +58,30 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
+def identity_sizes(args: argparse.Namespace, rng: np.random.Generator) -> np.ndarray:
+    """Embeddings per identity: sum = --num-embeddings, mean = num_embeddings / identities.
+
+    ``uniform``: equal split (+1 for some). ``longtail``: 2 each, and the rest shared in
+    proportion to Pareto(alpha) weights (largest-remainder rounding keeps the sum exact);
+    sorted so that identity 0 is the largest.
+    """
+    total, ids = args.num_embeddings, args.identities
+    if args.distribution == "uniform":
+        counts = np.full(ids, total // ids, dtype=np.int64)
+        counts[: total % ids] += 1
+        return counts
+    minimum = 2  # k-means and a held-out-like spread need two samples; seed 002 drops singletons
+    if total < minimum * ids:
+        raise SystemExit(f"--num-embeddings {total} < {minimum} x --identities {ids}: cannot give every identity "
+                         f"{minimum} embeddings")
+    weights = np.sort(rng.pareto(args.alpha, size=ids) + 1.0)[::-1]
+    share = (total - minimum * ids) * weights / weights.sum()
+    counts = np.floor(share).astype(np.int64)
+    remainder = (total - minimum * ids) - int(counts.sum())
+    counts[np.argsort(-(share - counts), kind="stable")[:remainder]] += 1
+    return counts + minimum
+
+
 def make_data(args: argparse.Namespace) -> dict:
     """Gallery and held-out queries; generated per block of identities in float32 so that 1M x
     512 never needs a float64 copy."""
@@ -62,9 +92,7 @@ def make_data(args: argparse.Namespace) -> dict:
     centres = bases[:, None, :] + args.centre_spread * rng.standard_normal(
         (args.identities, args.centres, dim), dtype=np.float32) / np.sqrt(dim)
     centres /= np.linalg.norm(centres, axis=2, keepdims=True)
-    # Long-tail-free split: every identity gets num_embeddings / identities samples (+1 for some).
-    counts = np.full(args.identities, args.num_embeddings // args.identities, dtype=np.int64)
-    counts[: args.num_embeddings % args.identities] += 1
+    counts = identity_sizes(args, rng)
     labels = np.repeat(np.arange(args.identities, dtype=np.int64), counts)
 
     def draw(identity: np.ndarray) -> np.ndarray:
@@ -78,7 +106,8 @@ def make_data(args: argparse.Namespace) -> dict:
     for start in range(0, len(labels), block):
         gallery[start:start + block] = draw(labels[start:start + block])
     query_labels = rng.integers(0, args.identities, size=args.queries)
-    return {"gallery": gallery, "labels": labels, "queries": draw(query_labels), "query_labels": query_labels}
+    return {"gallery": gallery, "labels": labels, "queries": draw(query_labels), "query_labels": query_labels,
+            "counts": counts}
 
 
 def timed(fn, repeats: int):
@@ -107,6 +136,10 @@ def main() -> None:
     parser.add_argument("--num-embeddings", type=int, default=1_000_000)
     parser.add_argument("--identities", type=int, default=5_000)
     parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--distribution", choices=["longtail", "uniform"], default="longtail",
+                        help="embeddings per identity: Pareto power law (default) or equal")
+    parser.add_argument("--alpha", type=float, default=1.5,
+                        help="Pareto exponent of --distribution longtail (smaller = heavier head)")
     parser.add_argument("--cluster-size", type=int, default=200, help="l of seed 002 (default 200)")
     parser.add_argument("--centres", type=int, default=3, help="sub-centres (modes) per identity")
     parser.add_argument("--centre-spread", type=float, default=0.6, help="norm of a sub-centre's offset")
@@ -138,9 +171,14 @@ def main() -> None:
     start = time.perf_counter()
     data = make_data(args)
     gallery, labels, queries, truth = data["gallery"], data["labels"], data["queries"], data["query_labels"]
+    counts = data["counts"]
     report["stages"]["data"] = {"seconds": time.perf_counter() - start, "peak_rss_mib": peak_rss_mib(),
-                                "gallery_bytes": gallery.nbytes}
-    print(f"data: {len(gallery)} x {args.dim} embeddings of {args.identities} identities, {len(queries)} queries "
+                                "gallery_bytes": gallery.nbytes, "distribution": args.distribution,
+                                "identity_size_min": int(counts.min()),
+                                "identity_size_median": float(np.median(counts)),
+                                "identity_size_max": int(counts.max())}
+    print(f"data: {len(gallery)} x {args.dim} embeddings of {args.identities} identities ({args.distribution}, "
+          f"{counts.min()}..{counts.max()} per identity, median {np.median(counts):g}), {len(queries)} queries "
           f"({report['stages']['data']['seconds']:.1f} s)", flush=True)
     save()
 
@@ -157,11 +195,14 @@ def main() -> None:
                                config={"cluster_size": args.cluster_size, "num_neighbours": args.num_neighbours},
                                overwrite=True)
     index_seconds = time.perf_counter() - start
+    per_identity = np.bincount(assignment.cluster_identity, minlength=args.identities)
+    multi = int((per_identity > 1).sum())
     report["stages"]["knc_build"] = {"cluster_seconds": cluster_seconds, "index_seconds": index_seconds,
-                                     "num_clusters": index.num_clusters, "peak_rss_mib": peak_rss_mib(),
-                                     "peak_rss_before_mib": rss_before}
-    print(f"clusters: {index.num_clusters} in {cluster_seconds:.1f} s, index {index_seconds:.2f} s, "
-          f"peak RSS {peak_rss_mib():.0f} MiB", flush=True)
+                                     "num_clusters": index.num_clusters, "multi_cluster_identities": multi,
+                                     "max_clusters_per_identity": int(per_identity.max()),
+                                     "peak_rss_mib": peak_rss_mib(), "peak_rss_before_mib": rss_before}
+    print(f"clusters: {index.num_clusters} in {cluster_seconds:.1f} s ({multi} identities with several, at most "
+          f"{per_identity.max()}), index {index_seconds:.2f} s, peak RSS {peak_rss_mib():.0f} MiB", flush=True)
     save()
     index.search(queries[:10], top_k=1)  # warm-up
     knc_seconds, results = timed(lambda: index.search(queries, top_k=1), args.repeats)
@@ -178,7 +219,7 @@ def main() -> None:
     flat.add(gallery)
     flat_build = time.perf_counter() - start
     flat.search(queries[:10], args.knn)
-    flat_seconds, (sims, rows) = timed(lambda: flat.search(queries, args.knn), args.repeats)
+    flat_seconds, (sims, rows) = timed(partial(flat.search, queries, args.knn), args.repeats)
     nn1 = labels[rows[:, 0]]
     knn = vote(labels[rows], sims)
     report["stages"]["faiss_flat"] = {
@@ -226,9 +267,11 @@ def main() -> None:
                          f"{knc_qps / sk_qps:.1f}", f"{sk['accuracy_1nn_subsample']:.4f}*", "-"))
     header = ("method", "build s", "queries/s", "kNC speedup", "top-1 acc", "agrees with kNC")
     print()
-    print(f"{len(gallery):,} embeddings, {args.identities:,} identities, {index.num_clusters:,} clusters (l = "
-          f"{args.cluster_size}), {len(queries):,} queries, {threads} threads, N = "
-          f"{stages['knc_search']['num_neighbours']}")
+    build = stages["knc_build"]
+    print(f"{len(gallery):,} embeddings, {args.identities:,} identities ({args.distribution}), "
+          f"{index.num_clusters:,} clusters (l = {args.cluster_size}; {build['multi_cluster_identities']:,} identities "
+          f"with several, at most {build['max_clusters_per_identity']}), {len(queries):,} queries, {threads} threads, "
+          f"N = {stages['knc_search']['num_neighbours']}")
     print()
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")

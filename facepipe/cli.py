@@ -200,12 +200,8 @@ def _index_options(args: argparse.Namespace) -> dict:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from facepipe.index.store import (
-        ClusterIndexError,
-        build_index_from_checkpoint,
-        build_index_from_embeddings,
-        load_embedding_source,
-    )
+    from facepipe.index.store import ClusterIndexError
+    from facepipe.index.jobs import build_index_from_checkpoint, build_index_from_embeddings, load_embedding_source
 
     options = dict(kind=args.kind, config=_index_options(args), seed=args.seed, overwrite=args.overwrite,
                    progress=not args.quiet)
@@ -226,7 +222,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def cmd_index_add(args: argparse.Namespace) -> int:
-    from facepipe.index.store import enrol_images
+    from facepipe.index.jobs import enrol_images
 
     if _index_source(args) == "images":
         summary = enrol_images(args.dir, args.checkpoint, args.images, cluster_size=args.cluster_size, seed=args.seed,
@@ -257,6 +253,12 @@ def cmd_index_info(args: argparse.Namespace) -> int:
     print(f"{info['num_identities']} identities, {info['num_clusters']} clusters, {info['num_embeddings']} "
           "embeddings enrolled")
     print("config: " + ", ".join(f"{key}={value}" for key, value in sorted(info["config"].items())))
+    calibration = info.get("calibration")
+    if calibration:
+        stale = "" if calibration["generation"] == info["generation"] else " (gallery changed since: recalibrate)"
+        far = f", FAR {calibration['far']:.4g} at target {calibration['target_far']:g}" if "far" in calibration else ""
+        print(f"calibrated {calibration['calibrated_at']} at generation {calibration['generation']}{stale}: N "
+              f"{calibration['num_neighbours']}, top-1 {calibration['accuracy']:.4f}{far}")
     width = max([len("IDENTITY"), *map(len, info["identities"])])
     print(f"{'IDENTITY':<{width}}  CLUSTERS")
     for name, count in sorted(info["identities"].items()):
@@ -264,8 +266,89 @@ def cmd_index_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _neighbour_grid(text: str) -> list[int]:
+    # START:STOP:STEP, inclusive (seed 002 writes its grid MATLAB-style, 20:10:200), or a list.
+    try:
+        if ":" in text:
+            start, stop, step = (int(part) for part in text.split(":"))
+            if step < 1 or start < 1 or stop < start:
+                raise ValueError
+            return list(range(start, stop + 1, step))
+        values = [int(part) for part in text.split(",") if part.strip()]
+        if not values or min(values) < 1:
+            raise ValueError
+        return values
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"grid '{text}' must be START:STOP:STEP (e.g. 20:200:10) or N,N,...") from None
+
+
+def cmd_index_calibrate(args: argparse.Namespace) -> int:
+    from facepipe.index.jobs import calibrate_index
+    from facepipe.utils.io import write_json_atomic
+
+    # Not _index_source: genuine embeddings may come with a --checkpoint for --impostor-images.
+    report = calibrate_index(
+        args.dir, args.checkpoint, args.images,
+        embeddings=args.embeddings, labels=args.labels, impostor_images=args.impostor_images,
+        impostor_embeddings=args.impostor_embeddings, target_far=args.target_far, grid=args.grid,
+        device=args.device, batch_size=args.batch_size, progress=not args.quiet)
+    grid = report["grid"]
+    print(f"calibrated {args.dir} on {report['num_genuine']} genuine queries of {report['num_genuine_identities']} "
+          f"enrolled identities and {report['num_impostor']} impostor queries")
+    print(f"N (clusters retrieved, Eq. 10) = {report['num_neighbours']}: top-1 accuracy {report['accuracy']:.4f} "
+          f"(grid {grid[0]}..{grid[-1]}, clipped to {report['num_clusters']} clusters)")
+    if report["num_impostor"]:
+        threshold = "none (accept all)" if report["threshold"] is None else f"{report['threshold']:.4f}"
+        print(f"unknown threshold (log Eq. 10 score) {threshold}: FAR {report['far']:.4f} (target "
+              f"{report['target_far']:g}), genuine accept rate {report['genuine_accept_rate']:.4f} of the correctly "
+              f"identified, open-set identification rate {report['identification_rate']:.4f}")
+    else:
+        kept = report["kept_threshold"]
+        print("no impostors given: unknown threshold unchanged" + (
+            "" if kept is None else f" ({kept:.4f}; it may have been set for another N: recalibrate with impostors)"))
+    if args.json:
+        write_json_atomic(args.json, report)
+    return 0
+
+
+def cmd_index_margins(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from facepipe.index.clusters import format_margin_bounds, suggest_margins
+
+    if (args.data_root is None) == (args.labels is None):
+        raise ValueError("give DATA_ROOT (identity folders) or --labels, not both or neither")
+    if args.labels is not None:
+        from facepipe.index.jobs import read_labels
+
+        counts = list(Counter(read_labels(args.labels)).values())
+        what = args.labels
+    else:
+        from facepipe.data.dataset import scan_identity_folders
+
+        _, samples = scan_identity_folders(args.data_root)
+        counts = list(Counter(sample.label for sample in samples).values())
+        what = args.data_root
+    if not counts:
+        raise ValueError(f"{what} holds no labelled sample")
+    s = suggest_margins(counts)
+    print(f"{what}: {s['num_identities']} identities, {s['num_samples']} images "
+          f"(per identity {min(counts)}..{max(counts)})")
+    print(format_margin_bounds(counts))
+    print("seed 002 Sec. 3.2 derives a1max = 1 - cos(2 pi / C) and a2max_c = 1 - cos(2 pi L_c / L) on the 2-D unit "
+          "circle; on the D-dim hypersphere of real embeddings they are loose (many directions stay far apart)")
+    print(f"suggested margins (rule: inter = min(0.5, max(0.3, a1max)), intra = inter / 3; the 2-D bound "
+          f"{'binds' if s['a1max_binds'] else 'does not bind'}; {s['tail_below_intra']:.0%} of identities have "
+          "a2max_c below intra):")
+    print(f"  loss: {{type: clmle, inter_margin: {s['inter_margin']:g}, intra_margin: {s['intra_margin']:g}}}")
+    print(f"  overrides: train.stages.1.loss.inter_margin={s['inter_margin']:g} "
+          f"train.stages.1.loss.intra_margin={s['intra_margin']:g}  (stage 1 as in configs/clmle.yaml)")
+    print("  a starting point: search around it with bench/clmle_margin_sweep.py")
+    return 0
+
+
 def cmd_search(args: argparse.Namespace) -> int:
-    from facepipe.index.store import search_images
+    from facepipe.index.jobs import search_images
     from facepipe.utils.io import write_json_atomic
 
     results = search_images(args.index, args.checkpoint, args.inputs, top_k=args.top_k, align=args.align,
@@ -482,6 +565,27 @@ def build_parser() -> argparse.ArgumentParser:
     q = index_sub.add_parser("info", help="identities, clusters, kind and model of an index")
     q.add_argument("dir", metavar="DIR", help="index folder")
     q.set_defaults(func=cmd_index_info)
+
+    q = index_sub.add_parser("calibrate", help="choose N of Eq. 10 and the open-set unknown threshold on "
+                             "validation data, and store them in the index")
+    index_source(q)
+    q.add_argument("--impostor-images", default=None,
+                   help="aligned crops of identities NOT in the index (subfolders optional; needs --checkpoint)")
+    q.add_argument("--impostor-embeddings", default=None,
+                   help="X.npy or 'facepipe embed' folder of identities NOT in the index")
+    q.add_argument("--target-far", type=float, default=0.01,
+                   help="false-accept rate of impostors allowed by the threshold (default 0.01)")
+    q.add_argument("--grid", type=_neighbour_grid, default=list(range(20, 201, 10)),
+                   help="values of N tried, START:STOP:STEP inclusive or N,N,... (default 20:200:10, seed 002)")
+    q.add_argument("--json", default=None, metavar="OUT", help="also write the calibration report to this JSON file")
+    q.set_defaults(func=cmd_index_calibrate)
+
+    q = index_sub.add_parser("margins", help="seed 002's 2-D CLMLE margin bounds of a dataset and suggested margins")
+    q.add_argument("data_root", metavar="DATA_ROOT", nargs="?", default=None,
+                   help="identity-folder dataset: DATA_ROOT/<identity>/<image>")
+    q.add_argument("--labels", default=None,
+                   help="instead: identity of each sample (text file, .npy, or 'facepipe embed' manifest.csv)")
+    q.set_defaults(func=cmd_index_margins)
 
     p = sub.add_parser("search",
                        help="identify faces against a cluster index (k-nearest-cluster rule, seed 002 Eq. 10)")

@@ -112,3 +112,121 @@ def test_build_options_and_errors(synthetic, capsys):
     (tmp_path / "photo.png").write_bytes(b"")
     assert main(["search", "--index", index, str(tmp_path / "photo.png")]) == 2
     assert "--checkpoint" in capsys.readouterr().err
+
+
+def test_calibrate_stores_n_and_threshold_and_search_marks_impostors_unknown(synthetic, capsys):
+    tmp_path, names = synthetic
+    index = str(tmp_path / "idx")
+    assert main(["index", "build", index, "--embeddings", str(tmp_path / "gallery.npy"), "--labels",
+                 str(tmp_path / "labels.txt"), "--cluster-size", "10", "--quiet"]) == 0
+    capsys.readouterr()
+    # Genuine validation queries of enrolled identities; impostors: person_6 (never enrolled)
+    # and random directions.
+    (tmp_path / "query_labels.txt").write_text("".join(f"{names[i]}\n" for i in range(6) for _ in range(2)))
+    rng = np.random.default_rng(3)
+    np.save(tmp_path / "impostors.npy", np.concatenate([np.load(tmp_path / "newcomer.npy"),
+                                                        unit(rng.normal(size=(20, DIM)))]))
+    report_path = tmp_path / "calibration.json"
+    assert main(["index", "calibrate", index, "--embeddings", str(tmp_path / "queries.npy"), "--labels",
+                 str(tmp_path / "query_labels.txt"), "--impostor-embeddings", str(tmp_path / "impostors.npy"),
+                 "--target-far", "0", "--grid", "1:9:2", "--json", str(report_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    assert set(report["accuracy_by_n"]) == {"1", "3", "5", "7", "9"} and report["num_impostor"] == 32
+    assert report["accuracy"] == 1.0 and report["far"] == 0.0 and report["threshold"] is not None
+    assert f"N (clusters retrieved, Eq. 10) = {report['num_neighbours']}: top-1 accuracy 1.0000" in out
+    assert "FAR 0.0000 (target 0)" in out and "genuine accept rate" in out
+
+    assert main(["index", "info", index]) == 0
+    info = capsys.readouterr().out
+    assert f"num_neighbours={report['num_neighbours']}" in info
+    assert f"unknown_threshold={report['threshold']}" in info and "calibrated " in info and "recalibrate" not in info
+
+    _, results = search(tmp_path, capsys, tmp_path / "newcomer_query.npy", tmp_path / "queries.npy")
+    assert [r["unknown"] for r in results[:2]] == [True, True] and results[0]["identity"] is None
+    known = results[2:]
+    assert all(r["identity"] in (names[i // 2], None) for i, r in enumerate(known))
+    assert sum(r["identity"] == names[i // 2] for i, r in enumerate(known)) / len(known) \
+        == pytest.approx(report["identification_rate"])
+
+    # Without impostors only N changes; the stored threshold stays (with a warning).
+    assert main(["index", "calibrate", index, "--embeddings", str(tmp_path / "queries.npy"), "--labels",
+                 str(tmp_path / "query_labels.txt"), "--grid", "2,4", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "unknown threshold unchanged" in out and "recalibrate with impostors" in out
+    assert main(["index", "info", index]) == 0
+    info = capsys.readouterr().out
+    assert "num_neighbours=" in info and f"unknown_threshold={report['threshold']}" in info
+
+    # Errors: a genuine identity that the index lacks; images without a checkpoint; a bad grid.
+    (tmp_path / "wrong_labels.txt").write_text("".join(f"{names[6]}\n" for _ in range(12)))
+    assert main(["index", "calibrate", index, "--embeddings", str(tmp_path / "queries.npy"), "--labels",
+                 str(tmp_path / "wrong_labels.txt")]) == 2
+    assert "not in the index" in capsys.readouterr().err
+    assert main(["index", "calibrate", index, "--images", str(tmp_path)]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["index", "calibrate", index, "--embeddings", str(tmp_path / "queries.npy"), "--grid", "9:1:2"])
+    assert "START:STOP:STEP" in capsys.readouterr().err
+
+
+def test_calibrate_refuses_enrolled_impostors_and_a_changed_gallery(synthetic):
+    from facepipe.index.store import ClusterIndex, ClusterIndexError
+    from facepipe.index.jobs import calibrate_index
+
+    tmp_path, names = synthetic
+    assert main(["index", "build", str(tmp_path / "idx"), "--embeddings", str(tmp_path / "gallery.npy"), "--labels",
+                 str(tmp_path / "labels.txt"), "--cluster-size", "10", "--quiet"]) == 0
+    queries = np.load(tmp_path / "queries.npy")
+    labels = [names[i] for i in range(6) for _ in range(2)]
+    embed = tmp_path / "impostor_embed"  # a 'facepipe embed' folder whose manifest names an enrolled identity
+    embed.mkdir()
+    np.save(embed / "embeddings.npy", queries[:2])
+    (embed / "manifest.csv").write_text("row,path,identity\n0,a.png,person_0\n1,b.png,person_0\n")
+    with pytest.raises(ClusterIndexError, match="impostor identities are in the index"):
+        calibrate_index(tmp_path / "idx", embeddings=queries, labels=labels, impostor_embeddings=embed)
+
+    stale = ClusterIndex.open(tmp_path / "idx")
+    ClusterIndex.open(tmp_path / "idx").remove(["person_5"])
+    with pytest.raises(ClusterIndexError, match="changed while it was being calibrated"):
+        stale.calibrate(queries[:10], labels[:10], grid=[1, 2])
+    assert ClusterIndex.open(tmp_path / "idx").info()["calibration"] is None
+
+
+def test_calibrate_from_images_with_a_checkpoint(tiny_dataset, tmp_path, capsys):
+    import shutil
+
+    import torch
+
+    from conftest import tiny_config
+    from facepipe.models import build_backbone
+    from facepipe.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    config = tiny_config(tmp_path, tmp_path)
+    checkpoint = tmp_path / "model.pt"  # an untrained tiny model: enough to embed 32x32 crops
+    save_checkpoint(checkpoint, {"model": build_backbone(config.model, config.data.image_size).state_dict(),
+                                 "config": config.to_dict(), "identities": ["a"], "epoch": 0, "step": 0})
+    identities = sorted(p.name for p in tiny_dataset.iterdir() if p.is_dir())
+    gallery, impostors = tmp_path / "gallery", tmp_path / "impostors"
+    for folder, names in ((gallery, identities[:8]), (impostors, identities[8:])):
+        folder.mkdir()
+        for name in names:  # copies: list_images does not follow folder links
+            shutil.copytree(tiny_dataset / name, folder / name)
+    index = str(tmp_path / "idx")
+    common = ["--checkpoint", str(checkpoint), "--device", "cpu", "--quiet"]
+    assert main(["index", "build", index, "--images", str(gallery), "--cluster-size", "1", *common]) == 0
+    capsys.readouterr()
+    # cluster_size 1: every enrolled image is a cluster, so at N = 1 an image finds itself.
+    assert main(["index", "calibrate", index, "--images", str(gallery), "--impostor-images", str(impostors),
+                 "--grid", "1,2", "--target-far", "0.1", "--json", str(tmp_path / "c.json"), *common]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "c.json").read_text())
+    assert report["num_impostor"] > 10 and report["far"] <= 0.1 and report["threshold"] is not None
+    assert "genuine queries of 8 enrolled identities" in out
+    assert "N (clusters retrieved, Eq. 10) = 1: top-1 accuracy 1.0000" in out
+    # An enrolled identity among the impostors is refused.
+    shutil.copytree(tiny_dataset / identities[0], impostors / identities[0])
+    assert main(["index", "calibrate", index, "--images", str(gallery), "--impostor-images", str(impostors),
+                 *common]) == 2
+    assert "impostor identities are in the index" in capsys.readouterr().err

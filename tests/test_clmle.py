@@ -201,3 +201,14 @@ def test_invalid_batches():
         loss(features, ids(0, 0, 1, 1), ids(0, 1, 1, 1))
     with pytest.raises(ValueError, match="features"):
         loss(torch.randn(4), ids(0, 0, 1, 1), ids(0, 0, 1, 1))
+
+
+def test_identity_correct_marks_samples_nearest_to_a_cluster_of_their_identity():
+    # Clusters 0 and 1 belong to identity 0, cluster 2 to identity 1. Sample 3 (cluster 2) sits
+    # right on cluster 0's direction: its nearest batch centroid belongs to the wrong identity.
+    features = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.05],
+                             [0.0, 0.0, 1.0]])
+    clusters = torch.tensor([0, 1, 2, 2, 2])
+    identities = torch.tensor([0, 0, 1, 1, 1])
+    out = ClusterMarginLoss()(features, clusters, identities)
+    assert out.identity_correct.tolist() == [True, True, True, False, True]

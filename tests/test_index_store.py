@@ -19,8 +19,8 @@ from facepipe.index.store import (
     EmptyGalleryError,
     FingerprintMismatchError,
     UnknownIdentityError,
-    build_index_from_embeddings,
 )
+from facepipe.index.jobs import build_index_from_embeddings
 
 DIM = 16
 NAMES = ["ann", "bob", "cyd", "dan", "eve"]
@@ -353,7 +353,7 @@ def random_checkpoint(path: Path, seed: int, **sections) -> Path:
 
 
 def test_images_from_a_checkpoint_build_and_search(tiny_dataset, tmp_path):
-    from facepipe.index.store import build_index_from_checkpoint, search_images
+    from facepipe.index.jobs import build_index_from_checkpoint, search_images
 
     checkpoint = random_checkpoint(tmp_path / "a.pt", seed=0)
     # cluster_size 1: every image is its own cluster, so with N=1 an enrolled image finds itself.
@@ -379,7 +379,7 @@ def test_raw_photos_are_aligned_before_search(tmp_path):
     from PIL import Image
 
     from conftest import SHARED_DATA
-    from facepipe.index.store import search_images
+    from facepipe.index.jobs import search_images
 
     lfw = SHARED_DATA / "lfw" / "lfw-deepfunneled"
     assert lfw.is_dir(), f"real test data {lfw} is missing (see ../shared/data/README.md)"

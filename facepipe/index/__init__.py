@@ -1,4 +1,6 @@
-"""Cluster index: per-identity balanced spherical k-means clusters of embeddings."""
+"""Identity search over clusters (seed 002): balanced spherical k-means clusters per identity
+(``clusters``), the k-nearest-cluster rule (``knc``), the on-disk FAISS + SQLite gallery
+(``store``) and the jobs behind ``facepipe index`` / ``facepipe search`` (``jobs``)."""
 
 # The k-nearest-cluster rule (seed 002 Eq. 10) and the on-disk cluster index. Loaded on first
 # use: importing facepipe.index (e.g. for the clusters) does not pay for FAISS.
@@ -10,7 +12,9 @@ _LAZY = {
     "store": (
         "ClusterIndex", "ClusterIndexError", "DimensionMismatchError", "EmptyGalleryError",
         "FingerprintMismatchError", "INDEX_KINDS", "SearchResult", "UnknownIdentityError",
-        "build_index_from_checkpoint", "build_index_from_embeddings", "enrol_images",
+    ),
+    "jobs": (
+        "build_index_from_checkpoint", "build_index_from_embeddings", "calibrate_index", "enrol_images",
         "load_embedding_source", "read_labels", "search_images",
     ),
 }

@@ -26,6 +26,7 @@ __all__ = [
     "clusters_per_identity",
     "format_margin_bounds",
     "paper_margin_bounds",
+    "suggest_margins",
 ]
 
 _NPZ_KEYS = ("sample_cluster", "centroids", "cluster_identity")
@@ -277,3 +278,48 @@ def format_margin_bounds(class_counts: Sequence[int] | np.ndarray) -> str:
         f"paper 2-D margin bounds over {a2max.size} identities: a1max={a1max:.4g}; "
         f"a2max min={a2max.min():.4g} median={np.median(a2max):.4g} max={a2max.max():.4g}"
     )
+
+
+# Range in which suggest_margins keeps the inter-identity margin a1: the floor is the config
+# default (and the middle of bench/clmle_margin_sweep.py's grid), the cap keeps a1 well below
+# the cosine distance 1 of orthogonal directions, which CLMLE batches of many identities need.
+SUGGESTED_INTER_MARGIN_RANGE = (0.3, 0.5)
+# a2 = a1 / 3: clusters of one identity stay closer than identities (seed 002 needs a2 < a1).
+SUGGESTED_INTRA_RATIO = 1.0 / 3.0
+
+
+def suggest_margins(class_counts: Sequence[int] | np.ndarray) -> dict:
+    """A starting point for CLMLE's margins (seed 002 Eq. 8-9) from the 2-D bounds of
+    :func:`paper_margin_bounds`, by a simple documented rule:
+
+        inter_margin a1 = min(0.5, max(0.3, a1max)),   intra_margin a2 = a1 / 3.
+
+    Why the clamp: a1max = 1 - cos(2 pi / C) is the 2-D bound (C identities sharing the unit
+    circle); it falls below 0.3 from C = 8 identities on and to ~1e-6 for thousands. On the
+    D-dimensional hypersphere of real embeddings C directions can stay far apart (up to D + 1 of
+    them at cosine -1/(C-1), and exponentially many in D nearly orthogonal), so the bound is loose
+    and the rule lets it bind only where it lies inside [0.3, 0.5], i.e. for C = 6 or 7
+    identities (fewer are capped at 0.5); otherwise a1 = 0.3, the config default. The result is a grid-search centre
+    (``bench/clmle_margin_sweep.py``), not a tuned value.
+
+    Returns a1max, a2max (quantiles), inter_margin, intra_margin, and ``tail_below_intra``: the
+    share of identities whose own 2-D bound a2max_c = 1 - cos(2 pi L_c / L) is below a2 (the
+    2-D derivation would forbid a2 for them; in high dimension it does not).
+    """
+    counts = _positive_counts(class_counts)
+    a1max, a2max = paper_margin_bounds(counts)
+    low, high = SUGGESTED_INTER_MARGIN_RANGE
+    inter = round(min(high, max(low, a1max)), 4)
+    intra = round(inter * SUGGESTED_INTRA_RATIO, 4)
+    return {
+        "num_identities": int(counts.size),
+        "num_samples": int(counts.sum()),
+        "a1max": float(a1max),
+        "a2max_min": float(a2max.min()),
+        "a2max_median": float(np.median(a2max)),
+        "a2max_max": float(a2max.max()),
+        "inter_margin": inter,
+        "intra_margin": intra,
+        "a1max_binds": bool(low <= a1max <= high),
+        "tail_below_intra": float(np.mean(a2max < intra)),
+    }

@@ -34,7 +34,6 @@ turns a query into ``unknown``.
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 import json
 import logging
@@ -74,12 +73,6 @@ __all__ = [
     "INDEX_KINDS",
     "SearchResult",
     "UnknownIdentityError",
-    "build_index_from_checkpoint",
-    "build_index_from_embeddings",
-    "enrol_images",
-    "load_embedding_source",
-    "read_labels",
-    "search_images",
 ]
 
 FORMAT_VERSION = 1
@@ -578,6 +571,8 @@ class ClusterIndex:
             "generation": self.generation,
             "gpu": self._on_gpu,
             "config": {**self.config, **effective},
+            # The last `index calibrate` report; its generation tells whether the gallery changed since.
+            "calibration": self._snapshot.meta.get("calibration"),
             "identities": counts,
         }
 
@@ -676,6 +671,81 @@ class ClusterIndex:
         if store:
             self.set_threshold(calibration.threshold if math.isfinite(calibration.threshold) else None)
         return calibration
+
+    def calibrate(self, queries: np.ndarray, true_names: Sequence[str], impostor_queries: np.ndarray | None = None,
+                  target_far: float = 0.01, grid: Iterable[int] = DEFAULT_NUM_NEIGHBOURS_GRID,
+                  store: bool = True) -> dict:
+        """Choose N of Eq. 10 and, given impostors, the open-set threshold; store both at once.
+
+        ``queries`` with ``true_names``: validation embeddings of identities that *are* in the
+        gallery (genuine). N maximises their top-1 accuracy over ``grid`` (seed 002 Sec. 5
+        searches 20:10:200; values above the number of clusters are clipped to it). Then, at
+        that N, the genuine scores are the best log Eq. 10 scores of the genuine queries that
+        are identified correctly, and ``impostor_queries`` (identities *not* in the gallery)
+        give the threshold with a false-accept rate of at most ``target_far``
+        (:func:`facepipe.index.knc.calibrate_unknown_threshold`). Without impostors only N
+        changes. ``store`` writes N, the threshold and this report (meta key ``calibration``)
+        in one transaction; it fails if the gallery changed since this object was loaded, as
+        the calibration would then describe another gallery.
+
+        Returns the report: num_neighbours, accuracy (top-1 at N), accuracy_by_n, and with
+        impostors threshold (None = accept all), target_far, far, genuine_accept_rate (of the
+        correctly identified genuine queries) and identification_rate (genuine queries both
+        correctly identified and accepted: the open-set detection-and-identification rate).
+        """
+        grid = sorted({int(n) for n in grid})
+        if not grid or grid[0] < 1:
+            raise ClusterIndexError(f"the grid of N values must be positive integers, got {grid}")
+        queries = self._check_queries(queries)
+        names = [str(name) for name in true_names]
+        if len(names) != len(queries):
+            raise ClusterIndexError(f"{len(names)} identity names for {len(queries)} validation queries")
+        if not len(queries):
+            raise ClusterIndexError("calibration needs validation queries of identities in the index")
+        truth = self.identity_ids(names)
+        absent = sorted({name for name, t in zip(names, truth.tolist()) if t < 0})
+        if absent:
+            # A genuine query of an absent identity can never be right: it would bias N and the
+            # genuine accept rate. Such queries are impostors.
+            raise ClusterIndexError(f"{len(absent)} validation identities are not in the index {self.folder} "
+                                    f"({', '.join(absent[:5])}); give them as impostors instead")
+        sims, owner = self.retrieve(queries, max(grid))
+        choice = choose_num_neighbours(sims, owner, truth, grid, num_clusters=self.num_clusters)
+        n = choice.num_neighbours
+        genuine = knc_scores(sims[:, :n], owner[:, :n])
+        correct = genuine.predicted == truth
+        report: dict[str, Any] = {
+            "num_neighbours": n, "accuracy": choice.accuracy,
+            "accuracy_by_n": {str(k): v for k, v in choice.accuracy_by_n.items()},
+            "grid": grid, "num_genuine": int(len(queries)), "num_genuine_identities": len(set(names)),
+            "num_clusters": self.num_clusters, "num_impostor": 0}
+        changes: dict[str, Any] = {"num_neighbours": n}
+        if impostor_queries is not None and len(impostor_queries):
+            impostor = self.knc(impostor_queries, n).best_log_scores
+            calib = calibrate_unknown_threshold(genuine.best_log_scores[correct], impostor, target_far)
+            threshold = calib.threshold if math.isfinite(calib.threshold) else None
+            accepted = genuine.best_log_scores >= (calib.threshold if threshold is not None else -math.inf)
+            report.update(threshold=threshold, target_far=calib.target_far, far=calib.far,
+                          genuine_accept_rate=calib.genuine_accept_rate, num_impostor=calib.num_impostor,
+                          identification_rate=float(np.mean(correct & accepted)))
+            changes["unknown_threshold"] = threshold
+        if store:
+            self._store_calibration(changes, report)
+        return report
+
+    def _store_calibration(self, changes: dict, report: dict) -> None:
+        generation = self.generation
+
+        def change(conn: sqlite3.Connection, meta: dict) -> None:
+            if int(meta["generation"]) != generation:
+                raise ClusterIndexError(f"the index {self.folder} changed while it was being calibrated (generation "
+                                        f"{generation} -> {meta['generation']}); run the calibration again")
+            _set_meta(conn, config=_check_config(meta["kind"], {**meta["config"], **changes}),
+                      calibration={**report, "generation": generation,
+                                   "calibrated_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+        _commit(self.folder, change, rebuild=False)
+        self._load()
 
     # ------------------------------------------------------------------ updates
     def set_threshold(self, threshold: float | None) -> None:
@@ -850,347 +920,3 @@ def _commit(folder: Path, change: Callable[[sqlite3.Connection, dict], None], re
     if rebuild and old_generation:
         with contextlib.suppress(OSError):
             _faiss_path(folder, old_generation).unlink()
-
-
-# --------------------------------------------------------------------------------------------
-# Embedding sources and the jobs behind the CLI
-# --------------------------------------------------------------------------------------------
-def read_labels(path: str | os.PathLike) -> list[str]:
-    """Identity names, one per embedding row, from a text file (one name per line), a ``.npy``
-    array (strings or integers) or a ``facepipe embed`` ``manifest.csv`` (its identity column)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ClusterIndexError(f"labels file {path} does not exist")
-    if path.suffix.lower() == ".npy":
-        try:
-            labels = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise ClusterIndexError(f"{path}: not a plain .npy array of labels ({exc})") from None
-        if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or labels.dtype.kind == "U"):
-            raise ClusterIndexError(f"{path}: labels must be a 1-D array of integers or strings, got shape "
-                                    f"{list(labels.shape)} dtype {labels.dtype}")
-        return [str(x) for x in labels.tolist()]
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".csv":
-        rows = list(csv.reader(text.splitlines()))
-        if not rows or [h.strip() for h in rows[0]] != ["row", "path", "identity"]:
-            raise ClusterIndexError(f"{path}: a .csv of labels must be a 'facepipe embed' manifest "
-                                    "(header row,path,identity)")
-        return [row[2].strip().replace("\\", "/").strip("/") for row in rows[1:] if row]
-    lines = text.splitlines()
-    while lines and not lines[-1].strip():
-        lines.pop()
-    return [line.strip() for line in lines]
-
-
-def load_embedding_source(embeddings: str | os.PathLike | np.ndarray,
-                          labels: str | os.PathLike | Sequence[str] | None = None) -> dict:
-    """Embeddings and their identity names from an array, a ``.npy`` file or a ``facepipe embed``
-    output folder (``embeddings.npy`` + ``manifest.csv`` for the names + ``embed.json`` for the
-    model fingerprint and flip mode; a ``.npy`` inside such a folder finds them too).
-
-    Returns ``{"embeddings", "names" (None if unknown), "fingerprint", "flip"}``.
-    """
-    info: dict[str, Any] = {}
-    manifest = None
-    if isinstance(embeddings, np.ndarray):
-        array = embeddings
-    else:
-        path = Path(embeddings)
-        if path.is_dir():
-            path = path / "embeddings.npy"
-        if not path.is_file():
-            raise ClusterIndexError(f"embeddings file {path} does not exist")
-        try:
-            array = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise ClusterIndexError(f"{path}: not a plain numeric .npy array ({exc})") from None
-        if (path.parent / "embed.json").is_file():
-            info = json.loads((path.parent / "embed.json").read_text(encoding="utf-8"))
-        if (path.parent / "manifest.csv").is_file() and path.name == "embeddings.npy":
-            manifest = path.parent / "manifest.csv"
-    if labels is None and manifest is not None:
-        labels = manifest
-    if isinstance(labels, (str, os.PathLike)):
-        names: list[str] | None = read_labels(labels)
-    else:
-        names = None if labels is None else [str(x) for x in labels]
-    if names is not None and len(names) != len(array):
-        raise ClusterIndexError(f"{len(names)} labels for {len(array)} embeddings (one label per row)")
-    return {"embeddings": array, "names": names, "fingerprint": info.get("model_fingerprint") or "",
-            "flip": info.get("flip")}
-
-
-def build_index_from_embeddings(
-    folder: str | os.PathLike,
-    embeddings: np.ndarray,
-    labels: Sequence[str] | Sequence[int] | np.ndarray,
-    cluster_size: int = DEFAULT_CLUSTER_SIZE,
-    *,
-    kind: str = "flat",
-    config: dict | None = None,
-    fingerprint: str = "",
-    seed: int = 0,
-    niter: int = 20,
-    overwrite: bool = False,
-    progress: bool = False,
-) -> ClusterIndex:
-    """Cluster every identity's embeddings into clusters of ``cluster_size`` (seed 002 Eq. 6-7)
-    and build an index of the centroids in ``folder`` (names: ``str`` of each label)."""
-    from facepipe.index.clusters import balanced_spherical_kmeans
-
-    x = _unit_rows(embeddings, "embeddings")
-    names = [str(label) for label in (labels.tolist() if isinstance(labels, np.ndarray) else labels)]
-    if len(names) != len(x):
-        raise ClusterIndexError(f"{len(names)} labels for {len(x)} embeddings (one label per row)")
-    if not len(x):
-        raise EmptyGalleryError("cannot build an index from zero embeddings: the gallery is empty")
-    _check_names(names)
-    unique, codes = np.unique(np.array(names, dtype=object), return_inverse=True)
-    assignment = balanced_spherical_kmeans(x, codes.astype(np.int64), cluster_size, seed=seed, niter=niter,
-                                           progress=progress)
-    config = {**(config or {}), "cluster_size": int(cluster_size)}
-    return ClusterIndex.build(folder, assignment.centroids, assignment.cluster_identity,
-                              [str(name) for name in unique], cluster_sizes=assignment.cluster_sizes(),
-                              fingerprint=fingerprint, kind=kind, config=config, overwrite=overwrite)
-
-
-def _embed_paths(loaded: Any, paths: Sequence[str], flip: str, device: Any, batch_size: int | None,
-                 progress: bool) -> np.ndarray:
-    from facepipe.embed.extract import extract_embeddings
-    from facepipe.utils.device import resolve_amp_dtype
-
-    return extract_embeddings(
-        loaded.model, list(paths), loaded.config.data.image_size, device,
-        batch_size=batch_size or loaded.config.embed.batch_size, flip=flip,
-        amp_dtype=resolve_amp_dtype(loaded.config.train.amp, device), progress=progress)
-
-
-def _embed_identity_folder(checkpoint: str | os.PathLike, images: str | os.PathLike, flip: str | None,
-                           device: str, batch_size: int | None, progress: bool) -> dict:
-    from facepipe.embed.extract import list_images, load_model
-    from facepipe.utils.device import resolve_device
-
-    items = list_images(images)
-    loose = [path for path, identity in items if not identity]
-    if loose:
-        raise ClusterIndexError(f"{images} must hold one subfolder per identity; {len(loose)} image(s) lie directly "
-                                f"in it (e.g. {loose[0]})")
-    torch_device = resolve_device(device)
-    loaded = load_model(checkpoint, torch_device)
-    flip = flip or loaded.config.embed.flip
-    vectors = _embed_paths(loaded, [path for path, _ in items], flip, torch_device, batch_size, progress)
-    return {"embeddings": vectors, "names": [identity for _, identity in items], "fingerprint": loaded.fingerprint,
-            "flip": flip}
-
-
-def build_index_from_checkpoint(
-    folder: str | os.PathLike,
-    checkpoint: str | os.PathLike,
-    image_root: str | os.PathLike,
-    cluster_size: int = DEFAULT_CLUSTER_SIZE,
-    *,
-    kind: str = "flat",
-    config: dict | None = None,
-    seed: int = 0,
-    niter: int = 20,
-    overwrite: bool = False,
-    flip: str | None = None,
-    device: str = "auto",
-    batch_size: int | None = None,
-    progress: bool = True,
-) -> ClusterIndex:
-    """Embed an aligned identity-folder tree (``image_root/<identity>/<image>``) with the
-    checkpoint's model and build an index of its clusters; the index records the model
-    fingerprint and the flip fusion, which searches then reuse."""
-    source = _embed_identity_folder(checkpoint, image_root, flip, device, batch_size, progress)
-    return build_index_from_embeddings(
-        folder, source["embeddings"], source["names"], cluster_size, kind=kind,
-        config={**(config or {}), "flip": source["flip"]}, fingerprint=source["fingerprint"], seed=seed,
-        niter=niter, overwrite=overwrite, progress=progress)
-
-
-def enrol_images(
-    folder: str | os.PathLike,
-    checkpoint: str | os.PathLike | None = None,
-    images: str | os.PathLike | None = None,
-    *,
-    embeddings: str | os.PathLike | np.ndarray | None = None,
-    labels: str | os.PathLike | Sequence[str] | None = None,
-    cluster_size: int | None = None,
-    seed: int = 0,
-    niter: int = 20,
-    device: str = "auto",
-    batch_size: int | None = None,
-    progress: bool = True,
-) -> dict:
-    """Add identities (or more images of enrolled ones) to the index in ``folder``: either an
-    aligned identity-folder tree ``images`` embedded with ``checkpoint`` (whose fingerprint must
-    match the index's), or precomputed ``embeddings`` with ``labels``. See
-    :meth:`ClusterIndex.add` for how existing identities are extended."""
-    index = ClusterIndex.open(folder)
-    if (images is None) == (embeddings is None):
-        raise ClusterIndexError("give either images (with a checkpoint) or embeddings (with labels), "
-                                "not both or neither")
-    if images is not None:
-        if checkpoint is None:
-            raise ClusterIndexError("enrolling images needs the checkpoint to embed them")
-        source = _embed_identity_folder(checkpoint, images, index.config.get("flip"), device, batch_size, progress)
-    else:
-        source = load_embedding_source(embeddings, labels)
-        if source["names"] is None:
-            raise ClusterIndexError("enrolling embeddings needs labels: one identity name per row")
-    return index.add(source["embeddings"], source["names"], cluster_size=cluster_size,
-                     fingerprint=source["fingerprint"] or None, seed=seed, niter=niter, progress=progress)
-
-
-def _expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    from facepipe.data.dataset import IMAGE_EXTENSIONS
-
-    paths: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-            if not found:
-                raise ClusterIndexError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
-            paths.extend(found)
-        elif path.is_file():
-            paths.append(path)
-        else:
-            raise ClusterIndexError(f"search input {path} does not exist")
-    return paths
-
-
-def _align_photos(checkpoint: str | os.PathLike, photos: Sequence[Path], workdir: Path,
-                  progress: bool) -> list[tuple[str, Path | None]]:
-    """Align raw photos the way the checkpoint's model expects (its config's ``align`` section
-    at its input size, as ``facepipe eval lfw --align`` does); (status, crop or None) each."""
-    from facepipe.align.manifest import USABLE_STATUSES, read_manifest
-    from facepipe.eval.lfw import align_raw_images
-
-    # Links under numbered folders give every photo a unique relative path in one root.
-    raw = workdir / "raw"
-    keys = []
-    for number, photo in enumerate(photos):
-        key = f"{number}/{photo.name}"
-        (raw / key).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.symlink(photo.resolve(), raw / key)
-        except OSError:
-            shutil.copyfile(photo, raw / key)
-        keys.append(key)
-    aligned = align_raw_images(checkpoint, raw, keys, workdir / "aligned", progress=progress)
-    rows = {}
-    for manifest in sorted(aligned.glob("manifest*.jsonl")):
-        rows.update({row["path"]: row for row in read_manifest(manifest)})
-    out = []
-    for key in keys:
-        row = rows.get(key, {"status": "missing"})
-        usable = row["status"] in USABLE_STATUSES and row.get("output")
-        out.append((row["status"], aligned / row["output"] if usable else None))
-    return out
-
-
-def search_images(
-    folder: str | os.PathLike,
-    checkpoint: str | os.PathLike | None = None,
-    inputs: Iterable[str | os.PathLike] = (),
-    top_k: int = 5,
-    align: bool | str = "auto",
-    *,
-    num_neighbours: int | None = None,
-    device: str = "auto",
-    batch_size: int | None = None,
-    progress: bool = True,
-) -> list[dict]:
-    """Search the index in ``folder`` for every input: image files, folders of images (walked
-    recursively), or ``.npy`` arrays of embeddings (one query per row; no checkpoint needed).
-
-    Images are embedded with ``checkpoint`` (its fingerprint must match the index's) and the
-    index's flip fusion. ``align``: True = every image is a raw photo, detected and aligned
-    first (the checkpoint's align settings, in a temporary folder); False = every image is an
-    aligned crop; ``"auto"`` = an image already at the model's input size is a crop, any other
-    is a raw photo. Returns one dict per query: input, status (``ok`` or why there is no
-    result, e.g. ``no_face``), alignment, identity (None when unknown), unknown, matches.
-    """
-    if align not in (True, False, "auto"):
-        raise ClusterIndexError(f"align must be True, False or 'auto', got {align!r}")
-    index = ClusterIndex.open(folder)
-    if index.num_clusters == 0:
-        raise EmptyGalleryError(f"the index {folder} holds no identity (all were removed); add some first")
-    inputs = list(inputs)
-    if not inputs:
-        raise ClusterIndexError("nothing to search: give image files, folders or .npy embeddings")
-    entries: list[dict] = []  # one per query, in input order
-    queries: list[np.ndarray] = []
-    images = []
-    for item in inputs:
-        if Path(item).suffix.lower() == ".npy":
-            source = load_embedding_source(item)
-            rows = np.atleast_2d(source["embeddings"])
-            index.check_fingerprint(source["fingerprint"] or None)
-            for row in range(len(rows)):
-                entries.append({"input": f"{item}[{row}]", "status": "ok", "alignment": "embedding",
-                                "query": len(queries)})
-                queries.append(rows[row])
-        else:
-            for path in _expand_inputs([item]):
-                entry = {"input": str(path), "status": "ok", "alignment": None, "query": None}
-                entries.append(entry)
-                images.append((entry, path))
-    if images:
-        if checkpoint is None:
-            raise ClusterIndexError("searching images needs the checkpoint to embed them (--checkpoint)")
-        _embed_search_images(index, checkpoint, images, queries, align, device, batch_size, progress)
-    results = []
-    found = index.search(np.stack(queries), top_k=top_k, num_neighbours=num_neighbours) if queries else []
-    for entry in entries:
-        query = entry.pop("query")
-        if query is None:
-            results.append({**entry, "identity": None, "unknown": None, "matches": []})
-        else:
-            results.append({**entry, **found[query].to_dict()})
-    return results
-
-
-def _embed_search_images(index: ClusterIndex, checkpoint: str | os.PathLike, images: list[tuple[dict, Path]],
-                         queries: list[np.ndarray], align: bool | str, device: str, batch_size: int | None,
-                         progress: bool) -> None:
-    from facepipe.data.dataset import UnreadableImageError, decode_image
-    from facepipe.embed.extract import load_model
-    from facepipe.utils.device import resolve_device
-
-    torch_device = resolve_device(device)
-    loaded = load_model(checkpoint, torch_device)
-    index.check_fingerprint(loaded.fingerprint)
-    height, width = loaded.config.data.image_size
-    crops: list[tuple[dict, Path]] = []
-    photos: list[tuple[dict, Path]] = []
-    for entry, path in images:
-        if align == "auto":
-            try:
-                shape = decode_image(path).shape[:2]
-            except UnreadableImageError as exc:
-                entry.update(status="unreadable", error=str(exc))
-                continue
-            (crops if tuple(shape) == (height, width) else photos).append((entry, path))
-        else:
-            (photos if align else crops).append((entry, path))
-    for entry, _ in crops:
-        entry["alignment"] = "crop"
-    with tempfile.TemporaryDirectory(prefix="facepipe-search-") as workdir:
-        if photos:
-            aligned = _align_photos(checkpoint, [path for _, path in photos], Path(workdir), progress)
-            for (entry, _), (status, crop) in zip(photos, aligned):
-                entry["alignment"] = status
-                if crop is None:
-                    entry["status"] = status
-                else:
-                    crops.append((entry, crop))
-        if crops:
-            flip = index.config.get("flip") or loaded.config.embed.flip
-            vectors = _embed_paths(loaded, [str(path) for _, path in crops], flip, torch_device, batch_size, progress)
-            for (entry, _), vector in zip(crops, vectors):
-                entry["query"] = len(queries)
-                queries.append(vector)

@@ -39,6 +39,9 @@ class ClusterLossOutput(NamedTuple):
     loss: Tensor  # scalar, weighted mean of the per-sample losses
     per_sample: Tensor  # [B] unweighted inter + intra, detached
     weights: Tensor  # [B] cost-sensitive weights (mean 1), or ones
+    # [B] bool: the most similar batch centroid belongs to the sample's identity (the batch
+    # version of the nearest-cluster rule; the trainer reports its mean as training accuracy).
+    identity_correct: Tensor
 
 
 def cost_sensitive_weights(identity_ids: Tensor) -> Tensor:
@@ -122,7 +125,8 @@ class ClusterMarginLoss(nn.Module):
             else:
                 weights = torch.ones_like(per_sample)
             loss = (weights * per_sample).mean()
-        return ClusterLossOutput(loss, per_sample.detach(), weights)
+            identity_correct = cluster_identity[scores.detach().argmax(1)] == identity_ids
+        return ClusterLossOutput(loss, per_sample.detach(), weights, identity_correct)
 
     def extra_repr(self) -> str:
         return (

@@ -380,7 +380,11 @@ class Trainer:
             self.cluster_stage.record_losses(indices, clusters.per_sample)
         if isinstance(self.head, MarginHead):
             self.head.step()
-        accuracy = (logits.detach().argmax(1) == labels).float().mean().item()
+        if self.cluster_stage is not None and not self.cluster_stage.classification_weight:
+            # The classifier does not train in a pure CLMLE stage: score the nearest batch cluster.
+            accuracy = clusters.identity_correct.float().mean().item()
+        else:
+            accuracy = (logits.detach().argmax(1) == labels).float().mean().item()
         return loss.item(), accuracy
 
     def _run_epoch(self) -> dict[str, Any]:
