@@ -149,13 +149,16 @@ def _embed_paths(loaded: Any, paths: Sequence[str], flip: str, device: Any, batc
 
 
 def _embed_identity_folder(checkpoint: str | os.PathLike, images: str | os.PathLike, flip: str | None,
-                           device: str, batch_size: int | None, progress: bool) -> dict:
+                           device: str, batch_size: int | None, progress: bool,
+                           require_identities: bool = True) -> dict:
+    """Embeddings of every image under ``images`` and the identity subfolder of each ('' for
+    images directly in it, which only impostor sets, ``require_identities=False``, may have)."""
     from facepipe.embed.extract import list_images, load_model
     from facepipe.utils.device import resolve_device
 
     items = list_images(images)
     loose = [path for path, identity in items if not identity]
-    if loose:
+    if loose and require_identities:
         raise ClusterIndexError(f"{images} must hold one subfolder per identity; {len(loose)} image(s) lie directly "
                                 f"in it (e.g. {loose[0]})")
     torch_device = resolve_device(device)
@@ -226,21 +229,6 @@ def enrol_images(
                      fingerprint=source["fingerprint"] or None, seed=seed, niter=niter, progress=progress)
 
 
-def _embed_any_folder(checkpoint: str | os.PathLike, images: str | os.PathLike, flip: str | None, device: str,
-                      batch_size: int | None, progress: bool) -> dict:
-    # Impostor images need no labels: identity subfolders are optional (names '' when absent).
-    from facepipe.embed.extract import list_images, load_model
-    from facepipe.utils.device import resolve_device
-
-    items = list_images(images)
-    torch_device = resolve_device(device)
-    loaded = load_model(checkpoint, torch_device)
-    flip = flip or loaded.config.embed.flip
-    vectors = _embed_paths(loaded, [path for path, _ in items], flip, torch_device, batch_size, progress)
-    return {"embeddings": vectors, "names": [identity for _, identity in items], "fingerprint": loaded.fingerprint,
-            "flip": flip}
-
-
 def calibrate_index(
     folder: str | os.PathLike,
     checkpoint: str | os.PathLike | None = None,
@@ -286,7 +274,8 @@ def calibrate_index(
     index.check_fingerprint(genuine["fingerprint"] or None)
     impostor = None
     if impostor_images is not None:
-        impostor = _embed_any_folder(checkpoint, impostor_images, flip, device, batch_size, progress)
+        impostor = _embed_identity_folder(checkpoint, impostor_images, flip, device, batch_size, progress,
+                                          require_identities=False)
     elif impostor_embeddings is not None:
         impostor = load_embedding_source(impostor_embeddings)
     if impostor is not None:
