@@ -217,15 +217,31 @@ def test_classify_runner_end_to_end(tmp_path, head):
     assert results["best_epoch"] == 1 + int(np.argmax(val))
 
 
+COSINE_HEAD = "train.stages.0.head={type: cosface, s: 1.0, m: 0.0}"
+METHODS = {
+    "focal": ["train.stages.0.loss.type=focal"],
+    "cb": ["train.stages.0.loss.type=class_balanced"],
+    "la": ["train.stages.0.loss.type=logit_adjusted"],
+    "mm_drw": ["train.stages.0.loss.type=mm", "train.stages.0.drw={start_epoch: 0}"],
+    "ldam_drw": [COSINE_HEAD, "train.stages.0.loss.type=ldam", "train.stages.0.drw={start_epoch: 0}"],
+    "mm_ldam_drw": [COSINE_HEAD, "train.stages.0.loss={type: mm, ldam: true}", "train.stages.0.drw={start_epoch: 0}"],
+    "umm": ["model.dropout=0.5", "train.uncertainty={passes: 3, max_per_class: 8}",
+            "train.stages.0.head={type: lsoftmax, m: 3, margin_source: uncertainty, lambda_base: 10.0, lambda_min: 1.0}"],
+}
+
+
 def test_classify_cli_trains_every_stage_loss(tmp_path, capsys):
     write_fake_mnist(tmp_path / "mnist", train_per_class=16, test_per_class=4)
-    for loss in ("focal", "class_balanced", "logit_adjusted", "mm"):
-        code = main(["classify", "--config", "mnist_imbalanced", "--quiet", f"output_dir={tmp_path / loss}",
+    for name, overrides in METHODS.items():
+        code = main(["classify", "--config", "mnist_imbalanced", "--quiet", f"output_dir={tmp_path / name}",
                      f"classify.root={tmp_path / 'mnist'}", "classify.imbalance_ratio=2", "data.batch_size=16",
-                     "train.stages.0.epochs=1", f"train.stages.0.loss.type={loss}"])
-        assert code == 0, loss
-        assert (tmp_path / loss / "results.json").is_file()
+                     "train.stages.0.epochs=1", *overrides])
+        assert code == 0, (name, capsys.readouterr().err)
+        assert (tmp_path / name / "results.json").is_file()
     assert "test G-mean" in capsys.readouterr().out
+    # UMM estimated class uncertainty on the in-memory images and set integer margins from it.
+    margins = json.loads((tmp_path / "umm" / "uncertainty.json").read_text())["class_margin"]
+    assert len(margins) == 10 and all(1 <= m <= 3 for m in margins)
 
 
 def test_classify_without_its_section_is_a_clear_error(tmp_path, capsys):

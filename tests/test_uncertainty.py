@@ -55,9 +55,9 @@ def test_zero_dropout_gives_zero_uncertainty_and_unit_margins(tiny_dataset):
     from facepipe.data.dataset import IdentityFolderDataset
 
     dataset = IdentityFolderDataset(tiny_dataset, transform=None)
-    paths = [s.path for s in dataset.samples]
-    class_u, sample_u = estimate_class_uncertainty(model, head, paths, dataset.labels, 12, (32, 32),
-                                                   torch.device("cpu"), passes=5)
+    images = dataset.eval_view(range(len(dataset)), (32, 32))
+    class_u, sample_u = estimate_class_uncertainty(model, head, images, dataset.labels, 12, torch.device("cpu"),
+                                                   passes=5)
     assert torch.equal(sample_u, torch.zeros_like(sample_u)) and torch.equal(class_u, torch.zeros(12))
     assert torch.equal(umm_integer_margins(class_u, 3), torch.ones(12, dtype=torch.long))
     assert torch.equal(uncertainty_additive_margins(class_u, 0.35), torch.zeros(12))

@@ -164,6 +164,13 @@ class IdentityFolderDataset(Dataset):
         tensor = self.transform(image, seed=seed) if self.transform is not None else torch.from_numpy(image)
         return tensor, int(self.samples[index].label), index
 
+    def eval_view(self, indices: Sequence[int], image_size: tuple[int, int]) -> "ImageListDataset":
+        """The images ``indices`` without augmentation, as ``(image, position)`` items (feature
+        extraction during training: uncertainty estimates, clustering)."""
+        from facepipe.data.transforms import build_eval_transform
+
+        return ImageListDataset([self.samples[i].path for i in indices], build_eval_transform(image_size))
+
 
 class ImageListDataset(Dataset):
     """Images from an explicit list of paths (embedding extraction, verification pairs).

@@ -125,3 +125,18 @@ class TensorImageDataset(Dataset):
     def __getitem__(self, item: int | tuple[int, int]):
         index = item[0] if isinstance(item, tuple) else item
         return self.images[index], int(self.labels[index]), index
+
+    def eval_view(self, indices: Sequence[int], image_size: tuple[int, int] | None = None) -> Dataset:
+        """The images ``indices`` as ``(image, position)`` items (no augmentation to leave out)."""
+        return _TensorView(self.images[torch.as_tensor(np.asarray(indices, dtype=np.int64))])
+
+
+class _TensorView(Dataset):
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, position: int):
+        return self.images[position], position

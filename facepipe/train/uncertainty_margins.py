@@ -18,10 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from facepipe.data.dataset import ImageListDataset
-from facepipe.data.transforms import build_eval_transform
 from facepipe.losses.margin_heads import MarginHead
 from facepipe.losses.uncertainty import (
     class_uncertainty,
@@ -51,19 +49,19 @@ def capped_subsample(labels: Sequence[int], max_per_class: int | None, seed: int
 
 
 @torch.no_grad()
-def estimate_class_uncertainty(model: torch.nn.Module, head: MarginHead, paths: Sequence[str],
-                               labels: Sequence[int], num_classes: int, image_size: tuple[int, int],
-                               device: torch.device, passes: int, batch_size: int = 128,
+def estimate_class_uncertainty(model: torch.nn.Module, head: MarginHead, images: Dataset,
+                               labels: Sequence[int], num_classes: int, device: torch.device, passes: int,
+                               batch_size: int = 128,
                                amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(class uncertainty [C], sample uncertainty [n]) of ``paths`` (seed 000 Eq. 6-7).
+    """(class uncertainty [C], sample uncertainty [n]) of ``images``, a dataset of ``(image,
+    position)`` items without augmentation (``dataset.eval_view``) (seed 000 Eq. 6-7).
 
     One backbone pass per batch in eval mode; the output stage runs ``passes`` times with dropout
     active (BatchNorm frozen); softmax over the head's margin-free logits.
     """
     was_training = model.training
     model.eval()
-    loader = DataLoader(ImageListDataset(paths, build_eval_transform(image_size)), batch_size=batch_size,
-                        shuffle=False, num_workers=0)
+    loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=0)
     per_sample = []
     try:
         for images, _ in loader:
@@ -120,9 +118,8 @@ def refresh_margins(trainer) -> dict:
     labels = np.asarray(dataset.labels)
     subset = capped_subsample(labels, settings.max_per_class, cfg.seed + trainer.epoch)
     class_u, _ = estimate_class_uncertainty(
-        trainer.model, trainer.head, [dataset.samples[i].path for i in subset], labels[subset],
-        dataset.num_classes, cfg.data.image_size, trainer.device, settings.passes, settings.batch_size,
-        trainer.amp_dtype,
+        trainer.model, trainer.head, dataset.eval_view(subset, cfg.data.image_size), labels[subset],
+        dataset.num_classes, trainer.device, settings.passes, settings.batch_size, trainer.amp_dtype,
     )
     margins = margins_from_uncertainty(stage.head.type, stage.head.m, class_u)
     trainer.head.set_margins(margins)
