@@ -172,6 +172,17 @@ def cmd_subset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pack(args: argparse.Namespace) -> int:
+    from facepipe.data.recordio import pack_identity_folder
+
+    info = pack_identity_folder(args.source, args.out_dir, prefix=args.prefix, progress=not args.quiet)
+    height, width = info["image_size"]
+    print(f"packed {info['num_images']} images of {info['num_classes']} identities ({height}x{width}, "
+          f"{info['reencoded']} re-encoded) into {info['rec']} ({info['bytes'] / 2**20:.1f} MiB), "
+          f"{info['idx']} and {info['property']}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from facepipe.demo import run_demo
 
@@ -429,6 +440,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out every person named in this LFW pairs file (repeatable)")
     p.add_argument("--min-images", type=int, default=1, help="keep identities with at least this many images")
     p.set_defaults(func=cmd_subset)
+
+    p = sub.add_parser("pack", help="pack identity folders as an insightface RecordIO set (train.rec, train.idx, "
+                       "property)")
+    p.add_argument("source", metavar="IDENTITY_FOLDER", help="identity-folder tree: IDENTITY_FOLDER/<identity>/<image>")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (outside IDENTITY_FOLDER)")
+    p.add_argument("--prefix", default="train", help="name of the .rec and .idx files (default: train)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pack)
 
     for name, helptext, example, func in (
         ("train", "train an embedding model from a YAML config", "data.root=DIR", cmd_train),

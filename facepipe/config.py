@@ -317,6 +317,10 @@ class TrainConfig(StrictModel):
     log_every_steps: int = Field(20, ge=1)
     checkpoint_every_steps: int = Field(0, ge=0)  # 0: checkpoints at epoch ends only
     max_steps_per_epoch: int | None = Field(None, ge=1)
+    # Each process splits its share of the global batch into this many chunks whose gradients
+    # accumulate (BatchNorm sees one chunk at a time): a big global batch on little memory, and the
+    # single-process equivalent of that many ranks.
+    micro_batches: int = Field(1, ge=1)
     validation: ValidationConfig | None = None
     uncertainty: UncertaintyConfig = UncertaintyConfig()
     clusters: ClusterConfig = ClusterConfig()

@@ -12,6 +12,7 @@ from facepipe.config import ConfigError, config_from_dict
 from facepipe.data.cluster_sampler import ClusterBatchSampler
 from facepipe.index.clusters import ClusterAssignment
 from facepipe.train.checkpoint import load_checkpoint
+from facepipe.train.cluster_stage import RankClusterBatches
 from facepipe.train.trainer import Trainer
 
 from conftest import tiny_config
@@ -38,7 +39,8 @@ def test_clmle_stage_clusters_batches_and_refreshes(tiny_dataset, tmp_path):
     metrics = trainer.fit()
     assert np.isfinite(metrics["loss"])
     stage = trainer.cluster_stage
-    assert isinstance(trainer.sampler, ClusterBatchSampler) and trainer.loader.batch_size == 12
+    assert isinstance(trainer.sampler, RankClusterBatches) and trainer.loader.batch_size == 12
+    assert isinstance(trainer.sampler.sampler, ClusterBatchSampler)
     saved = ClusterAssignment.from_npz(tmp_path / "run" / "clusters.npz")
     np.testing.assert_array_equal(saved.sample_cluster, stage.assignment.sample_cluster)
     # Balanced clusters of about 3 per identity: sizes within one of each other inside an identity.

@@ -66,11 +66,11 @@ def test_crash_mid_epoch_resumes_from_step_checkpoint_exactly(tiny_dataset, tmp_
     original = Trainer._train_step
     calls = {"n": 0}
 
-    def crash_on_fourth_step(self, images, labels):
+    def crash_on_fourth_step(self, *batch):
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt
-        return original(self, images, labels)
+        return original(self, *batch)
 
     monkeypatch.setattr(Trainer, "_train_step", crash_on_fourth_step)
     with pytest.raises(KeyboardInterrupt):

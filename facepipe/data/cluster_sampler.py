@@ -34,10 +34,13 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from facepipe.utils.faiss_device import GPU_MAX_K, to_device
+
 QUERY_MODES = ("hardest", "uniform")
 # The neighbour table keeps this many times M nearest clusters per cluster: more than the M - 1 a
 # batch needs, so that the same/other-identity constraints can usually be met from the table.
 NEIGHBOUR_FACTOR = 4
+NEIGHBOUR_PURPOSE = "cluster sampler neighbours"
 
 
 def _as_numpy(values) -> np.ndarray:
@@ -198,9 +201,15 @@ class ClusterBatchSampler(Sampler):
         self.neighbours = self._neighbour_table()
 
     def _neighbour_table(self) -> np.ndarray:
-        """[K, W] nearest clusters of every cluster by centroid cosine, in one batched FAISS search."""
+        """[K, W] nearest clusters of every cluster by centroid cosine, in one batched FAISS search
+        (on the GPUs faiss sees, replicated: each GPU answers a share of the queries)."""
         width = min(len(self.centroids), NEIGHBOUR_FACTOR * self.clusters_per_batch)
         index = faiss.IndexFlatIP(self.centroids.shape[1])
+        if width <= GPU_MAX_K:
+            index = to_device(index, purpose=NEIGHBOUR_PURPOSE)
+        else:
+            index = to_device(index, purpose=NEIGHBOUR_PURPOSE, use_gpu=False,
+                              cpu_reason=f"{width} neighbours exceed the GPU limit of {GPU_MAX_K}")
         index.add(self.centroids)
         _, neighbours = index.search(self.centroids, width)
         return neighbours.astype(np.int64)

@@ -27,14 +27,19 @@ class UnreadableImageError(OSError):
 
 def decode_image(path: str | Path) -> np.ndarray:
     """Read an image as HxWx3 uint8 RGB: grey becomes 3 channels, alpha is dropped, 16-bit scaled."""
-    data = np.fromfile(str(path), dtype=np.uint8)
+    return decode_encoded_image(np.fromfile(str(path), dtype=np.uint8), str(path))
+
+
+def decode_encoded_image(data: np.ndarray | bytes, source: str) -> np.ndarray:
+    """Encoded image bytes (``source`` names them in errors) as HxWx3 uint8 RGB, as :func:`decode_image`."""
+    data = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if image is None:
-        raise UnreadableImageError(f"cannot decode image {path}")
+        raise UnreadableImageError(f"cannot decode image {source} ({data.size} bytes)")
     if image.dtype == np.uint16:
         image = (image / 257.0).round().astype(np.uint8)
     elif image.dtype != np.uint8:
-        raise UnreadableImageError(f"unsupported pixel type {image.dtype} in {path}")
+        raise UnreadableImageError(f"unsupported pixel type {image.dtype} in {source}")
     if image.ndim == 2:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
     channels = image.shape[2]
@@ -44,7 +49,7 @@ def decode_image(path: str | Path) -> np.ndarray:
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     if channels == 4:
         return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
-    raise UnreadableImageError(f"unsupported channel count {channels} in {path}")
+    raise UnreadableImageError(f"unsupported channel count {channels} in {source}")
 
 
 @dataclass(frozen=True)

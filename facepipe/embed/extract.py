@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from facepipe.config import Config
@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 FLIP_MODES = ("sum", "concat", "none")
 
 
-@torch.no_grad()
 def extract_embeddings(
     model: nn.Module,
     paths: Sequence[str],
@@ -37,7 +36,24 @@ def extract_embeddings(
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
 ) -> np.ndarray:
-    """L2-normalised float32 embeddings of ``paths``, in order.
+    """L2-normalised float32 embeddings of the image files ``paths``, in order (see
+    :func:`embed_dataset`)."""
+    return embed_dataset(model, ImageListDataset(paths, build_eval_transform(image_size)), device, batch_size,
+                         flip, num_workers, amp_dtype, progress)
+
+
+@torch.no_grad()
+def embed_dataset(
+    model: nn.Module,
+    images: Dataset,
+    device: torch.device,
+    batch_size: int = 128,
+    flip: str = "sum",
+    num_workers: int = 0,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """L2-normalised float32 embeddings of a dataset of ``(image, position)`` items, in order.
 
     Flip fusion: ``sum`` adds the embeddings of the image and its mirror, ``concat`` stacks them
     (twice the dimension), ``none`` uses the image alone. The model is put in eval mode and
@@ -47,13 +63,8 @@ def extract_embeddings(
         raise ValueError(f"unknown flip mode '{flip}'; choose one of {FLIP_MODES}")
     was_training = model.training
     model.eval()
-    loader = DataLoader(
-        ImageListDataset(paths, build_eval_transform(image_size)),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-    )
+    loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
     chunks: list[torch.Tensor] = []
     try:
         for images, _ in tqdm(loader, desc="embed", unit="batch", disable=not progress, leave=False):

@@ -18,15 +18,17 @@ Recognition at Scale", CVPR 2016, challenge 1):
   the FAR that tail covers (:func:`facepipe.eval.verification.tail_roc`), and a FAR beyond it is
   reported as not measured rather than guessed.
 
-Search is exact inner product on L2-normalised embeddings with FAISS (``IndexFlatIP``; on the GPU
-when faiss has GPU support and CUDA is available), over chunks of the distractor set read from a
-memory-mapped ``.npy``, so a million 512-d distractors (2 GB) never have to sit in memory at once.
+Search is exact inner product on L2-normalised embeddings with FAISS (``IndexFlatIP``; sharded
+over all GPUs that faiss sees, see :mod:`facepipe.utils.faiss_device`, else on the CPU), over
+chunks of the distractor set read from a memory-mapped ``.npy``, so a million 512-d distractors
+(2 GB) never have to sit in memory at once.
 
 A development version on real data (:func:`lfw_megaface_sets`): probes are the LFW View 1
 development-test people with 2+ images, distractors the images of every other LFW person.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -41,6 +43,7 @@ from facepipe.eval.lfw import EmbeddingTable, embed_files, load_embeddings_folde
 from facepipe.eval.lfw_pairs import parse_lfw_pairs
 from facepipe.eval.report import EvalReport, Table, format_percent, write_report
 from facepipe.eval.verification import EvalInputError, format_far, tail_roc
+from facepipe.utils.faiss_device import GPU_MAX_K, gpu_count, to_device
 from facepipe.utils.io import save_npy_atomic, write_csv_atomic, write_json_atomic
 
 __all__ = [
@@ -57,17 +60,33 @@ __all__ = [
 
 DISTRACTOR_LEVELS = (10, 100, 1_000, 10_000, 100_000, 1_000_000)
 DEFAULT_CHUNK = 65536
+SEARCH_PURPOSE = "megaface search"
+
+log = logging.getLogger(__name__)
 
 
 def faiss_gpu_available() -> bool:
-    """True when this faiss build has GPU support and torch sees a CUDA device."""
-    if not hasattr(faiss, "StandardGpuResources"):
-        return False
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return False
-    return bool(torch.cuda.is_available())
+    """True when the installed faiss has GPU support and sees a GPU."""
+    return gpu_count() > 0
+
+
+def _search_on_gpu(use_gpu: bool | None, k: int) -> bool:
+    """Resolve ``use_gpu`` (None: when faiss sees a GPU) for a top-``k`` search."""
+    if use_gpu is None:
+        if not faiss_gpu_available():
+            return False
+        if k > GPU_MAX_K:
+            log.warning("%s keeps the top %d distractors per probe, more than FAISS GPU search returns (%d); "
+                        "searching on the CPU", SEARCH_PURPOSE, k, GPU_MAX_K)
+            return False
+        return True
+    if use_gpu:
+        if not faiss_gpu_available():
+            raise EvalInputError("FAISS GPU search requested, but faiss has no GPU support or sees no GPU")
+        if k > GPU_MAX_K:
+            raise EvalInputError(f"FAISS GPU search returns at most {GPU_MAX_K} neighbours per probe, but {k} "
+                                 "are needed (max_rank / impostor_top_k); search on the CPU instead")
+    return bool(use_gpu)
 
 
 def distractor_levels(available: int, levels: Sequence[int] = DISTRACTOR_LEVELS) -> list[int]:
@@ -134,12 +153,11 @@ def search_distractors(
         raise ValueError(f"levels must lie in [1, {num}], got {levels}")
     if snapshot_k > k:
         raise ValueError(f"snapshot_k ({snapshot_k}) must not exceed k ({k})")
-    use_gpu = faiss_gpu_available() if use_gpu is None else use_gpu
-    if use_gpu and not faiss_gpu_available():
-        raise EvalInputError("FAISS GPU search requested, but faiss has no GPU support or CUDA is unavailable")
+    use_gpu = _search_on_gpu(use_gpu, k)
     probes = np.ascontiguousarray(probes, dtype=np.float32)
-    gpu_resources = faiss.StandardGpuResources() if use_gpu else None
-    index = faiss.GpuIndexFlatIP(gpu_resources, dim) if use_gpu else faiss.IndexFlatIP(dim)
+    # Sharded over the GPUs: each holds a slice of a chunk; reset() before every add() keeps the
+    # sharded index's add-once rule and the chunk-local row numbers.
+    index = to_device(faiss.IndexFlatIP(dim), shard=True, purpose=SEARCH_PURPOSE, use_gpu=use_gpu)
 
     top_s = np.full((probes.shape[0], k), -np.inf, dtype=np.float32)
     top_i = np.full((probes.shape[0], k), -1, dtype=np.int64)
@@ -266,7 +284,7 @@ def megaface_identification(
     order = np.random.default_rng(seed).permutation(num_distractors)
 
     started = time.perf_counter()
-    used_gpu = faiss_gpu_available() if use_gpu is None else bool(use_gpu)
+    used_gpu = _search_on_gpu(use_gpu, k)
     snapshots, top_s, top_i = search_distractors(probes, distractors, levels, k, max_rank, order=order,
                                                  chunk_size=chunk_size, use_gpu=used_gpu, progress=progress)
     search_seconds = time.perf_counter() - started

@@ -153,10 +153,14 @@ def _normalise_rows(x: np.ndarray) -> np.ndarray:
 def _spherical_kmeans_centroids(x: np.ndarray, k: int, seed: int, niter: int) -> np.ndarray:
     import faiss
 
-    # Identities hold few points per centroid (l of them); FAISS would warn on every call.
+    from facepipe.utils.faiss_device import kmeans_uses_gpu
+
+    # Identities hold few points per centroid (l of them); FAISS would warn on every call. On the
+    # CPU (gpu=False) this is the plain FAISS k-means; large identities go to the GPU.
     kmeans = faiss.Kmeans(
         x.shape[1], k, niter=niter, spherical=True, seed=seed, verbose=False,
         min_points_per_centroid=1, max_points_per_centroid=1 << 30,
+        gpu=kmeans_uses_gpu(len(x), k),
     )
     kmeans.train(np.ascontiguousarray(x, dtype=np.float32))
     return kmeans.centroids
@@ -209,7 +213,10 @@ def balanced_spherical_kmeans(
         labels: [N] integer identity labels.
         cluster_size: target cluster size l; identity c gets ``clusters_per_identity(L_c, l)``
             clusters whose sizes are floor(L_c / K_c) or ceil(L_c / K_c).
-        seed: FAISS k-means seed; the result is deterministic for a seed.
+        seed: FAISS k-means seed; the result is deterministic for a seed. Identities large
+            enough for the GPU (:func:`facepipe.utils.faiss_device.kmeans_uses_gpu`) are
+            clustered there when faiss sees one; GPU float arithmetic may give slightly
+            different modes than the CPU.
         niter: k-means iterations.
         progress: tqdm bar over identities.
 

@@ -25,7 +25,8 @@ Readers take the generation and metadata from one read transaction and load that
 Index kinds: ``flat`` (exact ``IndexFlatIP``), ``hnsw`` (``IndexHNSWFlat``, inner product) and
 ``ivf`` (``IndexIVFFlat``, inner product, trained on the centroids, nlist = sqrt(K) by default),
 each wrapped in ``IndexIDMap2`` so that FAISS ids are the cluster ids of the database. Flat and
-IVF indexes are searched on all GPUs when this faiss build sees any.
+IVF indexes are searched on all GPUs (replicated) when this faiss build sees any
+(:mod:`facepipe.utils.faiss_device`); HNSW stays on the CPU.
 
 Scores are log Eq. 10 scores (see :mod:`facepipe.index.knc`): ``min_m s_m - logsumexp`` of the
 other identities' retrieved similarities; an optional open-set threshold on the best score
@@ -60,6 +61,7 @@ from facepipe.index.knc import (
     choose_num_neighbours,
     knc_scores,
 )
+from facepipe.utils.faiss_device import GPU_MAX_K, gpu_count, to_device
 from facepipe.utils.io import write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -85,8 +87,9 @@ DEFAULT_CLUSTER_SIZE = 20
 DEFAULT_NUM_NEIGHBOURS = 100
 DEFAULT_HNSW_M = 32
 DEFAULT_HNSW_EF_CONSTRUCTION = 80
-# FAISS GPU k-selection handles at most this many neighbours; larger N searches on the CPU.
-GPU_MAX_K = 2048
+# FAISS GPU k-selection handles at most GPU_MAX_K neighbours (imported from
+# facepipe.utils.faiss_device); a larger N searches on the CPU copy.
+SEARCH_PURPOSE = "identity index search"
 SEARCH_CHUNK = 16384
 _FAISS_FILE = re.compile(r"^centroids\.(\d+)\.faiss$")
 _TEMP_FILE = re.compile(r"^\.centroids\.\d+\.faiss\..*\.tmp$")
@@ -292,11 +295,6 @@ def _build_faiss(kind: str, config: dict, dim: int, ids: np.ndarray, vectors: np
     return index
 
 
-def _gpu_available() -> bool:
-    return (hasattr(faiss, "get_num_gpus") and hasattr(faiss, "index_cpu_to_all_gpus")
-            and faiss.get_num_gpus() > 0)
-
-
 def _check_config(kind: str, config: dict) -> dict:
     if kind not in INDEX_KINDS:
         raise ClusterIndexError(f"unknown index kind '{kind}'; choose one of {', '.join(INDEX_KINDS)}")
@@ -491,15 +489,22 @@ class ClusterIndex:
         self._cpu_index = index
         self._search_index = index
         self._on_gpu = False
-        use_gpu = _gpu_available() if self._use_gpu is None else self._use_gpu
+        use_gpu = gpu_count() > 0 if self._use_gpu is None else self._use_gpu
         if use_gpu and self.kind != "hnsw" and index.ntotal > 0:  # FAISS has no GPU HNSW
-            if not _gpu_available():
+            if gpu_count() == 0:
                 raise ClusterIndexError("GPU search requested, but this faiss build sees no GPU")
             try:
-                self._search_index = faiss.index_cpu_to_all_gpus(index)
-                self._on_gpu = True
-            except Exception as exc:  # an index type the GPU cloner does not support
+                # Replicated on every GPU (a centroid gallery fits on one); queries are split.
+                self._search_index = to_device(index, purpose=SEARCH_PURPOSE, use_gpu=True)
+                self._on_gpu = self._search_index is not index
+            except Exception as exc:  # an index type the GPU cloner does not support, out of memory
                 log.warning("searching %s on the CPU: moving it to the GPU failed (%s)", self.folder, exc)
+        elif self._use_gpu is None and not use_gpu:
+            to_device(index, purpose=SEARCH_PURPOSE)  # logs the CPU path: no GPU visible to faiss
+        else:
+            reason = ("GPU use turned off" if not use_gpu else
+                      "HNSW has no GPU version" if self.kind == "hnsw" else "empty gallery")
+            to_device(index, purpose=SEARCH_PURPOSE, use_gpu=False, cpu_reason=reason)
 
     # ------------------------------------------------------------------ properties
     @property

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from facepipe.data.cluster_sampler import ClusterBatchSampler, LossCache
-from facepipe.embed.extract import extract_embeddings
+from facepipe.embed.extract import embed_dataset
 from facepipe.index.clusters import ClusterAssignment, balanced_spherical_kmeans, format_margin_bounds
 from facepipe.losses.clmle import ClusterLossOutput, ClusterMarginLoss
+from facepipe.train.distributed import DistributedContext, broadcast_object, gather_rows, rank_slice
 
 if TYPE_CHECKING:
     from facepipe.train.trainer import Trainer
@@ -45,9 +46,6 @@ class ClusterStage:
         self.loss = ClusterMarginLoss(spec.scale, spec.inter_margin, spec.intra_margin, spec.cost_sensitive)
         self.classification_weight = spec.classification_weight
         dataset = trainer.dataset
-        if not hasattr(dataset, "samples"):
-            raise TypeError("clmle stages re-extract features from image files: they need an identity-folder dataset")
-        self.paths = [sample.path for sample in dataset.samples]
         self.cache = LossCache(len(dataset))
         self.refresh_seconds = 0.0  # clustering (feature extraction + k-means) so far in this stage
         self.elapsed_seconds = 0.0  # wall time of the stage so far, clustering included
@@ -68,23 +66,32 @@ class ClusterStage:
             num_batches=trainer.steps_per_epoch, seed=trainer.config.seed, query=self.settings.query,
             loss_cache=self.cache,
         )
+        self.rank_sampler = RankClusterBatches(self.sampler, trainer.dist, trainer.config.train.micro_batches,
+                                               trainer.steps_per_epoch)
 
     # ------------------------------------------------------------------ clusters
     def _cluster(self) -> ClusterAssignment:
         """Seed 002 Eq. 6-7: features of the current model, balanced spherical k-means per identity."""
         trainer = self.trainer
+        ctx = trainer.dist
         started = time.perf_counter()
-        embeddings = extract_embeddings(
-            trainer.model, self.paths, trainer.config.data.image_size, trainer.device,
+        # Each rank embeds its share of the images; every rank gets all features in order, rank 0
+        # clusters them and broadcasts the one assignment (k-means need not agree bit for bit).
+        share = np.arange(len(trainer.dataset))[rank_slice(len(trainer.dataset), ctx)]
+        embeddings = gather_rows(ctx, embed_dataset(
+            trainer.model, trainer.dataset.eval_view(share, trainer.config.data.image_size), trainer.device,
             batch_size=self.settings.batch_size, flip="none", num_workers=trainer.config.data.num_workers,
             amp_dtype=trainer.amp_dtype, progress=trainer.progress,
-        )
+        ))
         extracted = time.perf_counter()
-        assignment = balanced_spherical_kmeans(
-            embeddings, trainer.dataset.labels, self.settings.cluster_size, seed=trainer.config.seed + trainer.global_step,
-            niter=self.settings.kmeans_iterations,
-        )
-        assignment.to_npz(trainer.run_dir / CLUSTERS_FILE)
+        assignment = None
+        if ctx.is_main:
+            assignment = balanced_spherical_kmeans(
+                embeddings, trainer.dataset.labels, self.settings.cluster_size,
+                seed=trainer.config.seed + trainer.global_step, niter=self.settings.kmeans_iterations,
+            )
+            assignment.to_npz(trainer.run_dir / CLUSTERS_FILE)
+        assignment = broadcast_object(ctx, assignment)
         seconds = time.perf_counter() - started
         self.refresh_seconds += seconds
         sizes = assignment.cluster_sizes()
@@ -94,8 +101,7 @@ class ClusterStage:
         log.info("clusters: %d for %d identities (sizes %d..%d) in %.1f s (features %.1f s)",
                  assignment.num_clusters, trainer.dataset.num_classes, sizes.min(), sizes.max(), seconds,
                  record["extract_seconds"])
-        if hasattr(trainer, "run_log"):
-            trainer.run_log.write("clusters", trainer.global_step, **record)
+        trainer.run_log.write("clusters", trainer.global_step, **record)
         return assignment
 
     def maybe_refresh(self) -> bool:
@@ -115,7 +121,10 @@ class ClusterStage:
         return self.loss(embeddings, clusters, labels)
 
     def record_losses(self, indices: torch.Tensor, per_sample: torch.Tensor) -> None:
-        self.cache.update(indices.cpu(), per_sample.detach().cpu())
+        """Cache the step's per-sample losses, those of every rank: the caches stay identical, so
+        each rank's hardest-cluster queries see the whole run's losses."""
+        ctx = self.trainer.dist
+        self.cache.update(gather_rows(ctx, indices.cpu().numpy()), gather_rows(ctx, per_sample.detach().cpu().numpy()))
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -133,3 +142,33 @@ class ClusterStage:
         """Count an epoch's wall time; returns the share of the stage spent clustering."""
         self.elapsed_seconds += seconds
         return self.refresh_seconds / max(self.elapsed_seconds, 1e-9)
+
+
+class RankClusterBatches:
+    """This rank's cluster mini-batches: step s of an epoch consumes G x m cluster batches (G
+    ranks, m micro-batches), numbered s*G*m ... s*G*m + G*m - 1; rank r takes the m batches from
+    s*G*m + r*m. One process with m = G micro-batches therefore trains exactly the batches of G
+    ranks, and each rank draws different query clusters."""
+
+    def __init__(self, sampler: ClusterBatchSampler, ctx: DistributedContext, micro_batches: int,
+                 steps_per_epoch: int) -> None:
+        self.sampler = sampler
+        self.ctx = ctx
+        self.micro_batches = micro_batches
+        self.steps_per_epoch = steps_per_epoch
+        self.items_per_step = micro_batches * sampler.batch_size
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """``start`` in this rank's items (whole steps, as the trainer resumes at step boundaries)."""
+        self.epoch, self.start_step = int(epoch), int(start) // self.items_per_step
+
+    def __iter__(self):
+        epoch, per_step = self.epoch, self.ctx.world_size * self.micro_batches
+        for step in range(self.start_step, self.steps_per_epoch):
+            for micro in range(self.micro_batches):
+                batch = self.sampler.make_batch(epoch, step * per_step + self.ctx.rank * self.micro_batches + micro)
+                yield from zip(batch.indices.tolist(), batch.sample_seeds.tolist())
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * self.items_per_step

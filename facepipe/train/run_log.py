@@ -44,6 +44,16 @@ class RunLog:
             self._writer.close()
 
 
+class NullRunLog:
+    """What ranks other than 0 log to: nothing (rank 0 writes the run's one log)."""
+
+    def write(self, event: str, step: int, **values: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_run_log(path: str | Path) -> list[dict[str, Any]]:
     """Records of a ``metrics.jsonl``; a last line cut by a crash is ignored."""
     records = []

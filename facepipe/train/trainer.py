@@ -7,6 +7,7 @@ centres and their optimizer state. Checkpoints hold everything needed to continu
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -17,11 +18,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from facepipe.config import Config, head_kwargs
-from facepipe.data.dataset import DatasetError, IdentityFolderDataset
+from facepipe.data.dataset import DatasetError
+from facepipe.data.recordio import open_training_dataset
 from facepipe.data.samplers import build_sampler
 from facepipe.data.stats import class_statistics
 from facepipe.data.transforms import build_train_transform
@@ -32,12 +35,13 @@ from facepipe.losses import ARConvLHead, MarginHead, build_head
 from facepipe.losses.uncertainty import sum_margin_weights
 from facepipe.models import build_backbone
 from facepipe.train.cluster_stage import ClusterStage
+from facepipe.train.distributed import RankSlicedSampler, all_true, init_distributed
 from facepipe.train.checkpoint import BEST, LATEST, copy_checkpoint, load_checkpoint, save_checkpoint
 from facepipe.train.lr_schedule import lr_factor
-from facepipe.train.run_log import RunLog
+from facepipe.train.run_log import NullRunLog, RunLog
 from facepipe.train.stage_loss import build_stage_loss
 from facepipe.train.uncertainty_margins import refresh_margins
-from facepipe.utils.device import autocast, resolve_amp_dtype, resolve_device
+from facepipe.utils.device import autocast, resolve_amp_dtype
 from facepipe.utils.io import write_json_atomic, write_text_atomic
 from facepipe.utils.seed import rng_state, seed_everything, set_rng_state
 
@@ -83,6 +87,20 @@ class PairsValidator:
                 "val_accuracy_10fold_std": result.accuracy_std, "val_auc": result.auc}
 
 
+class _TrainingStep(nn.Module):
+    """Backbone and head as one module whose forward is a (micro-)batch loss (the unit that
+    DistributedDataParallel wraps); the trainer is kept outside the module tree."""
+
+    def __init__(self, trainer: "Trainer") -> None:
+        super().__init__()
+        self.model = trainer.model
+        self.head = trainer.head
+        self._trainer = (trainer,)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> dict[str, Any]:
+        return self._trainer[0]._batch_loss(images, labels, indices)
+
+
 class Trainer:
     """Trains ``config`` into ``config.output_dir``; ``resume=True`` continues from ``latest.pt``.
 
@@ -94,23 +112,30 @@ class Trainer:
     def __init__(self, config: Config, resume: bool = False, progress: bool = True, dataset: Any = None,
                  validator: Validator | None = None) -> None:
         if dataset is None and config.data.root is None:
-            raise DatasetError("data.root is not set: point it at an identity-folder dataset (data.root=DIR)")
+            raise DatasetError("data.root is not set: point it at identity folders or an insightface train.rec (data.root=DIR)")
         self.config = config
-        self.progress = progress
         self.run_dir = Path(config.output_dir)
-        self.device = resolve_device(config.train.device)
+        # Several processes under torchrun: one rank each; rank 0 alone writes files and logs.
+        self.dist, self.device = init_distributed(config.train.device)
+        self.progress = progress and self.dist.is_main
+        if not self.dist.is_main:
+            logging.getLogger("facepipe").setLevel(logging.WARNING)
         self.amp_dtype = resolve_amp_dtype(config.train.amp, self.device)
         seed_everything(config.seed)
 
-        self.dataset = dataset if dataset is not None else IdentityFolderDataset(
+        self.dataset = dataset if dataset is not None else open_training_dataset(
             config.data.root, build_train_transform(config.data.image_size, config.data.augment)
         )
         self.stats = class_statistics(self.dataset.labels, self.dataset.num_classes, config.data.head_share)
-        batch_size = config.data.batch_size
+        batch_size = config.data.batch_size  # the global batch of one optimisation step
         if len(self.dataset) < batch_size:
             raise DatasetError(
                 f"the dataset has {len(self.dataset)} images, fewer than one batch (data.batch_size={batch_size})"
             )
+        shares = self.dist.world_size * config.train.micro_batches
+        if batch_size % shares:
+            raise DatasetError(f"data.batch_size={batch_size} must be divisible by processes x train.micro_batches "
+                               f"= {self.dist.world_size} x {config.train.micro_batches}")
         self.epoch_sampler = build_sampler(config.data.sampler, self.dataset.labels, config.seed)
         self.steps_per_epoch = len(self.epoch_sampler) // batch_size
         if config.train.max_steps_per_epoch:
@@ -118,7 +143,7 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * config.train.total_epochs
         self.cluster_stage: ClusterStage | None = None  # the CLMLE state while a clmle stage runs
         self._saved_cluster_stage: dict[str, Any] | None = None
-        self._use_sampler(self.epoch_sampler, batch_size)
+        self._use_epoch_sampler()
 
         self.model = build_backbone(config.model, config.data.image_size).to(self.device)
         setting = config.train.channels_last
@@ -135,6 +160,7 @@ class Trainer:
             self.optimizer, [self._lr_rule(group, 0) for group in self.optimizer.param_groups]
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self._wrap_step_module()
 
         self.epoch = 0  # epochs completed
         self.global_step = 0
@@ -148,8 +174,17 @@ class Trainer:
             self.resume(self.run_dir / LATEST)
 
     # ------------------------------------------------------------------ construction
-    def _use_sampler(self, sampler: Any, batch_size: int) -> None:
+    def _use_epoch_sampler(self) -> None:
+        batch = self.config.data.batch_size
+        sampler = RankSlicedSampler(self.epoch_sampler, batch, self.dist) if self.dist.enabled else self.epoch_sampler
+        self._use_sampler(sampler, batch // self.dist.world_size, items_per_step=batch)
+
+    def _use_sampler(self, sampler: Any, batch_size: int, items_per_step: int) -> None:
+        """``batch_size``: this rank's share of a step; ``items_per_step``: what a step consumes
+        in the sampler's own count (its ``set_epoch`` start, for mid-epoch resumes)."""
         self.sampler = sampler
+        self.items_per_step = items_per_step
+        self.images_per_step = batch_size * self.dist.world_size
         self.loader = DataLoader(
             self.dataset,
             batch_size=batch_size,
@@ -170,12 +205,30 @@ class Trainer:
         if stage.loss.type != "clmle":
             if self.cluster_stage is not None:
                 self.cluster_stage = None
-                self._use_sampler(self.epoch_sampler, self.config.data.batch_size)
+                self._use_epoch_sampler()
             return
         if self.cluster_stage is None or self.cluster_stage.stage_index != self.stage_index:
             self.cluster_stage = ClusterStage(self, self.stage_index, saved=self._saved_cluster_stage)
             self._saved_cluster_stage = None
-            self._use_sampler(self.cluster_stage.sampler, self.cluster_stage.sampler.batch_size)
+            sampler = self.cluster_stage.rank_sampler
+            self._use_sampler(sampler, sampler.items_per_step, sampler.items_per_step)
+            self._wrap_step_module()  # an unused classifier needs find_unused_parameters
+
+    def _wrap_step_module(self) -> None:
+        """The module a training step calls: backbone + head, in DistributedDataParallel when
+        there are several ranks, so the gradients of both are all-reduced. Rebuilt when the head
+        changes; a classifier that gets no gradient (CLMLE without classification term) needs
+        ``find_unused_parameters``."""
+        step = _TrainingStep(self)
+        if not self.dist.enabled:
+            self.step_module = step
+            return
+        stage = self.config.train.stages[self.stage_index]
+        unused = stage.loss.type == "clmle" and not stage.loss.classification_weight
+        self.step_module = DistributedDataParallel(
+            step, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=unused,
+        )
 
     def _build_head(self, stage_index: int, weight: nn.Parameter | None) -> nn.Module:
         stage = self.config.train.stages[stage_index]
@@ -246,6 +299,7 @@ class Trainer:
         self.loss_fn, self.drw = self._build_loss(stage_index)
         self._sync_head_parameters(stage_index)
         self.stage_index = stage_index
+        self._wrap_step_module()
         stage = self.config.train.stages[stage_index]
         if not announce:
             return
@@ -294,6 +348,8 @@ class Trainer:
 
     def save(self, best: bool = False) -> Path:
         path = self.run_dir / LATEST
+        if not self.dist.is_main:  # every rank holds the same state; rank 0 writes it
+            return path
         save_checkpoint(path, self.state_dict())
         if best:
             copy_checkpoint(path, self.run_dir / BEST)
@@ -326,12 +382,9 @@ class Trainer:
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.global_step)
 
     # ------------------------------------------------------------------ training
-    def _train_step(self, images: torch.Tensor, labels: torch.Tensor,
-                    indices: torch.Tensor | None = None) -> tuple[float, float] | None:
-        images = images.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+    def _batch_loss(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> dict[str, Any]:
+        """Loss of one (micro-)batch with the current stage's head and loss; runs inside the
+        DistributedDataParallel wrapper (:class:`_TrainingStep`) when there are several ranks."""
         stage = self.config.train.stages[self.stage_index]
         margin_weight = None
         with autocast(self.device, self.amp_dtype):
@@ -347,26 +400,62 @@ class Trainer:
                 self.model.output_stage, feature_maps, weight, labels, self.config.train.uncertainty.passes,
                 normalise=stage.head.type in ("cosface", "arcface"),
             )
+        out: dict[str, Any] = {}
         if isinstance(self.head, ARConvLHead):  # seed 003: the head's regions give the whole loss
             parts = self.head(embeddings.float(), labels)
-            loss = parts["loss"]
-            logits = self.head.scores(embeddings.detach().float())
-            self.head_stats = {k: float(parts[k]) for k in ("beta", "sigma2", "r_ben", "r_upp")}
+            out["loss"] = parts["loss"]
+            out["correct"] = self.head.scores(embeddings.detach().float()).argmax(1) == labels
+            out["head_stats"] = {k: parts[k].detach() for k in ("beta", "sigma2", "r_ben", "r_upp")}
         elif self.cluster_stage is not None:  # seed 002 CLMLE, plus an optional classification term
             clusters = self.cluster_stage.loss_for(embeddings.float(), labels, indices)
-            logits = self.head(embeddings.float(), labels)
-            loss = clusters.loss
+            out["loss"] = clusters.loss
+            out["cluster_losses"] = clusters.per_sample
             if self.cluster_stage.classification_weight:
-                loss = loss + self.cluster_stage.classification_weight * self.loss_fn(logits, labels)
+                logits = self.head(embeddings.float(), labels)
+                out["loss"] = out["loss"] + self.cluster_stage.classification_weight * self.loss_fn(logits, labels)
+                out["correct"] = logits.detach().argmax(1) == labels
+            else:  # the classifier does not train here: score the nearest batch cluster instead
+                out["correct"] = clusters.identity_correct
         else:
             logits = self.head(embeddings.float(), labels, margin_weight=margin_weight)
-            loss = self.loss_fn(logits, labels)
-        # The one host-device sync per step: a non-finite loss must be known before backward to
-        # skip the step (bf16/fp32 have no grad scaler doing it); loss.item() below then costs nothing.
-        if not torch.isfinite(loss):
+            out["loss"] = self.loss_fn(logits, labels)
+            out["correct"] = logits.detach().argmax(1) == labels
+        return out
+
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor,
+                    indices: torch.Tensor | None = None) -> tuple[float, float] | None:
+        """One optimisation step on this rank's share of the global batch, in
+        ``train.micro_batches`` chunks whose gradients accumulate (one all-reduce, on the last)."""
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        indices = indices if indices is not None else torch.arange(len(labels))
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        chunks = self.config.train.micro_batches
+        parts = list(zip(images.chunk(chunks), labels.chunk(chunks), indices.chunk(chunks)))
+        losses, correct, cluster_losses, finite = [], [], [], True
+        for number, (part_images, part_labels, part_indices) in enumerate(parts):
+            last = number == len(parts) - 1
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.step_module.no_sync()
+            with sync:
+                out = self.step_module(part_images, part_labels, part_indices)
+                finite = finite and bool(torch.isfinite(out["loss"]))
+                if last:
+                    # Every rank must take (or skip) the step together, or their all-reduces desync.
+                    finite = all_true(self.dist, finite, self.device)
+                # Backward also runs for a non-finite loss: the other ranks' gradient all-reduce
+                # needs this rank's share; the gradients are then discarded.
+                if out["loss"].requires_grad:
+                    self.scaler.scale(out["loss"] / len(parts)).backward()
+            losses.append(out["loss"].detach())
+            correct.append(out["correct"])
+            if "cluster_losses" in out:
+                cluster_losses.append(out["cluster_losses"])
+            if "head_stats" in out:
+                self.head_stats = {k: float(v) for k, v in out["head_stats"].items()}
+        if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             return None
-        self.scaler.scale(loss).backward()
         if self.config.optim.clip_grad_norm:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(
@@ -377,20 +466,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         if self.cluster_stage is not None:
-            self.cluster_stage.record_losses(indices, clusters.per_sample)
+            self.cluster_stage.record_losses(indices, torch.cat(cluster_losses))
         if isinstance(self.head, MarginHead):
             self.head.step()
-        if self.cluster_stage is not None and not self.cluster_stage.classification_weight:
-            # The classifier does not train in a pure CLMLE stage: score the nearest batch cluster.
-            accuracy = clusters.identity_correct.float().mean().item()
-        else:
-            accuracy = (logits.detach().argmax(1) == labels).float().mean().item()
-        return loss.item(), accuracy
+        return torch.stack(losses).mean().item(), torch.cat(correct).float().mean().item()
 
     def _run_epoch(self) -> dict[str, Any]:
         cfg = self.config
-        batch_size = self.loader.batch_size
-        self.sampler.set_epoch(self.epoch, start=self.step_in_epoch * batch_size)
+        self.sampler.set_epoch(self.epoch, start=self.step_in_epoch * self.items_per_step)
         self.model.train()
         self.head.train()
         losses, accuracies = [], []
@@ -425,7 +508,7 @@ class Trainer:
             accuracies.append(accuracy)
             window_loss.append(loss)
             window_acc.append(accuracy)
-            window_images += len(labels)
+            window_images += self.images_per_step
             bar.update(1)
             if self.cluster_stage is not None and self.step_in_epoch < self.steps_per_epoch \
                     and self.cluster_stage.maybe_refresh():
@@ -451,7 +534,7 @@ class Trainer:
             "loss": float(np.mean(losses)) if losses else float("nan"),
             "accuracy": float(np.mean(accuracies)) if accuracies else float("nan"),
             "seconds": duration,
-            "images_per_s": len(losses) * batch_size / max(duration, 1e-9),
+            "images_per_s": len(losses) * self.images_per_step / max(duration, 1e-9),
             "skipped_steps": self.nonfinite_steps,
         }
 
@@ -474,10 +557,13 @@ class Trainer:
         """Train the remaining epochs of the schedule (or up to epoch ``max_epochs``, a checkpoint
         boundary from which ``resume`` continues); return the last epoch's metrics."""
         cfg = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.run_dir / "config.yaml", cfg.to_yaml())
-        write_json_atomic(self.run_dir / "class_stats.json", self.stats.to_dict())
-        self.run_log = RunLog(self.run_dir)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.run_dir / "config.yaml", cfg.to_yaml())
+            write_json_atomic(self.run_dir / "class_stats.json", self.stats.to_dict())
+            self.run_log = RunLog(self.run_dir)
+        else:
+            self.run_log = NullRunLog()
         log.info("dataset %s: %s", cfg.data.root or type(self.dataset).__name__, self.stats.summary())
         log.info("device %s, amp %s, %d steps/epoch x %d epochs", self.device,
                  self.amp_dtype or "off", self.steps_per_epoch, cfg.train.total_epochs)
@@ -507,7 +593,7 @@ class Trainer:
                     metrics["cluster_refresh_share"] = share
                 self.epoch += 1
                 self.step_in_epoch = 0
-                if self.validator is not None and (
+                if self.validator is not None and self.dist.is_main and (
                     self.epoch % self.validator.every_epochs == 0 or self.epoch == cfg.train.total_epochs
                 ):
                     metrics.update(self.validate())
