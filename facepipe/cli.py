@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import subprocess
 import sys
 from typing import Sequence
 
@@ -56,9 +58,19 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from facepipe.config import find_config, load_config
     from facepipe.train import train
+    from facepipe.train.distributed import launched_by_torchrun
+
+    if args.nproc > 1 and not launched_by_torchrun():
+        # The same command under torchrun on this machine: one process per GPU (or CPU share).
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+                   "-m", "facepipe", "train", "--config", args.config, *(["--resume"] if args.resume else []),
+                   *(["--quiet"] if args.quiet else []), *args.overrides]
+        return subprocess.call(command)
 
     config = load_config(find_config(args.config), args.overrides)
     metrics = train(config, resume=args.resume, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 speaks for the run
+        return 0
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
     print(f"training finished: {shown}; checkpoints in {config.output_dir}")
     return 0
@@ -460,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true")
         p.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}")
         p.set_defaults(func=func)
+        if name == "train":
+            p.add_argument("--nproc", type=int, default=1,
+                           help="processes on this machine (torchrun with DistributedDataParallel; one per GPU)")
 
     p = sub.add_parser("embed", help="embed every image of a folder with a trained checkpoint")
     p.add_argument("--checkpoint", required=True)

@@ -109,3 +109,24 @@ def test_checkpoint_from_two_processes_resumes_in_one(tiny_dataset, tmp_path):
     # Only rank 0 wrote: one log, each epoch once.
     events = [json.loads(line)["event"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert events.count("epoch") == 2
+
+
+def test_embed_under_two_processes_writes_the_single_process_output(tiny_dataset, tmp_path):
+    config = tiny_config(tiny_dataset, tmp_path / "run", train={"stages": [{"epochs": 1, "head": {"type": "softmax"}}],
+                                                                "max_steps_per_epoch": 1})
+    Trainer(config, progress=False).fit()
+    checkpoint = tmp_path / "run" / "latest.pt"
+    from facepipe.embed import embed_folder
+
+    embed_folder(checkpoint, tiny_dataset, tmp_path / "single", num_workers=0, progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={free_port()}", "-m", "facepipe", "embed", "--checkpoint", str(checkpoint),
+         "--images", str(tiny_dataset), "--out", str(tmp_path / "ddp"), "--quiet"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    single, ddp = np.load(tmp_path / "single" / "embeddings.npy"), np.load(tmp_path / "ddp" / "embeddings.npy")
+    assert single.shape == ddp.shape
+    np.testing.assert_allclose(ddp, single, atol=1e-5)
+    assert (tmp_path / "ddp" / "manifest.csv").read_text() == (tmp_path / "single" / "manifest.csv").read_text()

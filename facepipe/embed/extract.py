@@ -17,7 +17,8 @@ from facepipe.data.dataset import IMAGE_EXTENSIONS, DatasetError, ImageListDatas
 from facepipe.data.transforms import build_eval_transform
 from facepipe.models import build_backbone
 from facepipe.train.checkpoint import load_checkpoint, model_fingerprint
-from facepipe.utils.device import autocast, resolve_amp_dtype, resolve_device
+from facepipe.train.distributed import gather_rows, init_distributed, rank_slice
+from facepipe.utils.device import autocast, resolve_amp_dtype
 from facepipe.utils.io import save_npy_atomic, write_csv_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -137,21 +138,25 @@ def embed_folder(
 
     Writes ``embeddings.npy`` (float32, L2-normalised, one row per image), ``manifest.csv``
     (row, path, identity) and ``embed.json`` (model fingerprint, flip mode, counts).
+
+    Under torchrun each rank embeds a contiguous share of the images and rank 0 writes the one
+    output, in the same order as a single process would.
     """
-    torch_device = resolve_device(device)
+    ctx, torch_device = init_distributed(device)
     loaded = load_model(checkpoint, torch_device)
     flip = flip or loaded.config.embed.flip
     items = list_images(images)
     paths = [path for path, _ in items]
-    embeddings = extract_embeddings(
-        loaded.model, paths, loaded.config.data.image_size, torch_device,
+    embeddings = gather_rows(ctx, extract_embeddings(
+        loaded.model, paths[rank_slice(len(paths), ctx)], loaded.config.data.image_size, torch_device,
         batch_size=batch_size or loaded.config.embed.batch_size, flip=flip, num_workers=num_workers,
-        amp_dtype=resolve_amp_dtype(loaded.config.train.amp, torch_device), progress=progress,
-    )
+        amp_dtype=resolve_amp_dtype(loaded.config.train.amp, torch_device), progress=progress and ctx.is_main,
+    ))
     out = Path(out)
-    save_npy_atomic(out / "embeddings.npy", embeddings)
-    write_csv_atomic(out / "manifest.csv", ["row", "path", "identity"],
-                     ((row, path, identity) for row, (path, identity) in enumerate(items)))
+    if ctx.is_main:
+        save_npy_atomic(out / "embeddings.npy", embeddings)
+        write_csv_atomic(out / "manifest.csv", ["row", "path", "identity"],
+                         ((row, path, identity) for row, (path, identity) in enumerate(items)))
     summary = {
         "checkpoint": str(checkpoint),
         "model_fingerprint": loaded.fingerprint,
@@ -161,6 +166,8 @@ def embed_folder(
         "dimension": int(embeddings.shape[1]),
         "flip": flip,
     }
+    if not ctx.is_main:
+        return summary
     write_json_atomic(out / "embed.json", summary)
     log.info("wrote %d embeddings of dimension %d to %s", len(paths), embeddings.shape[1], out)
     return summary

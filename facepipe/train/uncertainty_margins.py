@@ -28,6 +28,7 @@ from facepipe.losses.uncertainty import (
     uncertainty_additive_margins,
     umm_integer_margins,
 )
+from facepipe.train.distributed import gather_rows, rank_slice
 from facepipe.utils.device import autocast
 from facepipe.utils.io import write_json_atomic
 
@@ -117,10 +118,15 @@ def refresh_margins(trainer) -> dict:
     dataset = trainer.dataset
     labels = np.asarray(dataset.labels)
     subset = capped_subsample(labels, settings.max_per_class, cfg.seed + trainer.epoch)
-    class_u, _ = estimate_class_uncertainty(
-        trainer.model, trainer.head, dataset.eval_view(subset, cfg.data.image_size), labels[subset],
+    # Under torchrun each rank estimates its share of the subsample; the per-sample uncertainties
+    # of all ranks (in subset order) then give every rank the same class uncertainties.
+    share = subset[rank_slice(len(subset), trainer.dist)]
+    _, sample_u = estimate_class_uncertainty(
+        trainer.model, trainer.head, dataset.eval_view(share, cfg.data.image_size), labels[share],
         dataset.num_classes, trainer.device, settings.passes, settings.batch_size, trainer.amp_dtype,
     )
+    sample_u = torch.from_numpy(gather_rows(trainer.dist, sample_u.numpy()))
+    class_u = class_uncertainty(sample_u, torch.as_tensor(labels[subset], dtype=torch.long), dataset.num_classes)
     margins = margins_from_uncertainty(stage.head.type, stage.head.m, class_u)
     trainer.head.set_margins(margins)
     seconds = time.perf_counter() - start
@@ -132,10 +138,11 @@ def refresh_margins(trainer) -> dict:
         "min": float(values.min()), "median": float(np.median(margins.numpy())), "max": float(values.max())}
     record = {"epoch": trainer.epoch, "stage": trainer.stage_index, "images": int(len(subset)),
               "seconds": seconds, "spearman_uncertainty_vs_count": rho, "margins": histogram}
-    write_json_atomic(trainer.run_dir / "uncertainty.json", {
-        **record, "identities": list(dataset.identities), "class_images": counts.tolist(),
-        "class_uncertainty": [round(float(x), 8) for x in u], "class_margin": margins.tolist()})
-    plot_uncertainty_vs_frequency(u, counts, rho, trainer.run_dir / "uncertainty.png")
+    if trainer.dist.is_main:
+        write_json_atomic(trainer.run_dir / "uncertainty.json", {
+            **record, "identities": list(dataset.identities), "class_images": counts.tolist(),
+            "class_uncertainty": [round(float(x), 8) for x in u], "class_margin": margins.tolist()})
+        plot_uncertainty_vs_frequency(u, counts, rho, trainer.run_dir / "uncertainty.png")
     log.info("uncertainty margins (epoch %d, %d images, %.1f s): Spearman(uncertainty, class size) %+.3f; "
              "margins %s", trainer.epoch + 1, len(subset), seconds, rho, histogram)
     return record
