@@ -309,6 +309,9 @@ class ValidationConfig(StrictModel):
 
 class TrainConfig(StrictModel):
     stages: list[StageConfig] = Field(default_factory=lambda: [StageConfig(epochs=1, head=SoftmaxHeadConfig())])
+    # Start from another run's weights (its backbone, and its classifier when the identities match):
+    # several methods fine-tuned from one shared pre-training. Optimizer and schedule start afresh.
+    init_from: str | None = None
     device: str = "auto"
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     # NHWC memory format: "auto" = on CUDA only (what the trainer always did); true also on CPU,

@@ -150,3 +150,21 @@ def test_validation_pairs_drive_best_checkpoint_selection(tiny_dataset, tmp_path
                          train={"validation": {"pairs": str(tiny_dataset.parent / "gone.csv"), "root": str(tiny_dataset)}})
     with pytest.raises(DatasetError, match="nobody/1.png"):
         Trainer(broken, progress=False)
+
+
+def test_init_from_starts_a_new_schedule_from_another_runs_weights(tiny_dataset, tmp_path):
+    Trainer(tiny_config(tiny_dataset, tmp_path / "pre", train={"stages": [{"epochs": 1, "head": {"type": "softmax"}}]}),
+            progress=False).fit()
+    pre = load_checkpoint(tmp_path / "pre" / "latest.pt")
+    config = tiny_config(tiny_dataset, tmp_path / "fine", train={
+        "stages": [{"epochs": 1, "head": {"type": "arcface", "s": 16.0, "m": 0.2}}],
+        "init_from": str(tmp_path / "pre" / "latest.pt")})
+    fine = Trainer(config, progress=False)
+    for name, value in pre["model"].items():
+        assert torch.equal(fine.model.state_dict()[name], value), name
+    assert torch.equal(fine.head.weight.detach(), pre["head"]["weight"])
+    assert fine.global_step == 0 and fine.epoch == 0
+    mismatched = tiny_config(tiny_dataset, tmp_path / "other", model={"embedding_size": 16},
+                             train={"init_from": str(tmp_path / "pre" / "latest.pt")})
+    with pytest.raises(TrainingError, match="does not fit"):
+        Trainer(mismatched, progress=False)

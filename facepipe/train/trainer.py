@@ -172,6 +172,8 @@ class Trainer:
         self.validator = validator if validator is not None else self._pairs_validator()
         if resume:
             self.resume(self.run_dir / LATEST)
+        elif config.train.init_from:
+            self.initialise_from(config.train.init_from)
 
     # ------------------------------------------------------------------ construction
     def _use_epoch_sampler(self) -> None:
@@ -354,6 +356,23 @@ class Trainer:
         if best:
             copy_checkpoint(path, self.run_dir / BEST)
         return path
+
+    def initialise_from(self, path: str | Path) -> None:
+        """Weights of another run: the backbone (same architecture required) and, when it was
+        trained on the same identities, the shared classifier weight."""
+        state = load_checkpoint(path, map_location=self.device)
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            raise TrainingError(f"train.init_from={path}: its backbone does not fit this config's model ({exc})") \
+                from None
+        head_weight = state["head"].get("weight")
+        same_identities = list(state["identities"]) == list(self.dataset.identities)
+        if same_identities and head_weight is not None and hasattr(self.head, "weight") \
+                and head_weight.shape == self.head.weight.shape:
+            with torch.no_grad():
+                self.head.weight.copy_(head_weight)
+        log.info("initialised from %s (backbone%s)", path, ", classifier" if same_identities else "")
 
     def resume(self, path: str | Path) -> None:
         state = load_checkpoint(path, map_location=self.device)
