@@ -12,7 +12,6 @@ and is not timed). Prints a markdown table and writes ``bench/results/ddp_throug
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
