@@ -97,8 +97,9 @@ def hand_region() -> float:  # Eq. 2
     return total / len(FEATURES)
 
 
-def hand_distribution() -> float:  # Eq. 6
-    total = sum(ALPHA[y] * sq_dist(f, SMALL_CENTERS[y]) for f, y in zip(FEATURES, LABELS))
+def hand_distribution() -> float:  # Eq. 6, alpha normalised to mean 1 as in the authors' code
+    mean_alpha = sum(ALPHA) / len(ALPHA)
+    total = sum(ALPHA[y] / mean_alpha * sq_dist(f, SMALL_CENTERS[y]) for f, y in zip(FEATURES, LABELS))
     return BETA * total / len(FEATURES)
 
 

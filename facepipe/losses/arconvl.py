@@ -23,8 +23,11 @@ Readings chosen where the extracted text is ambiguous (each also noted where it 
 - beta and sigma^2 come from detached centres and radii (the "*" variables), so they are
   constants of each step; the radii receive gradient from L_R alone and L_R sends none to the
   features or centres (d* is detached).
-- alpha_j = max_j' N_j' / N_j exactly as in Eq. 2 (the authors' code rescales it differently
-  in L_D); eta_j = N_j / sum N in p(x in j) only; p(C_j) has no eta, as printed.
+- alpha_j = max_j' N_j' / N_j exactly as in Eq. 2 for L_R. In L_D (Eq. 6) the weights are
+  alpha_j / mean_j' alpha_j' (mean 1), as the authors' code normalises them there: with the
+  literal alpha (up to 117 on MNIST-100) the pull of L_D, at lr 0.1, made features, centres and
+  radii diverge from the first epoch (loss 2.8e3 after 50 steps, 1e33 by epoch 31; measured).
+  eta_j = N_j / sum N in p(x in j) only; p(C_j) has no eta, as printed.
 - Prediction: p(x in j) is increasing in eta_j exp(-d^2(x, C_j)), so its argmax is that of
   log eta_j - d_j^2. eta enters p(x in j) as a training-time logit adjustment (Menon et al., the
   paper's [23]), and the authors' code predicts the nearest centre; ``predict`` does the same by
@@ -149,6 +152,7 @@ class ARConvLHead(nn.Module):
         # Derived from the counts given at construction, so not saved in the state_dict. Kept in
         # float64 and cast where used, so a float64 head gets them to full precision.
         self.register_buffer("alpha", counts.max() / counts, persistent=False)
+        self.register_buffer("alpha_distribution", self.alpha / self.alpha.mean(), persistent=False)
         self.register_buffer("log_eta", torch.log(counts / counts.sum()), persistent=False)
 
     # ------------------------------------------------------------------ inputs
@@ -194,8 +198,9 @@ class ARConvLHead(nn.Module):
             beta = adaptive_beta(r_ben, r_upp)
             sigma2 = adaptive_margin(r_ben, r_upp)
 
-            # Eq. 6: (beta / n) sum_i alpha_{y_i} d^2(f_i, C_{y_i}).
-            distribution = beta * (alpha_y * target_sq).sum() / n
+            # Eq. 6: (beta / n) sum_i alpha_{y_i} d^2(f_i, C_{y_i}), alpha normalised to mean 1.
+            alpha_d = self.alpha_distribution.to(device=f.device, dtype=f.dtype)[y]
+            distribution = beta * (alpha_d * target_sq).sum() / n
 
             # Eq. 8, sample part: the printed p(x_i in y_i) is the softmax of the logits
             # log eta_j - d^2_ij + sigma^2 [j != y_i] at y_i; cross_entropy evaluates it stably.
