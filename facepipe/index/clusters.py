@@ -132,12 +132,10 @@ def balanced_assignment(similarity: np.ndarray) -> np.ndarray:
     for i, j in zip(samples.tolist(), clusters.tolist()):
         if assignment[i] >= 0:
             continue
-        if fill[j] < base:
-            pass
-        elif fill[j] == base and extra > 0:
-            extra -= 1
-        else:
-            continue
+        if fill[j] >= base:
+            if fill[j] > base or extra == 0:  # full: its base share and no "+1" slot left
+                continue
+            extra -= 1  # this cluster takes one of the L mod K larger sizes
         assignment[i] = j
         fill[j] += 1
         left -= 1
