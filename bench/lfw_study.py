@@ -55,12 +55,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as a plain script from a checkout
-    sys.path.insert(0, str(REPO))
-
-from facepipe.config import Config, find_config, load_config  # noqa: E402
-from facepipe.utils.io import write_json_atomic, write_text_atomic  # noqa: E402
+from facepipe.config import Config, find_config, load_config
+from facepipe.utils.io import write_json_atomic, write_text_atomic
 
 log = logging.getLogger("lfw_study")
 
