@@ -7,7 +7,7 @@ Every run is ``facepipe classify --config mnist_imbalanced`` with one method's o
 (classify.imbalance_ratio = q, seed = s); runs go row by row (every seed of MNIST-100 first, the
 order of ``--ratios``), each in its own folder. ``--shard K/N`` runs every N-th run from the K-th, so
 that N processes of one thread each share the machine (on 2 cores, two one-thread processes train
-16 % more images per second in all than one two-thread process):
+about 9 % more images per second in all than one two-thread process: bench/mnist_thread_layout.py):
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/mnist_reproduction.py --shard 0/2 &
     OMP_NUM_THREADS=1 .venv/bin/python bench/mnist_reproduction.py --shard 1/2 &
