@@ -13,6 +13,7 @@ the world size, and a checkpoint written with G ranks resumes with any other num
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from dataclasses import dataclass
@@ -58,7 +59,16 @@ def init_distributed(device_setting: str = "auto") -> tuple[DistributedContext, 
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # A group still alive when the interpreter finalises can abort the process from a C++
+        # destructor ("terminate called without an active exception", seen on a 2-core CI machine
+        # with gloo), turning a finished run into a failed one: tear it down explicitly.
+        atexit.register(_destroy_process_group)
     return DistributedContext(rank, world, local_rank), device
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier(ctx: DistributedContext) -> None:
