@@ -60,16 +60,22 @@ def run_dir(out: Path, q: int, method: str, seed: int) -> Path:
     return out / f"mnist{q}" / method / f"seed{seed}"
 
 
+def training_seconds(run_log: Path) -> float:
+    """The sum of a run's epoch wall times from its log, so that a run resumed after an interruption
+    counts the pause not at all. The log is appended to, so an epoch trained twice (a crash between
+    its log line and its checkpoint, or a run restarted without its checkpoint) appears twice: the
+    last record of each (stage, epoch) is the one that led to the result."""
+    last = {(r.get("stage"), r["epoch"]): r["seconds"] for r in read_run_log(run_log) if r["event"] == "epoch"}
+    return float(sum(last.values()))
+
+
 def collect(out: Path, ratios: list[int], methods: list[str]) -> list[dict]:
     rows = []
     for q in ratios:
         for method in methods:
             finished = sorted((out / f"mnist{q}" / method).glob(f"seed*/{RESULTS}"))
             results = [json.loads(path.read_text()) for path in finished]
-            # Training time from the run log: the sum of its epochs' wall times, so that a run
-            # resumed after an interruption counts every epoch once and the pause not at all.
-            seconds = [sum(r["seconds"] for r in read_run_log(path.parent / "metrics.jsonl") if r["event"] == "epoch")
-                       for path in finished]
+            seconds = [training_seconds(path.parent / "metrics.jsonl") for path in finished]
             gmeans = np.array([100 * r["test_gmean"] for r in results])
             paper = PAPER.get(q, {}).get(method)
             rows.append({
