@@ -69,6 +69,13 @@ def training_seconds(run_log: Path) -> float:
     return float(sum(last.values()))
 
 
+def table_ratios(out: Path) -> list[int]:
+    """Every ratio with runs in ``out``, from the most imbalanced: the table always covers the whole
+    folder, whichever ratios the command ran."""
+    return sorted((int(path.name[5:]) for path in out.glob("mnist*") if path.is_dir() and path.name[5:].isdigit()),
+                  reverse=True)
+
+
 def collect(out: Path, ratios: list[int], methods: list[str]) -> list[dict]:
     rows = []
     for q in ratios:
@@ -147,9 +154,9 @@ def main() -> None:
             result = run_classification(config, resume=True, progress=False)
             logging.info("MNIST-%d %s seed %d: test G-mean %.2f%% in %.1f min", q, method, seed,
                          100 * result["test_gmean"], (time.perf_counter() - started) / 60)
-            rows = collect(out, args.ratios, args.methods)
+            rows = collect(out, table_ratios(out), list(METHODS))
             write_text_atomic(out / "table.md", markdown(rows))
-    rows = collect(out, args.ratios, args.methods)
+    rows = collect(out, table_ratios(out), list(METHODS))
     write_json_atomic(out / "table.json", rows)
     write_text_atomic(out / "table.md", markdown(rows))
     print(markdown(rows))
