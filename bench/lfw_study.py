@@ -27,10 +27,13 @@ at any time, across working sessions):
    classifier and gets none);
 5. with ``--megaface``: the MegaFace-style mini protocol on LFW (the function behind ``facepipe
    eval megaface --lfw-images``) for softmax and the two best other methods by DevTest accuracy;
-6. ``<study>/results/``: ``table.md`` / ``table.json`` (mean +- std over seeds, the number of
-   seeds per row, single-seed rows marked; every run's metrics), ``roc.png`` (every method's
-   DevTest ROC), ``uncertainty_umm.png`` (from a UMM run), ``closed_set.md`` / ``.json`` and
-   ``megaface.md`` / ``.json``; rewritten after every finished run (``--table-only``: only that).
+6. ``--results`` (default ``bench/reports/lfw_study``, kept in git): ``table.md`` / ``table.json``
+   (mean +- std over seeds, the number of seeds per row, single-seed rows marked; every run's
+   metrics), ``roc.png`` (every method's DevTest ROC), ``uncertainty_umm.png`` (from a UMM run),
+   ``closed_set.md`` / ``.json``, ``megaface.md`` / ``.json`` and ``runs/<method>/seed<k>/``, a
+   copy of each finished run's small files (results, training log, config, pair scores; not its
+   checkpoints); rewritten after every finished run (``--table-only``: only that). Smoke tests
+   should pass another ``--results``.
 
 Everything is logged to ``<study>/study.log``. ``--set KEY=VALUE`` (repeatable) overrides the
 config of every run, e.g. ``--set train.max_steps_per_epoch=2`` for a smoke test, or the GPU size
@@ -56,7 +59,7 @@ from typing import Any, Callable
 import numpy as np
 
 from facepipe.config import Config, find_config, load_config
-from facepipe.utils.io import write_json_atomic, write_text_atomic
+from facepipe.utils.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("lfw_study")
 
@@ -241,7 +244,7 @@ class Study:
         self.data = self.root / "data"
         self.train_dir = self.data / "train"
         self.probe_dir = self.data / "probes"
-        self.results = self.root / "results"
+        self.results = Path(args.results) if args.results else self.root / "results"
         self.aligned = Path(args.aligned)
         self.dev_test = Path(args.dev_test)
         self.dev_train = Path(args.dev_train)
@@ -727,8 +730,9 @@ def collect(study: Study) -> dict:
 def _table_md(study: Study, data: dict, split: dict | None) -> str:
     lines = [
         "# LFW development protocol: the loss study (bench/lfw_study.py)", "",
-        f"Study folder `{study.root}`; config `{study.args.config}`; every number below comes from the runs in this "
-        "folder (`*/seed*/study_result.json`).", "",
+        f"Study folder `{study.root}`; config `{study.args.config}`; every number below comes from the runs whose "
+        f"files are copied under `{study.results / 'runs'}` (`<method>/seed<k>/study_result.json`, "
+        "`closed_set.json`, `eval_devtest/`, `megaface/`, the training log `metrics.jsonl` and `config.yaml`).", "",
     ]
     if split is not None:
         c = split["counts"]
@@ -826,6 +830,33 @@ def _megaface_md(data: dict, chosen: list[str]) -> tuple[str, list[dict]]:
     return "\n".join(lines) + "\n", rows
 
 
+# What of a run folder the results folder keeps (small files only: checkpoints and TensorBoard
+# events stay in the study folder), so the tracked results hold every number their tables show.
+RUN_FILES = (STUDY_RESULT, CLOSED_SET, "metrics.jsonl", "config.yaml", "class_stats.json", "uncertainty.png",
+             "eval_devtest/metrics.json", "eval_devtest/scores.csv", f"{MEGAFACE_DIR}/metrics.json",
+             f"{MEGAFACE_DIR}/study_megaface.json")
+
+
+def _copy_atomic(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(target, source.read_bytes(), durable=False)
+
+
+def mirror_runs(study: Study, data: dict) -> int:
+    """Copy every finished run's small files to ``<results>/runs/<method>/seed<k>/``; returns the count."""
+    copied = 0
+    for key, runs in data["runs"].items():
+        for run in runs:
+            source_dir = Path(run["run_dir"])
+            target_dir = study.results / "runs" / key / f"seed{run['seed']}"
+            for name in RUN_FILES:
+                source, target = source_dir / name, target_dir / name
+                if source.is_file() and (not target.is_file() or target.stat().st_mtime < source.stat().st_mtime):
+                    _copy_atomic(source, target)
+                    copied += 1
+    return copied
+
+
 def write_results(study: Study, split: dict | None) -> dict:
     from facepipe.eval.plots import plot_roc
     from facepipe.eval.verification import roc_metrics
@@ -833,6 +864,7 @@ def write_results(study: Study, split: dict | None) -> dict:
     data = collect(study)
     results = study.results
     results.mkdir(parents=True, exist_ok=True)
+    mirror_runs(study, data)
     table = _table_md(study, data, split)
     closed_md, closed_rows = _closed_md(data)
     chosen = megaface_choice(data["rows"], study.args.megaface_top)
@@ -955,6 +987,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="closed-set view over this many training identities only (smoke tests; default all)")
     parser.add_argument("--no-closed-set", action="store_true", help="skip the closed-set view")
     parser.add_argument("--knc-cluster-size", type=int, default=5, help="l of the closed-set cluster index (default 5)")
+    parser.add_argument("--results", default="bench/reports/lfw_study",
+                        help="results folder: tables, plots and a copy of every run's small files "
+                             "(default bench/reports/lfw_study, kept in git)")
     parser.add_argument("--table-only", action="store_true", help="only rewrite the results folder")
     parser.add_argument("--show-methods", action="store_true", help="print every method's overrides and exit")
     parser.add_argument("--lfw-raw", default="../shared/data/lfw/lfw-deepfunneled")
