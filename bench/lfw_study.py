@@ -244,7 +244,7 @@ class Study:
         self.data = self.root / "data"
         self.train_dir = self.data / "train"
         self.probe_dir = self.data / "probes"
-        self.results = Path(args.results) if args.results else self.root / "results"
+        self.results = Path(args.results)
         self.aligned = Path(args.aligned)
         self.dev_test = Path(args.dev_test)
         self.dev_train = Path(args.dev_train)
@@ -837,11 +837,6 @@ RUN_FILES = (STUDY_RESULT, CLOSED_SET, "metrics.jsonl", "config.yaml", "class_st
              f"{MEGAFACE_DIR}/study_megaface.json")
 
 
-def _copy_atomic(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(target, source.read_bytes(), durable=False)
-
-
 def mirror_runs(study: Study, data: dict) -> int:
     """Copy every finished run's small files to ``<results>/runs/<method>/seed<k>/``; returns the count."""
     copied = 0
@@ -852,7 +847,8 @@ def mirror_runs(study: Study, data: dict) -> int:
             for name in RUN_FILES:
                 source, target = source_dir / name, target_dir / name
                 if source.is_file() and (not target.is_file() or target.stat().st_mtime < source.stat().st_mtime):
-                    _copy_atomic(source, target)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    write_bytes_atomic(target, source.read_bytes(), durable=False)
                     copied += 1
     return copied
 
