@@ -35,6 +35,12 @@ at any time, across working sessions):
    checkpoints); rewritten after every finished run (``--table-only``: only that). Smoke tests
    should pass another ``--results``.
 
+Several invocations may share one study folder, e.g. two one-thread processes side by side on a
+2-core CPU (``OMP_NUM_THREADS=1 ... --methods A B`` and ``... --methods C D``): each run is claimed
+with an advisory lock under ``<study>/locks/`` (released when its process ends, even on a crash),
+a run claimed by another process is skipped, the shared pre-training is waited for, and the
+MegaFace step runs only once every planned run of the invocation is finished.
+
 Everything is logged to ``<study>/study.log``. ``--set KEY=VALUE`` (repeatable) overrides the
 config of every run, e.g. ``--set train.max_steps_per_epoch=2`` for a smoke test, or the GPU size
 ``--set model.depth=50 --set model.width=1.0 --set model.embedding_size=512 --set
@@ -43,6 +49,8 @@ config of every run, e.g. ``--set train.max_steps_per_epoch=2`` for a smoke test
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -257,6 +265,33 @@ class Study:
 
     def run_dir(self, method: str, seed: int) -> Path:
         return self.root / "runs" / method / f"seed{seed}"
+
+    @contextlib.contextmanager
+    def claim(self, name: str, wait: bool = False):
+        """Hold the advisory lock of run ``name`` while the block runs; yields False (without
+        waiting) when another process holds it, unless ``wait``. flock is released by the kernel
+        when the process dies, so a crashed run never stays claimed."""
+        folder = self.root / "locks"
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f"{name}.lock", "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def claimed_elsewhere(self) -> list[str]:
+        """The runs other processes of this study hold now."""
+        held = []
+        for path in sorted((self.root / "locks").glob("*.lock")):
+            with self.claim(path.stem) as free:
+                if not free:
+                    held.append(path.stem)
+        return held
 
     def config(self, seed: int, output_dir: Path, overrides: list[str], init_from: Path | None) -> Config:
         return load_config(find_config(self.args.config), [
@@ -1030,9 +1065,11 @@ def main(argv: list[str] | None = None) -> int:
             return
         pretrained.add(seed)
         config = study.pretrain_config(seed)
-        finish_run(study, config, PRETRAIN, seed, f"pretrain seed {seed}", [])
-        if not args.no_closed_set:
-            closed_set_view(study, split, study.pretrain_dir(seed), f"pretrain seed {seed}")
+        # every run starts from it: wait while another process of the study trains it
+        with study.claim(f"{PRETRAIN}-seed{seed}", wait=True):
+            finish_run(study, config, PRETRAIN, seed, f"pretrain seed {seed}", [])
+            if not args.no_closed_set:
+                closed_set_view(study, split, study.pretrain_dir(seed), f"pretrain seed {seed}")
 
     order = [(seed, method) for seed in sorted({s for m in args.methods for s in seeds[m]})
              for method in args.methods if seed in seeds[method]]
@@ -1042,21 +1079,37 @@ def main(argv: list[str] | None = None) -> int:
         pretrain(study.pretrain_seed(seed))
         label = f"[{number}/{len(order)}] {method} seed {seed}"
         config = study.method_config(method, seed)
-        finish_run(study, config, method, seed, label, METHODS[method].overrides(args.epochs))
-        if not args.no_closed_set:
-            closed_set_view(study, split, study.run_dir(method, seed), label)
+        with study.claim(f"{method}-seed{seed}") as mine:
+            if not mine:
+                log.info("%s: being trained by another process of this study; skipped here", label)
+                continue
+            finish_run(study, config, method, seed, label, METHODS[method].overrides(args.epochs))
+            if not args.no_closed_set:
+                closed_set_view(study, split, study.run_dir(method, seed), label)
         write_results(study, split)
         log.info("%s: results rewritten (%s since the start of this command)", label,
                  _minutes(time.perf_counter() - started))
     if not order:
         pretrain(0)
-    if args.megaface:
-        chosen = megaface_choice(collect(study)["rows"], args.megaface_top)
-        log.info("megaface: softmax and the %d best other methods by DevTest accuracy: %s", args.megaface_top, chosen)
-        for key in chosen:
-            runs = _finished_runs(study, key)
-            megaface_run(study, Path(runs[0]["run_dir"]), f"{key} seed {runs[0]['seed']}")
-            write_results(study, split)
+    # the best two are chosen from the whole study, so the choice waits for every run: the
+    # last process of the study to finish makes it
+    unfinished = [f"{m}-seed{k}" for k, m in order if not (study.run_dir(m, k) / STUDY_RESULT).is_file()]
+    unfinished += [name for name in study.claimed_elsewhere() if name not in unfinished]
+    if args.megaface and unfinished:
+        log.info("megaface: waits until every run is finished (still running: %s); the process that "
+                 "finishes the last one runs it", ", ".join(unfinished))
+    elif args.megaface:
+        with study.claim("megaface") as mine:
+            if mine:
+                chosen = megaface_choice(collect(study)["rows"], args.megaface_top)
+                log.info("megaface: softmax and the %d best other methods by DevTest accuracy: %s",
+                         args.megaface_top, chosen)
+                for key in chosen:
+                    runs = _finished_runs(study, key)
+                    megaface_run(study, Path(runs[0]["run_dir"]), f"{key} seed {runs[0]['seed']}")
+                    write_results(study, split)
+            else:
+                log.info("megaface: being run by another process of this study")
     result = write_results(study, split)
     log.info("study: this command took %s", _minutes(time.perf_counter() - started))
     print(result["markdown"])
