@@ -26,7 +26,8 @@ at any time, across working sessions):
    (ARConvL: its nearest centre; a CLMLE stage without classification term has no trained
    classifier and gets none);
 5. with ``--megaface``: the MegaFace-style mini protocol on LFW (the function behind ``facepipe
-   eval megaface --lfw-images``) for softmax and the two best other methods by DevTest accuracy;
+   eval megaface --lfw-images``) for the first seed of every method, right after its run (the
+   checkpoints need not outlive the session); the table names softmax and the two best others;
 6. ``--results`` (default ``bench/reports/lfw_study``, kept in git): ``table.md`` / ``table.json``
    (mean +- std over seeds, the number of seeds per row, single-seed rows marked; every run's
    metrics), ``roc.png`` (every method's DevTest ROC), ``uncertainty_umm.png`` (from a UMM run),
@@ -38,8 +39,12 @@ at any time, across working sessions):
 Several invocations may share one study folder, e.g. two one-thread processes side by side on a
 2-core CPU (``OMP_NUM_THREADS=1 ... --methods A B`` and ``... --methods C D``): each run is claimed
 with an advisory lock under ``<study>/locks/`` (released when its process ends, even on a crash),
-a run claimed by another process is skipped, the shared pre-training is waited for, and the
-MegaFace step runs only once every planned run of the invocation is finished.
+a run claimed by another process is skipped, and the shared pre-training is waited for.
+
+Across fresh checkouts: a run whose files are in ``--results`` (kept in git) counts as finished
+and its small files are copied back into the study folder; the shared pre-training's weights are
+kept there too (``runs/pretrain/seed<k>/init.pt``, model and head only), so a new session goes on
+fine-tuning from the very same initialisation instead of training a new one.
 
 Everything is logged to ``<study>/study.log``. ``--set KEY=VALUE`` (repeatable) overrides the
 config of every run, e.g. ``--set train.max_steps_per_epoch=2`` for a smoke test, or the GPU size
@@ -257,6 +262,10 @@ class Study:
         self.dev_test = Path(args.dev_test)
         self.dev_train = Path(args.dev_train)
 
+    def kept_dir(self, key: str, seed: int) -> Path:
+        """Where ``--results`` keeps the small files of run ``key`` / ``seed``."""
+        return self.results / "runs" / key / f"seed{seed}"
+
     def pretrain_dir(self, seed: int) -> Path:
         return self.root / PRETRAIN / f"seed{seed}"
 
@@ -283,15 +292,6 @@ class Study:
                 yield True
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
-
-    def claimed_elsewhere(self) -> list[str]:
-        """The runs other processes of this study hold now."""
-        held = []
-        for path in sorted((self.root / "locks").glob("*.lock")):
-            with self.claim(path.stem) as free:
-                if not free:
-                    held.append(path.stem)
-        return held
 
     def config(self, seed: int, output_dir: Path, overrides: list[str], init_from: Path | None) -> Config:
         return load_config(find_config(self.args.config), [
@@ -517,6 +517,10 @@ def finish_run(study: Study, config: Config, method: str, seed: int, label: str,
     """Train (or resume) and verify one run; nothing when its study_result.json exists."""
     run_dir = Path(config.output_dir)
     result_file = run_dir / STUDY_RESULT
+    if not result_file.is_file() and (study.kept_dir(method, seed) / STUDY_RESULT).is_file():
+        restored = restore_run(study, method, seed, run_dir)
+        log.info("%s: finished in an earlier session; %d files restored from %s", label, restored,
+                 study.kept_dir(method, seed))
     if result_file.is_file():
         result = _read_json(result_file)
         changed = _config_differences(result["config"], config.to_dict())
@@ -613,6 +617,10 @@ def closed_set_view(study: Study, split: dict, run_dir: Path, label: str) -> dic
     if not split["probes"]:
         log.warning("%s: no held-out probes (no training person has 3+ images): no closed-set view", label)
         return None
+    if not (run_dir / "latest.pt").is_file():
+        log.warning("%s: no checkpoint in %s (a run restored from --results without its closed-set "
+                    "file): no closed-set view", label, run_dir)
+        return None
     started = time.perf_counter()
     state = load_checkpoint(run_dir / "latest.pt")
     config = Config.model_validate(state["config"])
@@ -693,13 +701,17 @@ def closed_set_view(study: Study, split: dict, run_dir: Path, label: str) -> dic
 # ============================================================================================
 # 5. MegaFace-style mini protocol
 # ============================================================================================
-def megaface_run(study: Study, run_dir: Path, label: str) -> dict:
+def megaface_run(study: Study, run_dir: Path, label: str) -> dict | None:
     from facepipe.eval.megaface import evaluate_megaface
 
     out = run_dir / MEGAFACE_DIR
     done = out / "study_megaface.json"
     if done.is_file():
         return _read_json(done)
+    if not (run_dir / "latest.pt").is_file():
+        log.warning("%s: no checkpoint in %s (a run restored from --results without its MegaFace "
+                    "files): no MegaFace-style run", label, run_dir)
+        return None
     started = time.perf_counter()
     result = evaluate_megaface(out, lfw_images=study.aligned, lfw_dev_pairs=study.dev_test,
                                checkpoint=run_dir / "latest.pt", progress=False)
@@ -834,8 +846,8 @@ def _closed_md(data: dict) -> tuple[str, list[dict]]:
 
 def _megaface_md(data: dict, chosen: list[str]) -> tuple[str, list[dict]]:
     lines = ["# MegaFace-style mini protocol on LFW (facepipe eval megaface --lfw-images)", "",
-             f"Run for softmax and the best other methods by DevTest accuracy (now: {', '.join(chosen) or '—'}), "
-             "on each method's first seed.", ""]
+             "Run on the first seed of every method, right after its training; softmax and the best "
+             f"other methods by DevTest accuracy: {', '.join(chosen) or '—'}.", ""]
     rows = []
     for row in data["rows"]:
         for run in data["runs"][row["key"]]:
@@ -878,7 +890,7 @@ def mirror_runs(study: Study, data: dict) -> int:
     for key, runs in data["runs"].items():
         for run in runs:
             source_dir = Path(run["run_dir"])
-            target_dir = study.results / "runs" / key / f"seed{run['seed']}"
+            target_dir = study.kept_dir(key, run["seed"])
             for name in RUN_FILES:
                 source, target = source_dir / name, target_dir / name
                 if source.is_file() and (not target.is_file() or target.stat().st_mtime < source.stat().st_mtime):
@@ -886,6 +898,40 @@ def mirror_runs(study: Study, data: dict) -> int:
                     write_bytes_atomic(target, source.read_bytes(), durable=False)
                     copied += 1
     return copied
+
+
+PRETRAIN_WEIGHTS = "init.pt"
+
+
+def keep_pretrain_weights(study: Study, seed: int) -> None:
+    """Model and head of the finished shared pre-training, into ``--results`` (about 14 MB at the
+    CPU size): what ``train.init_from`` reads, without the optimizer state a resume would need."""
+    from facepipe.train.checkpoint import load_checkpoint, save_checkpoint
+
+    target = study.kept_dir(PRETRAIN, seed) / PRETRAIN_WEIGHTS
+    source = study.pretrain_dir(seed) / "latest.pt"
+    if target.is_file() or not source.is_file():
+        return
+    state = load_checkpoint(source)
+    keep = ("model", "head", "head_stage", "config", "identities", "epoch", "step")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(target, {key: state[key] for key in keep})
+
+
+def restore_run(study: Study, key: str, seed: int, run_dir: Path) -> int:
+    """Copy a finished run's kept files (and the pre-training's weights, as its ``latest.pt``)
+    back into the study folder; returns the count."""
+    kept = study.kept_dir(key, seed)
+    pairs = [(kept / name, run_dir / name) for name in RUN_FILES]
+    if key == PRETRAIN:
+        pairs.append((kept / PRETRAIN_WEIGHTS, run_dir / "latest.pt"))
+    restored = 0
+    for source, target in pairs:
+        if source.is_file() and not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(target, source.read_bytes(), durable=False)
+            restored += 1
+    return restored
 
 
 def write_results(study: Study, split: dict | None) -> dict:
@@ -1011,9 +1057,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(default 0: exactly the last image)")
     parser.add_argument("--pretrain-per-seed", action="store_true", help="one pre-training per seed, not one shared")
     parser.add_argument("--megaface", action="store_true",
-                        help="MegaFace-style LFW mini protocol for softmax and the best other methods")
+                        help="MegaFace-style LFW mini protocol on the first seed of every method")
     parser.add_argument("--megaface-top", type=int, default=2,
-                        help="how many of the best other methods get the MegaFace-style run (default 2)")
+                        help="how many of the best other methods the MegaFace table names beside softmax (default 2)")
     parser.add_argument("--closed-set-max-identities", type=int, default=None,
                         help="closed-set view over this many training identities only (smoke tests; default all)")
     parser.add_argument("--no-closed-set", action="store_true", help="skip the closed-set view")
@@ -1068,6 +1114,7 @@ def main(argv: list[str] | None = None) -> int:
         # every run starts from it: wait while another process of the study trains it
         with study.claim(f"{PRETRAIN}-seed{seed}", wait=True):
             finish_run(study, config, PRETRAIN, seed, f"pretrain seed {seed}", [])
+            keep_pretrain_weights(study, seed)
             if not args.no_closed_set:
                 closed_set_view(study, split, study.pretrain_dir(seed), f"pretrain seed {seed}")
 
@@ -1086,30 +1133,13 @@ def main(argv: list[str] | None = None) -> int:
             finish_run(study, config, method, seed, label, METHODS[method].overrides(args.epochs))
             if not args.no_closed_set:
                 closed_set_view(study, split, study.run_dir(method, seed), label)
+            if args.megaface and seed == seeds[method][0]:
+                megaface_run(study, study.run_dir(method, seed), label)
         write_results(study, split)
         log.info("%s: results rewritten (%s since the start of this command)", label,
                  _minutes(time.perf_counter() - started))
     if not order:
         pretrain(0)
-    # the best two are chosen from the whole study, so the choice waits for every run: the
-    # last process of the study to finish makes it
-    unfinished = [f"{m}-seed{k}" for k, m in order if not (study.run_dir(m, k) / STUDY_RESULT).is_file()]
-    unfinished += [name for name in study.claimed_elsewhere() if name not in unfinished]
-    if args.megaface and unfinished:
-        log.info("megaface: waits until every run is finished (still running: %s); the process that "
-                 "finishes the last one runs it", ", ".join(unfinished))
-    elif args.megaface:
-        with study.claim("megaface") as mine:
-            if mine:
-                chosen = megaface_choice(collect(study)["rows"], args.megaface_top)
-                log.info("megaface: softmax and the %d best other methods by DevTest accuracy: %s",
-                         args.megaface_top, chosen)
-                for key in chosen:
-                    runs = _finished_runs(study, key)
-                    megaface_run(study, Path(runs[0]["run_dir"]), f"{key} seed {runs[0]['seed']}")
-                    write_results(study, split)
-            else:
-                log.info("megaface: being run by another process of this study")
     result = write_results(study, split)
     log.info("study: this command took %s", _minutes(time.perf_counter() - started))
     print(result["markdown"])
