@@ -934,6 +934,16 @@ def restore_run(study: Study, key: str, seed: int, run_dir: Path) -> int:
     return restored
 
 
+def restore_all(study: Study) -> int:
+    """Every run kept in ``--results`` back into the study folder (a fresh checkout)."""
+    restored = 0
+    for result_file in sorted((study.results / "runs").glob(f"*/seed*/{STUDY_RESULT}")):
+        key, seed = result_file.parent.parent.name, int(result_file.parent.name[4:])
+        run_dir = study.pretrain_dir(seed) if key == PRETRAIN else study.run_dir(key, seed)
+        restored += restore_run(study, key, seed, run_dir)
+    return restored
+
+
 def write_results(study: Study, split: dict | None) -> dict:
     from facepipe.eval.plots import plot_roc
     from facepipe.eval.verification import roc_metrics
@@ -942,6 +952,8 @@ def write_results(study: Study, split: dict | None) -> dict:
     results = study.results
     results.mkdir(parents=True, exist_ok=True)
     mirror_runs(study, data)
+    if split is not None:
+        write_json_atomic(results / "split.json", split)
     table = _table_md(study, data, split)
     closed_md, closed_rows = _closed_md(data)
     chosen = megaface_choice(data["rows"], study.args.megaface_top)
@@ -980,6 +992,20 @@ def write_results(study: Study, split: dict | None) -> dict:
     write_text_atomic(results / "megaface.md", mega_md)
     write_json_atomic(results / "megaface.json", mega_rows)
     return {"data": data, "markdown": full, "megaface_choice": chosen}
+
+
+README_BEGIN, README_END = "<!-- lfw_study tables: begin -->", "<!-- /lfw_study tables -->"
+
+
+def sync_readme(path: Path, markdown: str) -> None:
+    """Put the results tables between the README's two markers, headings demoted to level 4, so
+    the README shows exactly what the results folder holds."""
+    text = path.read_text()
+    if text.count(README_BEGIN) != 1 or text.count(README_END) != 1 or text.index(README_BEGIN) > text.index(README_END):
+        raise StudyError(f"--readme {path}: needs one line {README_BEGIN} and, below it, one line {README_END}")
+    body = "\n".join("#### " + line[2:] if line.startswith("# ") else line for line in markdown.splitlines())
+    head, rest = text.split(README_BEGIN)
+    write_text_atomic(path, head + README_BEGIN + "\n" + body.strip() + "\n" + README_END + rest.split(README_END, 1)[1])
 
 
 # ============================================================================================
@@ -1056,6 +1082,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="hold out floor(F x images) (at least 1, keeping 2) of each 3+-image person as probes "
                              "(default 0: exactly the last image)")
     parser.add_argument("--pretrain-per-seed", action="store_true", help="one pre-training per seed, not one shared")
+    parser.add_argument("--readme", default=None, metavar="PATH",
+                        help="also write the tables into PATH (e.g. README.md) between its lfw_study markers")
     parser.add_argument("--megaface", action="store_true",
                         help="MegaFace-style LFW mini protocol on the first seed of every method")
     parser.add_argument("--megaface-top", type=int, default=2,
@@ -1090,7 +1118,14 @@ def main(argv: list[str] | None = None) -> int:
     log.info("command: %s", " ".join([sys.executable, *sys.argv]))
     split_file = study.data / "split.json"
     if args.table_only:
-        result = write_results(study, _read_json(split_file) if split_file.is_file() else None)
+        restored = restore_all(study)
+        if restored:
+            log.info("table-only: %d files of finished runs restored from %s", restored, study.results)
+        kept_split = study.results / "split.json"
+        split_source = split_file if split_file.is_file() else kept_split
+        result = write_results(study, _read_json(split_source) if split_source.is_file() else None)
+        if args.readme:
+            sync_readme(Path(args.readme), result["markdown"])
         print(result["markdown"])
         return 0
 
@@ -1141,6 +1176,9 @@ def main(argv: list[str] | None = None) -> int:
     if not order:
         pretrain(0)
     result = write_results(study, split)
+    if args.readme:
+        sync_readme(Path(args.readme), result["markdown"])
+        log.info("tables written into %s", args.readme)
     log.info("study: this command took %s", _minutes(time.perf_counter() - started))
     print(result["markdown"])
     return 0
