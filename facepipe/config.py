@@ -127,6 +127,11 @@ class ARConvLHeadConfig(StrictModel):
     radius_warmup_lr: float = Field(0.001, gt=0)
     radius_lr: float = Field(0.01, gt=0)
     use_prior: bool = False  # predict with log eta_j added (the literal argmax of p(x in j))
+    # Centres at the start of the stage: "random" (seed 003: He-uniform, for a network trained
+    # from scratch), or "class_means" of the backbone's raw features over the training images.
+    # The latter is for a stage that fine-tunes a pre-trained backbone: random centres near 0 sit
+    # far from features whose norms are tens, and the region loss starts in the tens of thousands.
+    init_centers: Literal["random", "class_means"] = "random"
 
 
 HeadConfig = Annotated[

@@ -25,6 +25,7 @@ from facepipe.data.mnist import (
 from facepipe.losses import PrototypeHead
 from facepipe.models import MnistCNN, build_backbone
 from facepipe.train.classify import run_classification
+from facepipe.train.run_log import NullRunLog
 from facepipe.train.trainer import Trainer
 
 from conftest import SHARED_DATA
@@ -193,6 +194,55 @@ def test_switching_to_arconvl_mid_run_registers_centres_and_radii(tmp_path):
     assert any(p is trainer.head.centers for g in trainer.optimizer.param_groups for p in g["params"])
     assert trainer.head.radii.grad is None or torch.isfinite(trainer.head.radii).all()
     assert not torch.allclose(trainer.head.radii, torch.full_like(trainer.head.radii, 0.1))  # it trained
+
+
+def test_arconvl_centres_start_at_class_means_when_asked_and_resume_keeps_trained_ones(tmp_path):
+    rng = np.random.default_rng(2)
+    dataset = TensorImageDataset(rng.integers(0, 255, size=(36, 28, 28)).astype(np.uint8),
+                                 np.repeat(np.arange(3), 12), list("abc"))
+    view = dataset.eval_view(range(len(dataset)))
+    images = torch.stack([view[i][0] for i in range(len(view))])
+    stage = {"epochs": 2, "head": {"type": "arconvl", "init_centers": "class_means"}}
+    config = mnist_config(tmp_path, tmp_path, train={"stages": [stage], "amp": "off"})
+    trainer = Trainer(config, progress=False, dataset=dataset)
+    trainer.model.eval()
+    with torch.no_grad():
+        feats = trainer.model(images)
+    trainer.model.train()
+    labels = torch.as_tensor(np.asarray(dataset.labels))
+    expected = torch.stack([feats[labels == c].mean(0) for c in range(3)])
+    assert torch.allclose(trainer.head.centers, expected, atol=1e-5)
+    # the default keeps seed 003's random start, which is nowhere near the class means
+    default = Trainer(mnist_config(tmp_path / "d", tmp_path, train={"stages": [
+        {"epochs": 2, "head": {"type": "arconvl"}}], "amp": "off"}), progress=False, dataset=dataset)
+    assert not torch.allclose(default.head.centers, expected, atol=1e-2)
+    trainer.fit(max_epochs=1)
+    trained = trainer.head.centers.detach().clone()
+    assert not torch.allclose(trained, expected, atol=1e-5)  # the centres moved
+    resumed = Trainer(config, resume=True, progress=False, dataset=dataset)
+    assert torch.equal(resumed.head.centers, trained)  # a resume never re-initialises them
+
+
+def test_switching_to_arconvl_with_class_means_uses_the_current_backbone(tmp_path):
+    rng = np.random.default_rng(3)
+    dataset = TensorImageDataset(rng.integers(0, 255, size=(36, 28, 28)).astype(np.uint8),
+                                 np.repeat(np.arange(3), 12), list("abc"))
+    view = dataset.eval_view(range(len(dataset)))
+    images = torch.stack([view[i][0] for i in range(len(view))])
+    config = mnist_config(tmp_path, tmp_path, train={"stages": [
+        {"epochs": 1, "head": {"type": "prototype"}},
+        {"epochs": 1, "head": {"type": "arconvl", "init_centers": "class_means"}}], "amp": "off"})
+    trainer = Trainer(config, progress=False, dataset=dataset)
+    trainer.fit(max_epochs=1)
+    trainer.model.eval()
+    with torch.no_grad():
+        feats = trainer.model(images)
+    trainer.model.train()
+    labels = torch.as_tensor(np.asarray(dataset.labels))
+    trainer.run_log = NullRunLog()  # fit() closed its log; the switch below happens outside fit()
+    trainer._switch_stage(1)
+    assert torch.allclose(trainer.head.centers, torch.stack([feats[labels == c].mean(0) for c in range(3)]),
+                          atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- runner

@@ -53,8 +53,10 @@ def embed_dataset(
     num_workers: int = 0,
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
+    normalize: bool = True,
 ) -> np.ndarray:
-    """L2-normalised float32 embeddings of a dataset of ``(image, position)`` items, in order.
+    """L2-normalised (``normalize=False``: raw) float32 embeddings of a dataset of ``(image,
+    position)`` items, in order.
 
     Flip fusion: ``sum`` adds the embeddings of the image and its mirror, ``concat`` stacks them
     (twice the dimension), ``none`` uses the image alone. The model is put in eval mode and
@@ -80,7 +82,7 @@ def embed_dataset(
             else:
                 with autocast(device, amp_dtype):
                     feats = model(images).float()
-            chunks.append(nn.functional.normalize(feats, dim=1).cpu())
+            chunks.append((nn.functional.normalize(feats, dim=1) if normalize else feats).cpu())
     finally:
         model.train(was_training)
     if not chunks:

@@ -28,14 +28,14 @@ from facepipe.data.recordio import open_training_dataset
 from facepipe.data.samplers import build_sampler
 from facepipe.data.stats import class_statistics
 from facepipe.data.transforms import build_train_transform
-from facepipe.embed.extract import extract_embeddings
+from facepipe.embed.extract import embed_dataset, extract_embeddings
 from facepipe.eval.pairs_job import PairsOnDisk, load_pairs
 from facepipe.eval.verification import cosine_scores, evaluate_verification
 from facepipe.losses import ARConvLHead, MarginHead, build_head
 from facepipe.losses.uncertainty import sum_margin_weights
 from facepipe.models import build_backbone
 from facepipe.train.cluster_stage import ClusterStage
-from facepipe.train.distributed import RankSlicedSampler, all_true, init_distributed
+from facepipe.train.distributed import RankSlicedSampler, all_true, gather_rows, init_distributed, rank_slice
 from facepipe.train.checkpoint import BEST, LATEST, copy_checkpoint, load_checkpoint, save_checkpoint
 from facepipe.train.lr_schedule import lr_factor
 from facepipe.train.run_log import NullRunLog, RunLog
@@ -172,8 +172,10 @@ class Trainer:
         self.validator = validator if validator is not None else self._pairs_validator()
         if resume:
             self.resume(self.run_dir / LATEST)
-        elif config.train.init_from:
-            self.initialise_from(config.train.init_from)
+        else:
+            if config.train.init_from:
+                self.initialise_from(config.train.init_from)
+            self._init_arconvl_centers()
 
     # ------------------------------------------------------------------ construction
     def _use_epoch_sampler(self) -> None:
@@ -244,6 +246,29 @@ class Trainer:
         )
         return head.to(self.device)
 
+    def _init_arconvl_centers(self) -> None:
+        """``head.init_centers: class_means``: put each ARConvL centre C_j at the mean raw feature of
+        class j under the current backbone (eval mode, no augmentation). Every rank embeds its share
+        and gets all rows, so all ranks compute the same centres."""
+        stage = self.config.train.stages[self.stage_index]
+        if not isinstance(self.head, ARConvLHead) or stage.head.init_centers != "class_means":
+            return
+        started = time.perf_counter()
+        share = np.arange(len(self.dataset))[rank_slice(len(self.dataset), self.dist)]
+        features = gather_rows(self.dist, embed_dataset(
+            self.model, self.dataset.eval_view(share, self.config.data.image_size), self.device,
+            batch_size=self.config.data.batch_size, flip="none", num_workers=self.config.data.num_workers,
+            amp_dtype=self.amp_dtype, progress=self.progress, normalize=False,
+        ))
+        labels = np.asarray(self.dataset.labels)
+        sums = np.zeros((self.dataset.num_classes, features.shape[1]), dtype=np.float64)
+        np.add.at(sums, labels, features)
+        means = sums / np.bincount(labels, minlength=self.dataset.num_classes)[:, None]
+        with torch.no_grad():
+            self.head.centers.copy_(torch.as_tensor(means, dtype=self.head.centers.dtype))
+        log.info("ARConvL centres: class means of %d training features (mean norm %.2f) in %.1f s",
+                 len(features), float(np.linalg.norm(means, axis=1).mean()), time.perf_counter() - started)
+
     def _build_loss(self, stage_index: int) -> tuple[nn.Module, Any]:
         loss, drw = build_stage_loss(self.config.train.stages[stage_index], self.class_counts)
         return loss.to(self.device), drw
@@ -301,6 +326,8 @@ class Trainer:
         self.loss_fn, self.drw = self._build_loss(stage_index)
         self._sync_head_parameters(stage_index)
         self.stage_index = stage_index
+        if announce:  # a resume replays the switch, then loads the head's saved state
+            self._init_arconvl_centers()
         self._wrap_step_module()
         stage = self.config.train.stages[stage_index]
         if not announce:
