@@ -196,21 +196,30 @@ def test_switching_to_arconvl_mid_run_registers_centres_and_radii(tmp_path):
     assert not torch.allclose(trainer.head.radii, torch.full_like(trainer.head.radii, 0.1))  # it trained
 
 
-def test_arconvl_centres_start_at_class_means_when_asked_and_resume_keeps_trained_ones(tmp_path):
-    rng = np.random.default_rng(2)
-    dataset = TensorImageDataset(rng.integers(0, 255, size=(36, 28, 28)).astype(np.uint8),
-                                 np.repeat(np.arange(3), 12), list("abc"))
+def three_class_images(seed: int) -> TensorImageDataset:
+    rng = np.random.default_rng(seed)
+    return TensorImageDataset(rng.integers(0, 255, size=(36, 28, 28)).astype(np.uint8),
+                              np.repeat(np.arange(3), 12), list("abc"))
+
+
+def class_means_by_hand(trainer: Trainer, dataset: TensorImageDataset) -> torch.Tensor:
+    """Mean raw feature of each class under the trainer's backbone in eval mode, every image once."""
     view = dataset.eval_view(range(len(dataset)))
     images = torch.stack([view[i][0] for i in range(len(view))])
-    stage = {"epochs": 2, "head": {"type": "arconvl", "init_centers": "class_means"}}
-    config = mnist_config(tmp_path, tmp_path, train={"stages": [stage], "amp": "off"})
-    trainer = Trainer(config, progress=False, dataset=dataset)
     trainer.model.eval()
     with torch.no_grad():
         feats = trainer.model(images)
     trainer.model.train()
     labels = torch.as_tensor(np.asarray(dataset.labels))
-    expected = torch.stack([feats[labels == c].mean(0) for c in range(3)])
+    return torch.stack([feats[labels == c].mean(0) for c in range(dataset.num_classes)])
+
+
+def test_arconvl_centres_start_at_class_means_when_asked_and_resume_keeps_trained_ones(tmp_path):
+    dataset = three_class_images(2)
+    stage = {"epochs": 2, "head": {"type": "arconvl", "init_centers": "class_means"}}
+    config = mnist_config(tmp_path, tmp_path, train={"stages": [stage], "amp": "off"})
+    trainer = Trainer(config, progress=False, dataset=dataset)
+    expected = class_means_by_hand(trainer, dataset)
     assert torch.allclose(trainer.head.centers, expected, atol=1e-5)
     # the default keeps seed 003's random start, which is nowhere near the class means
     default = Trainer(mnist_config(tmp_path / "d", tmp_path, train={"stages": [
@@ -224,25 +233,16 @@ def test_arconvl_centres_start_at_class_means_when_asked_and_resume_keeps_traine
 
 
 def test_switching_to_arconvl_with_class_means_uses_the_current_backbone(tmp_path):
-    rng = np.random.default_rng(3)
-    dataset = TensorImageDataset(rng.integers(0, 255, size=(36, 28, 28)).astype(np.uint8),
-                                 np.repeat(np.arange(3), 12), list("abc"))
-    view = dataset.eval_view(range(len(dataset)))
-    images = torch.stack([view[i][0] for i in range(len(view))])
+    dataset = three_class_images(3)
     config = mnist_config(tmp_path, tmp_path, train={"stages": [
         {"epochs": 1, "head": {"type": "prototype"}},
         {"epochs": 1, "head": {"type": "arconvl", "init_centers": "class_means"}}], "amp": "off"})
     trainer = Trainer(config, progress=False, dataset=dataset)
     trainer.fit(max_epochs=1)
-    trainer.model.eval()
-    with torch.no_grad():
-        feats = trainer.model(images)
-    trainer.model.train()
-    labels = torch.as_tensor(np.asarray(dataset.labels))
+    expected = class_means_by_hand(trainer, dataset)
     trainer.run_log = NullRunLog()  # fit() closed its log; the switch below happens outside fit()
     trainer._switch_stage(1)
-    assert torch.allclose(trainer.head.centers, torch.stack([feats[labels == c].mean(0) for c in range(3)]),
-                          atol=1e-5)
+    assert torch.allclose(trainer.head.centers, expected, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- runner
