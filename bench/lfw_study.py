@@ -1099,6 +1099,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="results folder: tables, plots and a copy of every run's small files "
                              "(default bench/reports/lfw_study, kept in git)")
     parser.add_argument("--table-only", action="store_true", help="only rewrite the results folder")
+    parser.add_argument("--pretrain-only", action="store_true",
+                        help="align, split and pre-train, then stop (e.g. with every core before several "
+                             "one-thread fine-tuning processes)")
     parser.add_argument("--show-methods", action="store_true", help="print every method's overrides and exit")
     parser.add_argument("--lfw-raw", default="../shared/data/lfw/lfw-deepfunneled")
     parser.add_argument("--aligned", default="runs/lfw112", help="aligned 112x112 crops (made here when missing)")
@@ -1158,6 +1161,12 @@ def main(argv: list[str] | None = None) -> int:
 
     order = [(seed, method) for seed in sorted({s for m in args.methods for s in seeds[m]})
              for method in args.methods if seed in seeds[method]]
+    if args.pretrain_only:
+        for seed in sorted({study.pretrain_seed(s) for s, _ in order} or {0}):
+            pretrain(seed)
+        write_results(study, split)
+        log.info("pretrain-only: done in %s", _minutes(time.perf_counter() - started))
+        return 0
     log.info("study %s: %d runs (%s), %d fine-tuning epochs each", study.root, len(order),
              ", ".join(f"{m} s{s}" for s, m in order), args.epochs)
     for number, (seed, method) in enumerate(order, 1):
