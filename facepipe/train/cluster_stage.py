@@ -22,10 +22,9 @@ import numpy as np
 import torch
 
 from facepipe.data.cluster_sampler import ClusterBatchSampler, LossCache
-from facepipe.embed.extract import embed_dataset
 from facepipe.index.clusters import ClusterAssignment, balanced_spherical_kmeans, format_margin_bounds
 from facepipe.losses.clmle import ClusterLossOutput, ClusterMarginLoss
-from facepipe.train.distributed import DistributedContext, broadcast_object, gather_rows, rank_slice
+from facepipe.train.distributed import DistributedContext, broadcast_object, gather_rows
 
 if TYPE_CHECKING:
     from facepipe.train.trainer import Trainer
@@ -75,14 +74,9 @@ class ClusterStage:
         trainer = self.trainer
         ctx = trainer.dist
         started = time.perf_counter()
-        # Each rank embeds its share of the images; every rank gets all features in order, rank 0
-        # clusters them and broadcasts the one assignment (k-means need not agree bit for bit).
-        share = np.arange(len(trainer.dataset))[rank_slice(len(trainer.dataset), ctx)]
-        embeddings = gather_rows(ctx, embed_dataset(
-            trainer.model, trainer.dataset.eval_view(share, trainer.config.data.image_size), trainer.device,
-            batch_size=self.settings.batch_size, flip="none", num_workers=trainer.config.data.num_workers,
-            amp_dtype=trainer.amp_dtype, progress=trainer.progress,
-        ))
+        # Every rank gets all features in order; rank 0 clusters them and broadcasts the one
+        # assignment (k-means need not agree bit for bit across ranks).
+        embeddings = trainer.embed_training_images(self.settings.batch_size)
         extracted = time.perf_counter()
         assignment = None
         if ctx.is_main:

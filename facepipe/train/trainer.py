@@ -246,6 +246,17 @@ class Trainer:
         )
         return head.to(self.device)
 
+    def embed_training_images(self, batch_size: int, normalize: bool = True) -> np.ndarray:
+        """The current model's feature of every training image, in dataset order (eval mode, no
+        augmentation, no flip). Under torchrun each rank embeds its share and every rank gets all
+        rows."""
+        share = np.arange(len(self.dataset))[rank_slice(len(self.dataset), self.dist)]
+        return gather_rows(self.dist, embed_dataset(
+            self.model, self.dataset.eval_view(share, self.config.data.image_size), self.device,
+            batch_size=batch_size, flip="none", num_workers=self.config.data.num_workers,
+            amp_dtype=self.amp_dtype, progress=self.progress, normalize=normalize,
+        ))
+
     def _init_arconvl_centers(self) -> None:
         """``head.init_centers: class_means``: put each ARConvL centre C_j at the mean raw feature of
         class j under the current backbone (eval mode, no augmentation). Every rank embeds its share
@@ -254,12 +265,7 @@ class Trainer:
         if not isinstance(self.head, ARConvLHead) or stage.head.init_centers != "class_means":
             return
         started = time.perf_counter()
-        share = np.arange(len(self.dataset))[rank_slice(len(self.dataset), self.dist)]
-        features = gather_rows(self.dist, embed_dataset(
-            self.model, self.dataset.eval_view(share, self.config.data.image_size), self.device,
-            batch_size=self.config.data.batch_size, flip="none", num_workers=self.config.data.num_workers,
-            amp_dtype=self.amp_dtype, progress=self.progress, normalize=False,
-        ))
+        features = self.embed_training_images(self.config.data.batch_size, normalize=False)
         labels = np.asarray(self.dataset.labels)
         sums = np.zeros((self.dataset.num_classes, features.shape[1]), dtype=np.float64)
         np.add.at(sums, labels, features)
