@@ -236,6 +236,10 @@ def _minutes(seconds: float | None) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
+def _p_value(p: float) -> str:
+    return f"{p:.3f}" if p >= 1e-3 else f"{p:.1e}"
+
+
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
@@ -516,6 +520,17 @@ def _pair_labels(eval_dir: Path) -> np.ndarray:
         return np.array([int(row["is_same"]) for row in csv.DictReader(handle)], dtype=np.int64)
 
 
+def _pair_correct(run: dict) -> np.ndarray:
+    """Which DevTest pairs the run decides right at its own DevTrain threshold (the rule behind
+    its DevTest accuracy; checked against the recorded accuracy)."""
+    eval_dir = Path(run["devtest"]["report"])
+    correct = (_pair_scores(eval_dir) >= run["devtest"]["threshold"]) == _pair_labels(eval_dir).astype(bool)
+    if abs(float(correct.mean()) - run["devtest"]["accuracy"]) > 1e-9:
+        raise StudyError(f"{eval_dir}/scores.csv at threshold {run['devtest']['threshold']} gives accuracy "
+                         f"{correct.mean():.4f}, not the recorded {run['devtest']['accuracy']:.4f}")
+    return correct
+
+
 def finish_run(study: Study, config: Config, method: str, seed: int, label: str, overrides: list[str]) -> dict:
     """Train (or resume) and verify one run; nothing when its study_result.json exists."""
     run_dir = Path(config.output_dir)
@@ -751,6 +766,8 @@ def _finished_runs(study: Study, key: str) -> list[dict]:
 
 
 def collect(study: Study) -> dict:
+    from facepipe.eval.verification import mcnemar_exact
+
     keys = [PRETRAIN, *METHODS]
     runs = {key: _finished_runs(study, key) for key in keys}
     rows = []
@@ -770,7 +787,11 @@ def collect(study: Study) -> dict:
             "epochs": sorted({r["epochs"] for r in rs}),
         })
     softmax = next(r for r in rows if r["key"] == "softmax")
+    softmax_correct = _pair_correct(runs["softmax"][0]) if runs["softmax"] else None
     for row in rows:
+        row["mcnemar_vs_softmax"] = (
+            mcnemar_exact(_pair_correct(runs[row["key"]][0]), softmax_correct)
+            if row["runs"] and softmax_correct is not None and row["key"] != "softmax" else None)
         row["delta_vs_softmax"] = (row["accuracy_mean"] - softmax["accuracy_mean"]
                                    if row["accuracy_mean"] is not None and softmax["accuracy_mean"] is not None
                                    and row["key"] != "softmax" else None)
@@ -794,23 +815,29 @@ def _table_md(study: Study, data: dict, split: dict | None) -> str:
                   f"({c['dev_train_images_in_training']} of its {c['dev_train_images']} images are training images); "
                   "10-fold CV on DevTest needs no threshold file. TAR@FAR=1e-3 is interpolated on the ROC "
                   "(500 mismatched pairs: the lowest measured FAR is 2e-3).", ""]
-    lines += ["| method | seeds | single seed | DevTest acc % (DevTrain thr.) | vs softmax (pp) | DevTest 10-fold CV acc % "
+    lines += ["| method | seeds | single seed | DevTest acc % (DevTrain thr.) | vs softmax (pp) | McNemar p vs softmax "
+              "(pairs only it / only softmax gets right) | DevTest 10-fold CV acc % "
               "| TAR@FAR=1e-3 % | AUC | EER % | epochs | train / run | eval / run |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in data["rows"]:
         if not row["runs"]:
-            lines.append(f"| {row['method']} | 0 | — | not run yet | | | | | | | | |")
+            lines.append(f"| {row['method']} | 0 | — | not run yet | | | | | | | | | |")
             continue
         delta = "—" if row["delta_vs_softmax"] is None else f"{100 * row['delta_vs_softmax']:+.2f}"
+        test = row["mcnemar_vs_softmax"]
+        mcnemar = "—" if test is None else f"{_p_value(test['p_value'])} ({test['a_only']} / {test['b_only']})"
         lines.append(
             f"| {row['method']} | {row['runs']} ({', '.join(map(str, row['seeds']))}) | "
-            f"{'yes' if row['single_seed'] else 'no'} | {_pm(row['accuracies'])} | {delta} | "
+            f"{'yes' if row['single_seed'] else 'no'} | {_pm(row['accuracies'])} | {delta} | {mcnemar} | "
             f"{_pm(row['cv10_accuracy'])} | {_pm(row['tar_at_far_1e-3'])} | {_pm(row['auc'], 1.0, 4)} | "
             f"{_pm(row['eer'])} | {'/'.join(map(str, row['epochs']))} | {_minutes(float(np.mean(row['train_seconds'])))} | "
             f"{_minutes(float(np.mean(row['eval_seconds'])))} |")
     lines += ["", "mean ± std (sample std) over the seeds of a row; seeds vary the fine-tuning (data order, dropout, "
               "new head parameters)" + ("; each seed has its own pre-training" if study.args.pretrain_per_seed else
-                                        "; all start from the one pre-training (seed 0)") + ".", ""]
+                                        "; all start from the one pre-training (seed 0)") + ". McNemar: exact "
+              "two-sided test (facepipe.eval.verification.mcnemar_exact) of the row's first seed against softmax "
+              "seed 0 on the same 1,000 DevTest pairs, each at its own DevTrain threshold; p < 0.05 is the usual bar "
+              "for a real difference.", ""]
     return "\n".join(lines)
 
 

@@ -430,3 +430,27 @@ def test_plot_training_curves(tmp_path):
         plot_training_curves(records, tmp_path / "x.png", keys=("acc",))
     with pytest.raises(ValueError, match="no 'step'"):
         plot_training_curves([{"loss": 1.0}], tmp_path / "y.png")
+
+
+def test_mcnemar_exact_against_the_binomial_closed_form():
+    from facepipe.eval.verification import mcnemar_exact
+
+    # 8 pairs only A gets right, 2 only B, 5 both right, 3 both wrong.
+    a = np.array([1] * 8 + [0] * 2 + [1] * 5 + [0] * 3, dtype=bool)
+    b = np.array([0] * 8 + [1] * 2 + [1] * 5 + [0] * 3, dtype=bool)
+    result = mcnemar_exact(a, b)
+    assert (result["a_only"], result["b_only"]) == (8, 2)
+    # two-sided: 2 * P(X <= 2), X ~ Binomial(10, 1/2) = 2 * (1 + 10 + 45) / 1024
+    assert result["p_value"] == pytest.approx(2 * 56 / 1024)
+    assert mcnemar_exact(b, a)["p_value"] == pytest.approx(result["p_value"])
+
+
+def test_mcnemar_exact_without_discordant_pairs_and_bad_input():
+    from facepipe.eval.verification import mcnemar_exact
+
+    same = np.array([1, 0, 1], dtype=bool)
+    assert mcnemar_exact(same, same) == {"a_only": 0, "b_only": 0, "p_value": 1.0}
+    with pytest.raises(ValueError, match="differ in shape"):
+        mcnemar_exact(same, same[:2])
+    with pytest.raises(ValueError, match="correct_b"):
+        mcnemar_exact(same, np.array([0, 2, 1]))

@@ -33,6 +33,7 @@ __all__ = [
     "format_far",
     "kfold_accuracy",
     "make_pairs",
+    "mcnemar_exact",
     "read_pairs_csv",
     "roc_metrics",
     "score_missing_as_wrong",
@@ -211,6 +212,27 @@ def accuracy_at_threshold(scores: Any, is_same: Any, threshold: float) -> float:
     if not np.isfinite(threshold):
         raise ValueError(f"threshold must be finite, got {threshold}")
     return float(np.mean((s >= threshold) == y))
+
+
+def mcnemar_exact(correct_a: Any, correct_b: Any) -> dict:
+    """Exact (binomial) McNemar test of two classifiers decided on the same pairs.
+
+    Only the discordant pairs carry information: ``b`` = pairs rule A gets right and rule B
+    wrong, ``c`` = the reverse. Under the null hypothesis of equal accuracy each discordant pair
+    is a fair coin, so the two-sided p-value is that of ``b`` successes in ``b + c`` Bernoulli(1/2)
+    trials (McNemar 1947; the exact form, since ``b + c`` is small for 1,000 LFW pairs).
+    Returns ``{"a_only": b, "b_only": c, "p_value": p}``; p is 1.0 when there is no discordant pair.
+    """
+    from scipy.stats import binomtest
+
+    a = _as_is_same(correct_a, "correct_a")
+    b = _as_is_same(correct_b, "correct_b")
+    if a.shape != b.shape:
+        raise ValueError(f"correct_a and correct_b differ in shape: {a.shape} vs {b.shape}")
+    a_only, b_only = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    discordant = a_only + b_only
+    p = 1.0 if discordant == 0 else float(binomtest(a_only, discordant, 0.5).pvalue)
+    return {"a_only": a_only, "b_only": b_only, "p_value": p}
 
 
 def score_missing_as_wrong(scores: Any, is_same: Any, missing: Any) -> np.ndarray:
