@@ -195,6 +195,7 @@ PRETRAIN_LABEL = "Pre-training only (softmax)"
 
 STUDY_RESULT = "study_result.json"
 CLOSED_SET = "closed_set.json"
+ALIGN_TIME = "align_time.json"
 TRAIN_DONE = "train_done.json"
 MEGAFACE_DIR = "megaface"
 # Config keys that may differ between the invocations of one run (they do not change the result).
@@ -343,7 +344,12 @@ def align_once(study: Study) -> None:
     log.info("align: %d of %d images of %s are not in %s yet; aligning (112x112, ArcFace template)",
              len(todo), len(relative), raw, aligned)
     summary = align_images(raw, aligned, AlignConfig(image_size=(112, 112)), progress=False)
-    log.info("align: %s (%.1f min)", summary.line(), (time.perf_counter() - started) / 60)
+    seconds = time.perf_counter() - started
+    log.info("align: %s (%.1f min)", summary.line(), seconds / 60)
+    if len(todo) == len(relative):  # a whole alignment: its time goes into the study's compute total
+        study.results.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(study.results / ALIGN_TIME, {"images": len(relative), "seconds": seconds,
+                                                       "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
 # ============================================================================================
@@ -974,6 +980,31 @@ def restore_all(study: Study) -> int:
     return restored
 
 
+def compute_md(study: Study, data: dict) -> str:
+    """The study's wall time on this machine, summed from the times every kept run recorded:
+    training (all invocations), DevTest evaluation, closed-set view and MegaFace-style run."""
+    align = study.results / ALIGN_TIME
+    align_seconds = _read_json(align)["seconds"] if align.is_file() else None
+    lines = ["# Compute: the whole study, summed from the recorded times of the kept runs", "",
+             "| part | runs | training | evaluation + closed set + MegaFace | total |", "| --- | --- | --- | --- | --- |"]
+    total = align_seconds or 0.0
+    if align_seconds is not None:
+        lines.append(f"| alignment of LFW (13,233 images) | 1 | | | {_minutes(align_seconds)} |")
+    for row in data["rows"]:
+        rs = data["runs"][row["key"]]
+        if not rs:
+            continue
+        train = sum(r["train_seconds"] for r in rs)
+        other = sum(r["eval_seconds"] + ((r.get("closed_set") or {}).get("seconds") or 0.0)
+                    + (r.get("megaface_seconds") or 0.0) for r in rs)
+        total += train + other
+        lines.append(f"| {row['method']} | {len(rs)} | {_minutes(train)} | {_minutes(other)} | {_minutes(train + other)} |")
+    lines += [f"| **whole study** | | | | **{total / 3600:.2f} h** |", "",
+              "One process, two threads, the 2-core CPU of this machine"
+              + ("" if align_seconds is not None else "; the alignment's time is not recorded yet") + ".", ""]
+    return "\n".join(lines)
+
+
 def write_results(study: Study, split: dict | None) -> dict:
     from facepipe.eval.plots import plot_roc
     from facepipe.eval.verification import roc_metrics
@@ -1012,7 +1043,7 @@ def write_results(study: Study, split: dict | None) -> dict:
     files = ["`roc.png`: DevTest ROC of every method (first seed)", uncertainty_note,
              "`closed_set.md` / `closed_set.json`", "`megaface.md` / `megaface.json`",
              "`table.json`: these rows and every run's full metrics", f"`{study.root / 'study.log'}`: the log"]
-    full = table + "\n" + closed_md + "\n" + mega_md + "\nFiles: " + "; ".join(files) + ".\n"
+    full = table + "\n" + closed_md + "\n" + mega_md + "\n" + compute_md(study, data) + "\nFiles: " + "; ".join(files) + ".\n"
     write_text_atomic(results / "table.md", full)
     write_json_atomic(results / "table.json", {"rows": data["rows"], "closed_set": closed_rows, "megaface": mega_rows,
                                                "megaface_choice": chosen, "split": split and split["counts"],
