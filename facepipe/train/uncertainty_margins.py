@@ -98,7 +98,7 @@ def plot_uncertainty_vs_frequency(class_u: np.ndarray, counts: np.ndarray, rho: 
     ax.set_xscale("log")
     ax.set_xlabel("training images of the class (log scale)")
     ax.set_ylabel("class uncertainty (mean trace of predictive covariance)")
-    ax.set_title(f"MC-dropout class uncertainty vs frequency (Spearman rho {rho:+.3f})")
+    ax.set_title(f"MC-dropout class uncertainty vs frequency\n(Spearman rho {rho:+.3f})")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
