@@ -795,12 +795,18 @@ def collect(study: Study) -> dict:
     softmax = next(r for r in rows if r["key"] == "softmax")
     # Paired tests on the same DevTest pairs against both baselines: continued softmax, and the
     # pre-training every method starts from (the stronger of the two here).
-    references = {ref: _pair_correct(runs[ref][0]) if runs[ref] else None for ref in ("softmax", PRETRAIN)}
+    # Each seed of a row is tested against the reference run of the same seed where there is one
+    # (else its first seed), so two-seed rows show whether a gap holds seed by seed.
+    references = {ref: {r["seed"]: _pair_correct(r) for r in runs[ref]} for ref in ("softmax", PRETRAIN)}
     for row in rows:
-        for ref, ref_correct in references.items():
-            row[f"mcnemar_vs_{ref}"] = (
-                mcnemar_exact(_pair_correct(runs[row["key"]][0]), ref_correct)
-                if row["runs"] and ref_correct is not None and row["key"] != ref else None)
+        for ref, by_seed in references.items():
+            tests = []
+            if by_seed and row["key"] != ref:
+                for run in runs[row["key"]]:
+                    ref_seed = run["seed"] if run["seed"] in by_seed else min(by_seed)
+                    tests.append({"seed": run["seed"], "reference_seed": ref_seed,
+                                  **mcnemar_exact(_pair_correct(run), by_seed[ref_seed])})
+            row[f"mcnemar_vs_{ref}"] = tests or None
         row["delta_vs_softmax"] = (row["accuracy_mean"] - softmax["accuracy_mean"]
                                    if row["accuracy_mean"] is not None and softmax["accuracy_mean"] is not None
                                    and row["key"] != "softmax" else None)
@@ -833,8 +839,10 @@ def _table_md(study: Study, data: dict, split: dict | None) -> str:
             lines.append(f"| {row['method']} | 0 | — | not run yet | | | | | | | | | | |")
             continue
         delta = "—" if row["delta_vs_softmax"] is None else f"{100 * row['delta_vs_softmax']:+.2f}"
-        mcnemar = " | ".join("—" if (t := row[f"mcnemar_vs_{ref}"]) is None
-                             else f"{_p_value(t['p_value'])} ({t['a_only']} / {t['b_only']})" for ref in ("softmax", PRETRAIN))
+        mcnemar = " | ".join(
+            "—" if not (tests := row[f"mcnemar_vs_{ref}"]) else "; ".join(
+                (f"s{t['seed']}: " if len(tests) > 1 else "") + f"{_p_value(t['p_value'])} ({t['a_only']} / {t['b_only']})"
+                for t in tests) for ref in ("softmax", PRETRAIN))
         lines.append(
             f"| {row['method']} | {row['runs']} ({', '.join(map(str, row['seeds']))}) | "
             f"{'yes' if row['single_seed'] else 'no'} | {_pm(row['accuracies'])} | {delta} | {mcnemar} | "
@@ -844,9 +852,9 @@ def _table_md(study: Study, data: dict, split: dict | None) -> str:
     lines += ["", "mean ± std (sample std) over the seeds of a row; seeds vary the fine-tuning (data order, dropout, "
               "new head parameters)" + ("; each seed has its own pre-training" if study.args.pretrain_per_seed else
                                         "; all start from the one pre-training (seed 0)") + ". McNemar: exact "
-              "two-sided test (facepipe.eval.verification.mcnemar_exact) of the row's first seed against softmax "
-              "seed 0 and against the pre-training, on the same 1,000 DevTest pairs, each at its own DevTrain "
-              "threshold; p < 0.05 is the usual bar for a real difference. It tests the pairs, not the training: "
+              "two-sided test (facepipe.eval.verification.mcnemar_exact) of each seed of the row (s<k>) against the "
+              "softmax run of the same seed (or softmax seed 0) and against the pre-training, on the same 1,000 "
+              "DevTest pairs, each at its own DevTrain threshold; p < 0.05 is the usual bar for a real difference. It tests the pairs, not the training: "
               "seed-to-seed spread comes on top, which is what the rows with two seeds show.", ""]
     return "\n".join(lines)
 
