@@ -495,7 +495,7 @@ def verify_devtest(study: Study, run_dir: Path, label: str) -> dict:
     seconds = time.perf_counter() - started
     v = result["metrics"]["verification"]
     pairs = parse_lfw_pairs(study.dev_test)
-    scores = _pair_scores(out)
+    scores, _ = _pair_scores(out)
     cv = evaluate_verification(scores, pairs.is_same, n_folds=10, folds=pairs.contiguous_folds(10))
     devtest = {
         "accuracy": v["accuracy_mean"], "threshold": v["threshold"],
@@ -512,25 +512,23 @@ def verify_devtest(study: Study, run_dir: Path, label: str) -> dict:
     return devtest
 
 
-def _pair_scores(eval_dir: Path) -> np.ndarray:
+def _pair_scores(eval_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The DevTest pair scores and is_same labels (bool) of a run, from its ``scores.csv``."""
     import csv
 
     with open(eval_dir / "scores.csv", newline="", encoding="utf-8") as handle:
-        return np.array([float(row["score"]) for row in csv.DictReader(handle)], dtype=np.float64)
-
-
-def _pair_labels(eval_dir: Path) -> np.ndarray:
-    import csv
-
-    with open(eval_dir / "scores.csv", newline="", encoding="utf-8") as handle:
-        return np.array([int(row["is_same"]) for row in csv.DictReader(handle)], dtype=np.int64)
+        rows = list(csv.DictReader(handle))
+    return (np.array([float(row["score"]) for row in rows], dtype=np.float64),
+            np.array([int(row["is_same"]) for row in rows], dtype=bool))
 
 
 def _pair_correct(run: dict) -> np.ndarray:
     """Which DevTest pairs the run decides right at its own DevTrain threshold (the rule behind
     its DevTest accuracy; checked against the recorded accuracy)."""
+    from facepipe.eval.verification import correct_at_threshold
+
     eval_dir = Path(run["devtest"]["report"])
-    correct = (_pair_scores(eval_dir) >= run["devtest"]["threshold"]) == _pair_labels(eval_dir).astype(bool)
+    correct = correct_at_threshold(*_pair_scores(eval_dir), run["devtest"]["threshold"])
     if abs(float(correct.mean()) - run["devtest"]["accuracy"]) > 1e-9:
         raise StudyError(f"{eval_dir}/scores.csv at threshold {run['devtest']['threshold']} gives accuracy "
                          f"{correct.mean():.4f}, not the recorded {run['devtest']['accuracy']:.4f}")
@@ -793,19 +791,18 @@ def collect(study: Study) -> dict:
             "epochs": sorted({r["epochs"] for r in rs}),
         })
     softmax = next(r for r in rows if r["key"] == "softmax")
-    # Paired tests on the same DevTest pairs against both baselines: continued softmax, and the
-    # pre-training every method starts from (the stronger of the two here).
-    # Each seed of a row is tested against the reference run of the same seed where there is one
-    # (else its first seed), so two-seed rows show whether a gap holds seed by seed.
-    references = {ref: {r["seed"]: _pair_correct(r) for r in runs[ref]} for ref in ("softmax", PRETRAIN)}
+    # Paired tests on the same DevTest pairs against both baselines, continued softmax and the
+    # pre-training every method starts from (the stronger of the two here); each seed against the
+    # baseline run of the same seed where there is one (else its first), so two-seed rows show
+    # whether a gap holds seed by seed.
+    correct = {key: {r["seed"]: _pair_correct(r) for r in rs} for key, rs in runs.items()}
     for row in rows:
-        for ref, by_seed in references.items():
-            tests = []
+        for ref in ("softmax", PRETRAIN):
+            by_seed, tests = correct[ref], []
             if by_seed and row["key"] != ref:
-                for run in runs[row["key"]]:
-                    ref_seed = run["seed"] if run["seed"] in by_seed else min(by_seed)
-                    tests.append({"seed": run["seed"], "reference_seed": ref_seed,
-                                  **mcnemar_exact(_pair_correct(run), by_seed[ref_seed])})
+                for seed, own in correct[row["key"]].items():
+                    ref_seed = seed if seed in by_seed else min(by_seed)
+                    tests.append({"seed": seed, "reference_seed": ref_seed, **mcnemar_exact(own, by_seed[ref_seed])})
             row[f"mcnemar_vs_{ref}"] = tests or None
         row["delta_vs_softmax"] = (row["accuracy_mean"] - softmax["accuracy_mean"]
                                    if row["accuracy_mean"] is not None and softmax["accuracy_mean"] is not None
@@ -854,8 +851,9 @@ def _table_md(study: Study, data: dict, split: dict | None) -> str:
                                         "; all start from the one pre-training (seed 0)") + ". McNemar: exact "
               "two-sided test (facepipe.eval.verification.mcnemar_exact) of each seed of the row (s<k>) against the "
               "softmax run of the same seed (or softmax seed 0) and against the pre-training, on the same 1,000 "
-              "DevTest pairs, each at its own DevTrain threshold; p < 0.05 is the usual bar for a real difference. It tests the pairs, not the training: "
-              "seed-to-seed spread comes on top, which is what the rows with two seeds show.", ""]
+              "DevTest pairs, each at its own DevTrain threshold; p < 0.05 is the usual bar for a real difference. "
+              "It tests the pairs, not the training: seed-to-seed spread comes on top, which is what the rows with "
+              "two seeds show.", ""]
     return "\n".join(lines)
 
 
@@ -1039,7 +1037,7 @@ def write_results(study: Study, split: dict | None) -> dict:
         first = data["runs"][row["key"]][0]
         eval_dir = Path(first["devtest"]["report"])
         if (eval_dir / "scores.csv").is_file():
-            roc = roc_metrics(_pair_scores(eval_dir), _pair_labels(eval_dir).astype(bool))
+            roc = roc_metrics(*_pair_scores(eval_dir))
             curves[f"{row['key']} s{first['seed']} (AUC {roc['auc']:.3f})"] = (roc["fpr"], roc["tpr"])
     if curves:
         plot_roc(curves, results / "roc.png", title="LFW DevTest (1,000 pairs), first seed of each method",

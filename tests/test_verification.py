@@ -454,3 +454,13 @@ def test_mcnemar_exact_without_discordant_pairs_and_bad_input():
         mcnemar_exact(same, same[:2])
     with pytest.raises(ValueError, match="correct_b"):
         mcnemar_exact(same, np.array([0, 2, 1]))
+
+
+def test_correct_at_threshold_marks_each_pair():
+    from facepipe.eval.verification import correct_at_threshold
+
+    # same if score >= 0.5: pair 2 (0.5, same) is right by the >=, pair 3 (0.7, different) is wrong
+    got = correct_at_threshold([0.9, 0.5, 0.7, 0.1], [1, 1, 0, 0], 0.5)
+    np.testing.assert_array_equal(got, [True, True, False, True])
+    with pytest.raises(ValueError, match="finite"):
+        correct_at_threshold([0.9], [1], float("nan"))

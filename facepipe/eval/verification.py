@@ -28,6 +28,7 @@ __all__ = [
     "VerificationResult",
     "accuracy_at_threshold",
     "best_threshold",
+    "correct_at_threshold",
     "cosine_scores",
     "evaluate_verification",
     "format_far",
@@ -205,13 +206,18 @@ def best_threshold(scores: Any, is_same: Any) -> tuple[float, float]:
     return _best_threshold(s, y)
 
 
-def accuracy_at_threshold(scores: Any, is_same: Any, threshold: float) -> float:
-    """Accuracy (fraction in [0, 1]) of the rule ``score >= threshold -> same``."""
+def correct_at_threshold(scores: Any, is_same: Any, threshold: float) -> np.ndarray:
+    """Per pair, whether the rule ``score >= threshold -> same`` decides it right (bool array)."""
     s, y = _check_scores(scores, is_same)
     threshold = float(threshold)
     if not np.isfinite(threshold):
         raise ValueError(f"threshold must be finite, got {threshold}")
-    return float(np.mean((s >= threshold) == y))
+    return (s >= threshold) == y
+
+
+def accuracy_at_threshold(scores: Any, is_same: Any, threshold: float) -> float:
+    """Accuracy (fraction in [0, 1]) of the rule ``score >= threshold -> same``."""
+    return float(np.mean(correct_at_threshold(scores, is_same, threshold)))
 
 
 def mcnemar_exact(correct_a: Any, correct_b: Any) -> dict:
