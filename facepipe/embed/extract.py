@@ -17,7 +17,7 @@ from facepipe.data.dataset import IMAGE_EXTENSIONS, DatasetError, ImageListDatas
 from facepipe.data.transforms import build_eval_transform
 from facepipe.models import build_backbone
 from facepipe.train.checkpoint import load_checkpoint, model_fingerprint
-from facepipe.train.distributed import gather_rows, init_distributed, rank_slice
+from facepipe.train.distributed import finish, gather_rows, init_distributed, rank_slice
 from facepipe.utils.device import autocast, resolve_amp_dtype
 from facepipe.utils.io import save_npy_atomic, write_csv_atomic, write_json_atomic
 
@@ -168,8 +168,8 @@ def embed_folder(
         "dimension": int(embeddings.shape[1]),
         "flip": flip,
     }
-    if not ctx.is_main:
-        return summary
-    write_json_atomic(out / "embed.json", summary)
-    log.info("wrote %d embeddings of dimension %d to %s", len(paths), embeddings.shape[1], out)
+    if ctx.is_main:
+        write_json_atomic(out / "embed.json", summary)
+        log.info("wrote %d embeddings of dimension %d to %s", len(paths), embeddings.shape[1], out)
+    finish(ctx)
     return summary

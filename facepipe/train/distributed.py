@@ -14,6 +14,7 @@ the world size, and a checkpoint written with G ranks resumes with any other num
 from __future__ import annotations
 
 import atexit
+import time
 import logging
 import os
 from dataclasses import dataclass
@@ -59,21 +60,44 @@ def init_distributed(device_setting: str = "auto") -> tuple[DistributedContext, 
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        # A group still alive when the interpreter finalises can abort the process from a C++
-        # destructor ("terminate called without an active exception", seen on a 2-core CI machine
-        # with gloo), turning a finished run into a failed one: tear it down explicitly.
+        # A group still busy when the interpreter finalises can abort a finished run (see
+        # _destroy_process_group): tear it down before that.
         atexit.register(_destroy_process_group)
     return DistributedContext(rank, world, local_rank), device
 
 
+# How long the exit handler leaves the GIL free (see _destroy_process_group).
+RUNLOOP_DRAIN_SECONDS = 0.2
+
+
 def _destroy_process_group() -> None:
+    """Exit handler of a torchrun process.
+
+    Without the pause, a rank with nothing left to do after its last collective (rank 1 after
+    the last ``all_gather_object``) can reach interpreter finalisation while a gloo runloop
+    thread is still destroying that finished work. The destructor drops a Python-owned tensor
+    and so needs the GIL; a thread that takes the GIL during finalisation is made to exit, which
+    unwinds through a noexcept destructor: "terminate called without an active exception",
+    SIGABRT, a finished run reported as failed (traced with gdb; about 1 two-process CLMLE run in
+    17 on the 2-core machine). Destroying the group cannot prevent it: DDP's reducer keeps the
+    group and its runloop threads alive until the process exits. Sleeping releases the GIL, so
+    such a thread finishes (it needs microseconds) before finalisation starts.
+    """
     if dist.is_initialized():
         dist.destroy_process_group()
+        time.sleep(RUNLOOP_DRAIN_SECONDS)
 
 
 def barrier(ctx: DistributedContext) -> None:
     if ctx.enabled:
         dist.barrier()
+
+
+def finish(ctx: DistributedContext) -> None:
+    """End a distributed job together: every rank waits here until all have finished, rank 0
+    writing its outputs included, so no rank is torn down while another still needs it. Call it
+    only on success: a rank that failed never arrives."""
+    barrier(ctx)
 
 
 def all_true(ctx: DistributedContext, flag: bool, device: torch.device) -> bool:
