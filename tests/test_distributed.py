@@ -15,7 +15,8 @@ import torch
 
 from facepipe.data.samplers import EpochSampler
 from facepipe.train.checkpoint import load_checkpoint
-from facepipe.train.distributed import DistributedContext, RankSlicedSampler, rank_slice
+from facepipe.train.distributed import (DRAIN_VARIABLE, RUNLOOP_DRAIN_SECONDS, DistributedContext, RankSlicedSampler,
+                                        rank_slice, runloop_drain_seconds)
 from facepipe.train.trainer import Trainer
 
 from conftest import tiny_config
@@ -72,6 +73,17 @@ def test_rank_slices_partition_every_global_batch():
     assert [rank_slice(10, DistributedContext(r, 3)) for r in range(3)] == [slice(0, 3), slice(3, 7), slice(7, 10)]
     with pytest.raises(ValueError, match="divisible"):
         RankSlicedSampler(base, 7, DistributedContext(0, 2))
+
+
+def test_exit_pause_defaults_and_rejects_bad_overrides(monkeypatch):
+    monkeypatch.delenv(DRAIN_VARIABLE, raising=False)
+    assert runloop_drain_seconds() == RUNLOOP_DRAIN_SECONDS
+    monkeypatch.setenv(DRAIN_VARIABLE, "0")
+    assert runloop_drain_seconds() == 0.0
+    for bad in ("soon", "-1", "nan", "3600"):
+        monkeypatch.setenv(DRAIN_VARIABLE, bad)
+        with pytest.raises(ValueError, match=DRAIN_VARIABLE):
+            runloop_drain_seconds()
 
 
 @pytest.mark.parametrize("kind", ["cosface", "clmle"])

@@ -59,18 +59,34 @@ def init_distributed(device_setting: str = "auto") -> tuple[DistributedContext, 
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        drain_seconds = runloop_drain_seconds()  # a bad override fails before the group forms
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         # A group still busy when the interpreter finalises can abort a finished run (see
         # _destroy_process_group): tear it down before that.
-        atexit.register(_destroy_process_group)
+        atexit.register(_destroy_process_group, drain_seconds)
     return DistributedContext(rank, world, local_rank), device
 
 
-# How long the exit handler leaves the GIL free (see _destroy_process_group).
+# How long the exit handler leaves the GIL free (see _destroy_process_group); the environment
+# variable overrides it (bench/ddp_exit_stress.py sets 0 to show the race).
 RUNLOOP_DRAIN_SECONDS = 0.2
+DRAIN_VARIABLE = "FACEPIPE_RUNLOOP_DRAIN_SECONDS"
 
 
-def _destroy_process_group() -> None:
+def runloop_drain_seconds() -> float:
+    text = os.environ.get(DRAIN_VARIABLE)
+    if text is None:
+        return RUNLOOP_DRAIN_SECONDS
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0.0 <= seconds < 60.0:
+        raise ValueError(f"{DRAIN_VARIABLE}={text!r}: expected seconds in [0, 60)")
+    return seconds
+
+
+def _destroy_process_group(drain_seconds: float) -> None:
     """Exit handler of a torchrun process.
 
     Without the pause, a rank with nothing left to do after its last collective (rank 1 after
@@ -85,7 +101,7 @@ def _destroy_process_group() -> None:
     """
     if dist.is_initialized():
         dist.destroy_process_group()
-        time.sleep(RUNLOOP_DRAIN_SECONDS)
+        time.sleep(drain_seconds)
 
 
 def barrier(ctx: DistributedContext) -> None:
