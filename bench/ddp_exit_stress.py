@@ -3,46 +3,73 @@
 
     .venv/bin/python bench/ddp_exit_stress.py --runs 100
 
-Repeats the smallest CLMLE run under ``facepipe train --nproc 2`` (gloo on CPU, one thread per
-process, one step): the one whose rank 1 has nothing left to do after its last
-``all_gather_object``, and so used to reach interpreter shutdown while a gloo runloop thread was
-still destroying that collective ("terminate called without an active exception", SIGABRT; see
-``facepipe.train.distributed._destroy_process_group``). Counts the failed runs and those with
-that signature, prints a table and writes ``bench/results/ddp_exit_stress.json``. ``--drain``
-overrides the exit handler's GIL-free pause, e.g. ``--drain 0`` to see the race again.
+Repeats the two-process CLMLE run of tests/test_distributed.py (gloo on CPU, one thread per
+process, one step) under torchrun, with this script as the worker: each rank trains and returns
+straight away, so rank 1, with nothing to write after its last ``all_gather_object``, reaches
+interpreter shutdown at once. Before the fix that was where a gloo runloop thread, still
+destroying that collective, aborted the process ("terminate called without an active exception",
+SIGABRT; see ``facepipe.train.distributed._destroy_process_group``). ``facepipe train --nproc``
+does more after training and shows the race less. Counts the failed runs and those with that
+signature, prints a table and writes ``bench/results/ddp_exit_stress.json``. ``--drain``
+overrides the exit handler's GIL-free pause, e.g. ``--drain 0``.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
+from facepipe.config import config_from_dict, load_config
 from facepipe.train.distributed import DRAIN_VARIABLE  # read by every torchrun worker
-from facepipe.utils.io import write_json_atomic
+from facepipe.train.trainer import Trainer
+from facepipe.utils.io import write_json_atomic, write_text_atomic
 
 ABORT_SIGNATURE = "terminate called without an active exception"
 
 
-def one_run(data: Path, out: Path, drain: float | None) -> tuple[int, str]:
+def write_config(data: Path, out: Path) -> Path:
+    config = config_from_dict({
+        "seed": 0, "output_dir": str(out),
+        "data": {"root": str(data), "image_size": [32, 32], "batch_size": 8, "num_workers": 0},
+        "model": {"depth": 18, "width": 0.125, "embedding_size": 32, "dropout": 0.0},
+        "optim": {"lr": 0.05},
+        "train": {"max_steps_per_epoch": 1,
+                  "clusters": {"cluster_size": 3, "clusters_per_batch": 2, "images_per_cluster": 2},
+                  "stages": [{"epochs": 1, "head": {"type": "softmax"},
+                              "loss": {"type": "clmle", "inter_margin": 0.3, "intra_margin": 0.1}}]},
+    })
+    path = out.parent / "config.yaml"
+    write_text_atomic(path, config.to_yaml())
+    return path
+
+
+def one_run(config: Path, out: Path, drain: float | None) -> tuple[int, str]:
     shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, "-m", "facepipe", "train", "--config", "clmle", "--quiet", "--nproc=2",
-               f"data.root={data}", f"output_dir={out}", "data.image_size=[32,32]", "data.batch_size=8",
-               "data.num_workers=0", "model.depth=18", "model.width=0.125", "model.embedding_size=32",
-               "model.dropout=0.0", "train.max_steps_per_epoch=1",
-               "train.clusters={cluster_size: 3, clusters_per_batch: 2, images_per_cluster: 2}",
-               "train.stages=[{epochs: 1, head: {type: softmax}, "
-               "loss: {type: clmle, inter_margin: 0.3, intra_margin: 0.1}}]"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={port}", __file__, "--worker", str(config)]
+    # faulthandler as in the runs that first traced the abort: it reports a native abort and
+    # changes the interpreter's exit path, where the race lies.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     if drain is not None:
         env[DRAIN_VARIABLE] = str(drain)
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     return result.returncode, result.stderr
+
+
+def worker(config: Path) -> None:
+    torch.set_num_threads(1)
+    Trainer(load_config(config), progress=False).fit()
 
 
 def main() -> None:
@@ -51,18 +78,23 @@ def main() -> None:
     parser.add_argument("--drain", type=float, default=None,
                         help="seconds of the exit handler's GIL-free pause (default: the library's)")
     parser.add_argument("--out", default="runs/bench_ddp_exit")
+    parser.add_argument("--worker", metavar="CONFIG", help=argparse.SUPPRESS)  # one torchrun rank
     args = parser.parse_args()
+    if args.worker:
+        worker(Path(args.worker))
+        return
     root = Path(args.out)
     data = root / "data"
     if not data.is_dir():
         subprocess.run([sys.executable, "-m", "facepipe", "synth", "--out", str(data), "--identities", "12",
                         "--seed", "1", "--max-images", "12", "--min-images", "3", "--size", "32", "--quiet"],
                        check=True)
+    config = write_config(data, root / "run")
     failed = aborted = 0
     first_error = ""
     started = time.perf_counter()
     for _ in tqdm(range(args.runs), desc="two-process runs", unit="run"):
-        code, stderr = one_run(data, root / "run", args.drain)
+        code, stderr = one_run(config, root / "run", args.drain)
         if code != 0:
             failed += 1
             aborted += ABORT_SIGNATURE in stderr
