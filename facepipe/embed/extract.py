@@ -17,7 +17,7 @@ from facepipe.data.dataset import IMAGE_EXTENSIONS, DatasetError, ImageListDatas
 from facepipe.data.transforms import build_eval_transform
 from facepipe.models import build_backbone
 from facepipe.train.checkpoint import load_checkpoint, model_fingerprint
-from facepipe.train.distributed import finish, gather_rows, init_distributed, rank_slice
+from facepipe.train.distributed import barrier, gather_rows, init_distributed, rank_slice
 from facepipe.utils.device import autocast, resolve_amp_dtype
 from facepipe.utils.io import save_npy_atomic, write_csv_atomic, write_json_atomic
 
@@ -171,5 +171,5 @@ def embed_folder(
     if ctx.is_main:
         write_json_atomic(out / "embed.json", summary)
         log.info("wrote %d embeddings of dimension %d to %s", len(paths), embeddings.shape[1], out)
-    finish(ctx)
+    barrier(ctx)  # end together: no rank is torn down while rank 0 still writes
     return summary

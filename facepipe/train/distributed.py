@@ -14,9 +14,9 @@ the world size, and a checkpoint written with G ranks resumes with any other num
 from __future__ import annotations
 
 import atexit
-import time
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -107,13 +107,6 @@ def _destroy_process_group(drain_seconds: float) -> None:
 def barrier(ctx: DistributedContext) -> None:
     if ctx.enabled:
         dist.barrier()
-
-
-def finish(ctx: DistributedContext) -> None:
-    """End a distributed job together: every rank waits here until all have finished, rank 0
-    writing its outputs included, so no rank is torn down while another still needs it. Call it
-    only on success: a rank that failed never arrives."""
-    barrier(ctx)
 
 
 def all_true(ctx: DistributedContext, flag: bool, device: torch.device) -> bool:

@@ -35,7 +35,7 @@ from facepipe.losses import ARConvLHead, MarginHead, build_head
 from facepipe.losses.uncertainty import sum_margin_weights
 from facepipe.models import build_backbone
 from facepipe.train.cluster_stage import ClusterStage
-from facepipe.train.distributed import RankSlicedSampler, all_true, finish, gather_rows, init_distributed, rank_slice
+from facepipe.train.distributed import RankSlicedSampler, all_true, barrier, gather_rows, init_distributed, rank_slice
 from facepipe.train.checkpoint import BEST, LATEST, copy_checkpoint, load_checkpoint, save_checkpoint
 from facepipe.train.lr_schedule import lr_factor
 from facepipe.train.run_log import NullRunLog, RunLog
@@ -660,7 +660,7 @@ class Trainer:
                 log.info("epoch %d/%d: %s", self.epoch, cfg.train.total_epochs,
                          ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
                 self.save(best=improved)
-            finish(self.dist)
+            barrier(self.dist)  # end together: no rank is torn down while rank 0 still writes
         finally:
             self.run_log.close()
         return self.last_metrics
