@@ -106,6 +106,20 @@ class LSoftmaxHeadConfig(StrictModel):
     lambda_gamma: float = Field(0.12, ge=0)
     lambda_power: float = Field(1.0, ge=0)
     lambda_min: float = Field(5.0, ge=0)
+    # The lambda annealing of L-Softmax / SphereFace (Liu et al.) counts optimisation steps of the
+    # run, not of the head: "continue" carries the count across every stage with a margin-product
+    # head (softmax -> UMM -> UMM+SUM anneals once, as Khan et al. train one network), "restart"
+    # starts this stage at lambda_base again. A stage that fine-tunes a pre-trained classifier can
+    # train at full margin from its first step with lambda_base equal to lambda_min.
+    lambda_schedule: Literal["continue", "restart"] = "continue"
+
+    @model_validator(mode="after")
+    def _lambda_decreases(self) -> "LSoftmaxHeadConfig":
+        if self.lambda_base < self.lambda_min:
+            raise ValueError(f"lambda_base ({self.lambda_base}) is below lambda_min ({self.lambda_min}): lambda "
+                             "anneals down from lambda_base and is floored at lambda_min; set lambda_base = "
+                             "lambda_min for a full margin from the first step")
+        return self
 
 
 class PrototypeHeadConfig(StrictModel):
@@ -132,6 +146,10 @@ class ARConvLHeadConfig(StrictModel):
     # The latter is for a stage that fine-tunes a pre-trained backbone: random centres near 0 sit
     # far from features whose norms are tens, and the region loss starts in the tens of thousands.
     init_centers: Literal["random", "class_means"] = "random"
+    # Gradient-norm clip of the radii alone (None: never clipped, as Li et al. train them). They are
+    # their own clipping group: in one global norm their gradient (hundreds when the regions are far
+    # from the features) scaled the centres' and backbone's steps down to about 1 %.
+    radius_clip_grad_norm: float | None = Field(None, gt=0)
 
 
 HeadConfig = Annotated[
@@ -144,7 +162,7 @@ HeadConfig = Annotated[
 def head_kwargs(head: BaseModel) -> dict[str, Any]:
     """Keyword arguments for ``facepipe.losses.build_head`` (everything but the type tag and
     the margin source, which the trainer handles)."""
-    return head.model_dump(exclude={"type", "margin_source"})
+    return head.model_dump(exclude={"type", "margin_source", "lambda_schedule"})
 
 
 # ----------------------------------------------------------------------------- training
@@ -154,7 +172,11 @@ class OptimConfig(StrictModel):
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(5e-4, ge=0)
+    # Gradient-norm clip of the backbone and classifier together (None: off). A head's own parameter
+    # groups (ARConvL's radii) are clipped separately, by their own setting. "global" is the former
+    # single norm over every parameter, kept to reproduce older runs.
     clip_grad_norm: float | None = Field(5.0, gt=0)
+    clip_mode: Literal["per_group", "global"] = "per_group"
 
 
 class SchedulerConfig(StrictModel):
@@ -284,12 +306,21 @@ class StageConfig(StrictModel):
 
 
 class UncertaintyConfig(StrictModel):
-    """MC-dropout estimation of seed 000 (uses the output stage's dropout, model.dropout)."""
+    """MC-dropout class uncertainty of UMM (Khan et al., CVPR 2019; uses the output stage's dropout,
+    model.dropout) and the map from it to class margins."""
 
     passes: int = Field(10, ge=2)  # N dropout passes over one backbone pass
     refresh_every_epochs: int = Field(1, ge=1)  # class uncertainty at the start of every K-th epoch
     max_per_class: int | None = Field(200, ge=1)  # images per class used; None = all
     batch_size: int = Field(128, ge=1)
+    # Class uncertainty -> margin. "rank": by the class's uncertainty percentile, so each integer
+    # margin level holds about C / m_max classes (one outlier class cannot flatten the others to
+    # m = 1); "max_scaled": u_c / max_k u_k, the map facepipe used first.
+    margin_map: Literal["rank", "max_scaled"] = "rank"
+    # Images the uncertainty is measured on: "clean" = un-augmented (memorised tail classes look
+    # certain there), "augmented" = seeded views through the training transform. BatchNorm is in
+    # eval mode either way.
+    views: Literal["clean", "augmented"] = "clean"
 
 
 class ClusterConfig(StrictModel):

@@ -31,7 +31,7 @@ from facepipe.data.transforms import build_train_transform
 from facepipe.embed.extract import embed_dataset, extract_embeddings
 from facepipe.eval.pairs_job import PairsOnDisk, load_pairs
 from facepipe.eval.verification import cosine_scores, evaluate_verification
-from facepipe.losses import ARConvLHead, MarginHead, build_head
+from facepipe.losses import ARConvLHead, LSoftmaxHead, MarginHead, build_head
 from facepipe.losses.uncertainty import sum_margin_weights
 from facepipe.models import build_backbone
 from facepipe.train.cluster_stage import ClusterStage
@@ -152,7 +152,11 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.stage_index = 0
         self.class_counts = np.bincount(self.dataset.labels, minlength=self.dataset.num_classes).tolist()
+        # Steps annealed so far by margin-product heads (L-Softmax / SphereFace lambda): run state,
+        # so a stage switch continues the schedule instead of restarting it (see _start_annealing).
+        self.anneal_step = 0
         self.head = self._build_head(0, weight=None)
+        self._start_annealing(0)
         self.loss_fn, self.drw = self._build_loss(0)
         self.optimizer = self._build_optimizer()
         # One rule per parameter group: the main schedule, or a head's own (ARConvL radii).
@@ -169,6 +173,7 @@ class Trainer:
         self.nonfinite_steps = 0
         self.last_metrics: dict[str, Any] = {}
         self.head_stats: dict[str, float] = {}  # per-step diagnostics of heads that compute their loss
+        self.clip_stats: dict[str, float] = {}  # per clipping group: gradient norm and clip factor of the last step
         self.validator = validator if validator is not None else self._pairs_validator()
         if resume:
             self.resume(self.run_dir / LATEST)
@@ -275,6 +280,28 @@ class Trainer:
         log.info("ARConvL centres: class means of %d training features (mean norm %.2f) in %.1f s",
                  len(features), float(np.linalg.norm(means, axis=1).mean()), time.perf_counter() - started)
 
+    def _start_annealing(self, stage_index: int) -> None:
+        """Give a margin-product head (L-Softmax / SphereFace, UMM) the run's annealing position.
+
+        The lambda of Liu et al.'s annealing used to live in each head and restart at lambda_base
+        with every new head: the study's 980-step UMM fine-tuning then reached a margin weight
+        1 / (1 + lambda) of only 0.106, and its SUM stage 0.056. ``lambda_schedule: continue``
+        (default) carries the count across stages; ``restart`` starts this stage from zero.
+        """
+        if not isinstance(self.head, LSoftmaxHead):
+            return
+        if self.config.train.stages[stage_index].head.lambda_schedule == "restart":
+            self.anneal_step = 0
+        with torch.no_grad():
+            self.head.it.fill_(self.anneal_step)
+
+    def margin_schedule_stats(self) -> dict[str, float]:
+        """lambda and the margin weight 1 / (1 + lambda) of a margin-product head (else empty)."""
+        if not isinstance(self.head, LSoftmaxHead):
+            return {}
+        lam = self.head.current_lambda
+        return {"lambda": lam, "margin_weight": 1.0 / (1.0 + lam)}
+
     def _build_loss(self, stage_index: int) -> tuple[nn.Module, Any]:
         loss, drw = build_stage_loss(self.config.train.stages[stage_index], self.class_counts)
         return loss.to(self.device), drw
@@ -329,6 +356,7 @@ class Trainer:
             return
         previous = self.config.train.stages[self.stage_index]
         self.head = self._build_head(stage_index, weight=self.head.weight)
+        self._start_annealing(stage_index)
         self.loss_fn, self.drw = self._build_loss(stage_index)
         self._sync_head_parameters(stage_index)
         self.stage_index = stage_index
@@ -372,6 +400,7 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.global_step,
             "step_in_epoch": self.step_in_epoch,
+            "anneal_step": self.anneal_step,
             "best_metric": self.best_metric,
             "nonfinite_steps": self.nonfinite_steps,
             "rng": rng_state(),
@@ -426,6 +455,8 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.global_step = int(state["step"])
         self.step_in_epoch = int(state["step_in_epoch"])
+        # Checkpoints from before the count was run state: the margin head's own counter.
+        self.anneal_step = int(state.get("anneal_step", int(self.head.it) if isinstance(self.head, LSoftmaxHead) else 0))
         self.best_metric = float(state["best_metric"])
         self.nonfinite_steps = int(state["nonfinite_steps"])
         self.last_metrics = dict(state.get("metrics") or {})
@@ -508,11 +539,7 @@ class Trainer:
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             return None
-        if self.config.optim.clip_grad_norm:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(
-                [p for group in self.optimizer.param_groups for p in group["params"]], self.config.optim.clip_grad_norm
-            )
+        self._clip_gradients()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -521,7 +548,48 @@ class Trainer:
             self.cluster_stage.record_losses(indices, torch.cat(cluster_losses))
         if isinstance(self.head, MarginHead):
             self.head.step()
+        if isinstance(self.head, LSoftmaxHead):
+            self.anneal_step += 1
         return torch.stack(losses).mean().item(), torch.cat(correct).float().mean().item()
+
+    def clipping_groups(self) -> dict[str, tuple[list[nn.Parameter], float | None]]:
+        """Parameters clipped together and their max norm: ``main`` (backbone and classifier or
+        class centres, ``optim.clip_grad_norm``) and each head group with its own rate rule
+        (ARConvL ``radius``: ``head.radius_clip_grad_norm``, None by default). With
+        ``optim.clip_mode: global`` everything is one group, as before per-group clipping."""
+        optim = self.config.optim
+        every = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if optim.clip_mode == "global":
+            return {"global": (every, optim.clip_grad_norm)}
+        groups: dict[str, tuple[list[nn.Parameter], float | None]] = {}
+        head = self.config.train.stages[self.stage_index].head
+        for group in self.optimizer.param_groups:
+            name = group.get("lr_rule", "main")
+            limit = optim.clip_grad_norm if name == "main" else getattr(head, f"{name}_clip_grad_norm", None)
+            params, _ = groups.get(name, ([], limit))
+            groups[name] = (params + list(group["params"]), limit)
+        return groups
+
+    def _clip_gradients(self) -> None:
+        """Clip each group of :meth:`clipping_groups` by its own norm and keep, for the log, each
+        group's gradient norm and clip factor (1 = untouched). One global norm let ARConvL's radii
+        (norm 513 at the start of the study's fine-tuning) scale every other step by 0.0096."""
+        self.scaler.unscale_(self.optimizer)
+        stats = {}
+        for name, (params, limit) in self.clipping_groups().items():
+            with_grad = [p for p in params if p.grad is not None]
+            if not with_grad:
+                continue
+            if limit:
+                norm = float(nn.utils.clip_grad_norm_(with_grad, limit))
+                factor = min(1.0, limit / (norm + 1e-6))
+            else:
+                norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float())
+                                                                   for p in with_grad])))
+                factor = 1.0
+            stats[f"grad_norm_{name}"] = norm
+            stats[f"clip_factor_{name}"] = factor
+        self.clip_stats = stats
 
     def _run_epoch(self) -> dict[str, Any]:
         cfg = self.config
@@ -570,7 +638,8 @@ class Trainer:
                 speed = window_images / max(elapsed, 1e-9)
                 record = {"epoch": self.epoch, "loss": float(np.mean(window_loss)),
                           "accuracy": float(np.mean(window_acc)), "lr": self.optimizer.param_groups[0]["lr"],
-                          "images_per_s": speed, **self.head_stats}
+                          "images_per_s": speed, **self.head_stats, **self.margin_schedule_stats(),
+                          **self.clip_stats}
                 self.run_log.write("train", self.global_step, **record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}", img_s=f"{speed:.0f}")
                 window_loss, window_acc, window_images, window_start = [], [], 0, time.perf_counter()
