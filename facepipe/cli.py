@@ -241,6 +241,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
                                             fingerprint=source["fingerprint"], config=config, **options)
     print(f"built index {args.dir}: {index.num_clusters} clusters of {len(index.identities())} identities "
           f"(kind {index.kind}, dim {index.dim}, model {index.fingerprint or 'unrecorded'})")
+    print(f"clusters retrieved per query (Eq. 10): {index.describe_num_neighbours()}")
     return 0
 
 
@@ -276,6 +277,7 @@ def cmd_index_info(args: argparse.Namespace) -> int:
     print(f"{info['num_identities']} identities, {info['num_clusters']} clusters, {info['num_embeddings']} "
           "embeddings enrolled")
     print("config: " + ", ".join(f"{key}={value}" for key, value in sorted(info["config"].items())))
+    print(f"clusters retrieved per query (Eq. 10): {info['num_neighbours_description']}")
     calibration = info.get("calibration")
     if calibration:
         stale = "" if calibration["generation"] == info["generation"] else " (gallery changed since: recalibrate)"
@@ -290,7 +292,7 @@ def cmd_index_info(args: argparse.Namespace) -> int:
 
 
 def _neighbour_grid(text: str) -> list[int]:
-    # START:STOP:STEP, inclusive (seed 002 writes its grid MATLAB-style, 20:10:200), or a list.
+    # START:STOP:STEP, inclusive (Huang et al. write their grid MATLAB-style, 20:10:200), or a list.
     try:
         if ":" in text:
             start, stop, step = (int(part) for part in text.split(":"))
@@ -313,8 +315,9 @@ def cmd_index_calibrate(args: argparse.Namespace) -> int:
     report = calibrate_index(
         args.dir, args.checkpoint, args.images,
         embeddings=args.embeddings, labels=args.labels, impostor_images=args.impostor_images,
-        impostor_embeddings=args.impostor_embeddings, target_far=args.target_far, grid=args.grid,
-        device=args.device, batch_size=args.batch_size, progress=not args.quiet)
+        impostor_embeddings=args.impostor_embeddings, target_far=args.target_far,
+        **({"grid": args.grid} if args.grid else {}), device=args.device, batch_size=args.batch_size,
+        progress=not args.quiet)
     grid = report["grid"]
     print(f"calibrated {args.dir} on {report['num_genuine']} genuine queries of {report['num_genuine_identities']} "
           f"enrolled identities and {report['num_impostor']} impostor queries")
@@ -392,8 +395,18 @@ def cmd_search(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
     for row in [header, *rows]:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    # One index, one N: every searched query carries the same note.
+    searched = next((r for r in results if r.get("num_neighbours") is not None), None)
+    if searched is not None:
+        # Eq. 10 ranks only the identities owning one of the N clusters: explain a short list.
+        fewer = ("; a query lists only the identities owning those clusters (--num-neighbours for more)"
+                 if searched["num_neighbours"] < args.top_k else "")
+        print(f"clusters retrieved per query (Eq. 10): {searched['num_neighbours_source']}{fewer}")
     if args.json:
-        write_json_atomic(args.json, {"index": args.index, "top_k": args.top_k, "score": "log of seed 002 Eq. 10",
+        write_json_atomic(args.json, {"index": args.index, "top_k": args.top_k,
+                                      "score": "log of Eq. 10 of Huang et al. (TPAMI 2019)",
+                                      "num_neighbours": searched and searched["num_neighbours"],
+                                      "num_neighbours_source": searched and searched["num_neighbours_source"],
                                       "results": results})
     return 0
 
@@ -578,7 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--cluster-size", type=int, default=20, help="embeddings per cluster, l (default 20)")
     q.add_argument("--kind", choices=["flat", "hnsw", "ivf"], default="flat",
                    help="FAISS index: exact flat (default), HNSW graph, or IVF lists")
-    q.add_argument("--num-neighbours", type=int, default=None, help="N of Eq. 10: clusters retrieved per query")
+    q.add_argument("--num-neighbours", type=int, default=None,
+                   help="N of Eq. 10: clusters retrieved per query (default: tuned on one held-out image each of "
+                        "up to 1,000 identities with 2+ images when 20+ such identities exist, else 1)")
     q.add_argument("--threshold", dest="unknown_threshold", type=float, default=None,
                    help="open-set threshold: a best log score below it is 'unknown'")
     q.add_argument("--nlist", type=int, default=None, help="IVF lists (default sqrt of the number of clusters)")
@@ -609,8 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="X.npy or 'facepipe embed' folder of identities NOT in the index")
     q.add_argument("--target-far", type=float, default=0.01,
                    help="false-accept rate of impostors allowed by the threshold (default 0.01)")
-    q.add_argument("--grid", type=_neighbour_grid, default=list(range(20, 201, 10)),
-                   help="values of N tried, START:STOP:STEP inclusive or N,N,... (default 20:200:10, seed 002)")
+    q.add_argument("--grid", type=_neighbour_grid, default=None,
+                   help="values of N tried, START:STOP:STEP inclusive or N,N,... (default 1,2,3,5,10 and "
+                        "Huang et al.'s 20:200:10)")
     q.add_argument("--json", default=None, metavar="OUT", help="also write the calibration report to this JSON file")
     q.set_defaults(func=cmd_index_calibrate)
 
@@ -626,7 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", required=True, help="index folder made by 'facepipe index build'")
     p.add_argument("--checkpoint", default=None, help="model of the index (needed for images)")
     p.add_argument("--top-k", type=int, default=5, help="identities listed per input (default 5)")
-    p.add_argument("--num-neighbours", type=int, default=None, help="N of Eq. 10 (default: the index's)")
+    p.add_argument("--num-neighbours", type=int, default=None,
+                   help="N of Eq. 10 (default: the index's; the output says where it came from)")
     p.add_argument("--align", dest="align", action="store_const", const=True, default="auto",
                    help="inputs are raw photos: detect and align them first")
     p.add_argument("--no-align", dest="align", action="store_const", const=False,

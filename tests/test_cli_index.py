@@ -1,4 +1,4 @@
-"""``facepipe index build|add|remove|info`` and ``facepipe search`` on a synthetic gallery."""
+"""``facepipe index build|add|remove|info|calibrate`` and ``facepipe search`` on a synthetic gallery."""
 from __future__ import annotations
 
 import json
@@ -36,9 +36,9 @@ def synthetic(tmp_path):
     return tmp_path, names
 
 
-def search(tmp_path, capsys, *inputs, top_k=2):
+def search(tmp_path, capsys, *inputs, top_k=2, options=(), index="idx"):
     out = tmp_path / "results.json"
-    assert main(["search", "--index", str(tmp_path / "idx"), "--top-k", str(top_k), "--json", str(out),
+    assert main(["search", "--index", str(tmp_path / index), "--top-k", str(top_k), "--json", str(out), *options,
                  *map(str, inputs)]) == 0
     table = capsys.readouterr().out
     return table, json.loads(out.read_text())["results"]
@@ -59,8 +59,15 @@ def test_build_info_search_add_remove(synthetic, capsys):
     table, results = search(tmp_path, capsys, tmp_path / "queries.npy")
     assert table.splitlines()[0].split() == ["INPUT", "RANK", "IDENTITY", "SCORE"]
     assert [r["identity"] for r in results] == [names[i] for i in range(6) for _ in range(2)]
-    assert all(len(r["matches"]) == 2 and r["matches"][0]["score"] > r["matches"][1]["score"] for r in results)
+    # The default N is 1 (was 100): six identities are too few to hold images out and tune N, so
+    # each query retrieves one cluster and ranks its identity only, and the output says why.
+    assert all(len(r["matches"]) == 1 and r["num_neighbours"] == 1 for r in results)
+    assert "N=1, default: no validation data" in table and "--num-neighbours for more" in table
     assert results[0]["input"].endswith("queries.npy[0]") and "person_3" in table
+    table, results = search(tmp_path, capsys, tmp_path / "queries.npy", options=["--num-neighbours", "9"])
+    assert [r["identity"] for r in results] == [names[i] for i in range(6) for _ in range(2)]
+    assert all(len(r["matches"]) == 2 and r["matches"][0]["score"] > r["matches"][1]["score"] for r in results)
+    assert "clusters retrieved per query (Eq. 10): N=9, given for this search" in table
 
     assert main(["index", "add", index, "--embeddings", str(tmp_path / "newcomer.npy"), "--labels",
                  str(tmp_path / "newcomer_labels.npy"), "--quiet"]) == 0
@@ -81,6 +88,41 @@ def test_build_info_search_add_remove(synthetic, capsys):
     assert len(err.strip().splitlines()) == 1
     assert main(["index", "info", index]) == 0
     assert "5 identities, 6 clusters" in capsys.readouterr().out
+
+
+def test_build_tunes_n_on_held_out_images_and_search_names_n_and_its_source(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    bases = unit(rng.normal(size=(25, DIM)))
+    counts = rng.integers(4, 12, size=25)
+    np.save(tmp_path / "gallery.npy", np.concatenate([
+        unit(bases[i] + 0.9 * rng.normal(size=(n, DIM)) / math.sqrt(DIM)) for i, n in enumerate(counts)]))
+    (tmp_path / "labels.txt").write_text("".join(f"p{i:02d}\n" for i, n in enumerate(counts) for _ in range(n)))
+    np.save(tmp_path / "queries.npy", unit(bases[:3]))
+    source = ["--embeddings", str(tmp_path / "gallery.npy"), "--labels", str(tmp_path / "labels.txt"),
+              "--cluster-size", "2", "--quiet"]
+
+    assert main(["index", "build", str(tmp_path / "idx"), *source]) == 0
+    built = capsys.readouterr().out
+    from facepipe.index.store import ClusterIndex
+
+    index = ClusterIndex.open(tmp_path / "idx")
+    record = index.num_neighbours_source
+    assert record["method"] == "tuned" and record["num_queries"] == 25
+    line = (f"N={index.num_neighbours}, tuned on 25 held-out images (one each of 25 enrolled identities) at build "
+            f"time, top-1 {record['accuracy']:.4f}")
+    assert f"clusters retrieved per query (Eq. 10): {line}" in built
+    assert main(["index", "info", str(tmp_path / "idx")]) == 0
+    assert line in capsys.readouterr().out
+    table, results = search(tmp_path, capsys, tmp_path / "queries.npy")
+    assert line in table and all(r["num_neighbours_source"] == line for r in results)
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert summary["num_neighbours"] == index.num_neighbours and summary["num_neighbours_source"] == line
+
+    # A user-given N is kept as is, and says so.
+    assert main(["index", "build", str(tmp_path / "idx"), *source, "--num-neighbours", "3", "--overwrite"]) == 0
+    assert "N=3, set by the user at build time" in capsys.readouterr().out
+    table, results = search(tmp_path, capsys, tmp_path / "queries.npy")
+    assert "N=3, set by the user at build time" in table and {r["num_neighbours"] for r in results} == {3}
 
 
 def test_build_options_and_errors(synthetic, capsys):
@@ -141,6 +183,7 @@ def test_calibrate_stores_n_and_threshold_and_search_marks_impostors_unknown(syn
     info = capsys.readouterr().out
     assert f"num_neighbours={report['num_neighbours']}" in info
     assert f"unknown_threshold={report['threshold']}" in info and "calibrated " in info and "recalibrate" not in info
+    assert f"N={report['num_neighbours']}, calibrated on 12 validation images of 6 enrolled identities" in info
 
     _, results = search(tmp_path, capsys, tmp_path / "newcomer_query.npy", tmp_path / "queries.npy")
     assert [r["unknown"] for r in results[:2]] == [True, True] and results[0]["identity"] is None

@@ -20,7 +20,7 @@ from facepipe.index.store import (
     FingerprintMismatchError,
     UnknownIdentityError,
 )
-from facepipe.index.jobs import build_index_from_embeddings
+from facepipe.index.jobs import build_index_from_embeddings, tune_num_neighbours_on_holdout
 
 DIM = 16
 NAMES = ["ann", "bob", "cyd", "dan", "eve"]
@@ -120,7 +120,11 @@ def test_tuning_n_and_calibrating_the_threshold(built):
     queries = queries_near(centroids, seed=5, noise=0.4)
     choice = index.tune_num_neighbours(queries, [NAMES[o] for o in owner], grid=[1, 3, 6, 20, 200])
     assert set(choice.accuracy_by_n) == {1, 3, 6, 15} and choice.accuracy == max(choice.accuracy_by_n.values())
-    assert ClusterIndex.open(index.folder).num_neighbours == choice.num_neighbours
+    reopened = ClusterIndex.open(index.folder)
+    assert reopened.num_neighbours == choice.num_neighbours
+    source = reopened.num_neighbours_source
+    assert source["method"] == "calibrated" and source["num_queries"] == 15 and source["num_identities"] == 5
+    assert source["accuracy"] == choice.accuracy and source["generation"] == reopened.generation
     impostors = unit(np.random.default_rng(11).normal(size=(50, DIM)))
     calib = index.calibrate_threshold(queries, impostors, target_far=0.1)
     assert calib.far <= 0.1 and calib.num_impostor == 50
@@ -140,6 +144,144 @@ def test_approximate_kinds_agree_with_flat_on_a_separated_gallery(tmp_path, kind
     assert reopened.kind == kind and [r.identity for r in reopened.search(queries)] == expected
     if kind == "ivf":
         assert reopened.info()["config"]["nlist"] == round(math.sqrt(len(owner)))
+
+
+# --------------------------------------------------------------------------------------------
+# N of Eq. 10: where it comes from
+# --------------------------------------------------------------------------------------------
+def noisy_gallery(num_identities: int = 30, noise: float = 1.0, seed: int = 0):
+    """Embeddings of ``num_identities`` noisy identities (6..29 images each) and their labels."""
+    rng = np.random.default_rng(seed)
+    bases = unit(rng.normal(size=(num_identities, DIM)))
+    counts = rng.integers(6, 30, size=num_identities)
+    x = unit(np.concatenate([bases[i] + noise * rng.normal(size=(n, DIM)) / math.sqrt(DIM)
+                             for i, n in enumerate(counts)]))
+    return x, np.repeat(np.arange(num_identities), counts)
+
+
+def test_default_n_without_validation_data_is_one_and_is_reported(built):
+    index, centroids, owner = built  # built from centroids: nothing to hold out
+    assert index.num_neighbours == 1 and index.config["num_neighbours"] == 1
+    source = ClusterIndex.open(index.folder).num_neighbours_source
+    assert source["method"] == "default" and source["num_neighbours"] == 1 and source["generation"] == 1
+    text = index.describe_num_neighbours()
+    assert text.startswith("N=1, default: no validation data") and "facepipe index calibrate" in text
+    results = index.search(queries_near(centroids), top_k=3)
+    # N = 1: one cluster retrieved, so one identity ranked, and the result says so.
+    assert all(r.num_neighbours == 1 and r.num_neighbours_source == text and len(r.matches) == 1 for r in results)
+    assert [r.identity for r in results] == [NAMES[o] for o in owner]
+    given = index.search(queries_near(centroids)[:1], top_k=3, num_neighbours=6)[0]
+    assert given.num_neighbours == 6 and given.num_neighbours_source == "N=6, given for this search"
+    assert given.to_dict()["num_neighbours"] == 6 and len(given.matches) > 1
+    assert index.info()["num_neighbours_description"] == text
+
+
+@pytest.mark.parametrize("cluster_size", [1, 1000])
+def test_holdout_tuning_equals_a_gallery_rebuilt_without_each_query(cluster_size):
+    # cluster_size 1: every image is its own cluster; 1000: one cluster per identity, its mean.
+    # In both a gallery re-clustered without the held-out image is known exactly, so the
+    # leave-one-out shortcut must reproduce its accuracy at every N.
+    x, codes = noisy_gallery()
+    from facepipe.index.clusters import balanced_spherical_kmeans
+
+    assignment = balanced_spherical_kmeans(x, codes, cluster_size)
+    held = np.array([np.flatnonzero(codes == c)[c % 5] for c in range(0, 30, 2)])
+    record = tune_num_neighbours_on_holdout(x, codes, assignment, held_out=held)
+    expected: dict[str, float] = {}
+    for n in record["grid"]:
+        right = 0
+        for row in held:
+            keep = np.arange(len(x)) != row
+            if cluster_size == 1:
+                gallery, owner = x[keep], codes[keep]
+            else:
+                owner = np.unique(codes)
+                gallery = unit(np.stack([x[keep & (codes == c)].sum(axis=0) for c in owner]))
+            sims = gallery @ x[row]
+            top = np.argsort(-sims, kind="stable")[:n]
+            right += int(knc_scores(sims[top][None], owner[top][None]).predicted[0] == codes[row])
+        expected[str(n)] = right / len(held)
+    assert record["method"] == "tuned" and record["num_queries"] == 15 and record["num_identities"] == 15
+    assert record["accuracy_by_n"] == pytest.approx(expected)
+    best = max(expected.values())
+    assert record["num_neighbours"] == min(int(n) for n, acc in expected.items() if acc == best)
+    if cluster_size == 1:
+        assert len(set(expected.values())) > 1  # N matters here: the check has teeth
+
+
+def test_build_time_tuning_stores_the_chosen_n_and_keeps_a_users_n(tmp_path):
+    x, codes = noisy_gallery()
+    names = [f"id{c:02d}" for c in codes]  # sorted as the codes are: the same identities drawn
+    index = build_index_from_embeddings(tmp_path / "tuned", x, names, cluster_size=2, seed=3)
+    from facepipe.index.clusters import balanced_spherical_kmeans
+
+    expected = tune_num_neighbours_on_holdout(x, codes, balanced_spherical_kmeans(x, codes, 2, seed=3), seed=3)
+    assert expected["method"] == "tuned" and expected["num_neighbours"] != 1  # not the default by chance
+    reopened = ClusterIndex.open(index.folder)
+    source = reopened.num_neighbours_source
+    assert reopened.num_neighbours == expected["num_neighbours"] == source["num_neighbours"]
+    assert source["method"] == "tuned" and source["num_queries"] == 30 and source["seed"] == 3
+    assert source["accuracy_by_n"] == expected["accuracy_by_n"] and source["generation"] == reopened.generation
+    text = reopened.describe_num_neighbours()
+    assert text.startswith(f"N={expected['num_neighbours']}, tuned on 30 held-out images (one each of 30 "
+                           "enrolled identities) at build time")
+    result = reopened.search(x[:1])[0]
+    assert result.num_neighbours == expected["num_neighbours"] and result.num_neighbours_source == text
+    # The gallery changes after tuning: the description says the choice may be stale.
+    reopened.add(x[:4], ["newcomer"] * 4, cluster_size=2)
+    assert "chosen for gallery generation 1, now 2: recalibrate" in ClusterIndex.open(index.folder) \
+        .describe_num_neighbours()
+
+    users = build_index_from_embeddings(tmp_path / "user", x, names, cluster_size=2, seed=3,
+                                        config={"num_neighbours": 7})
+    users.add(x[:4], ["newcomer"] * 4, cluster_size=2)
+    reopened = ClusterIndex.open(users.folder)
+    assert reopened.num_neighbours == 7 and reopened.num_neighbours_source["method"] == "user"
+    assert reopened.describe_num_neighbours() == "N=7, set by the user at build time"
+    reopened.set_num_neighbours(4)
+    assert ClusterIndex.open(users.folder).describe_num_neighbours() == "N=4, set by the user"
+    with pytest.raises(ClusterIndexError, match="contradicts"):
+        ClusterIndex.build(tmp_path / "bad", x[:2], [0, 1], ["a", "b"], config={"num_neighbours": 3},
+                           num_neighbours_source={"method": "tuned", "num_neighbours": 2})
+
+
+def test_build_without_enough_identities_to_hold_out_defaults_to_one(tmp_path):
+    x, codes = noisy_gallery(num_identities=19)  # one short of the 20 held-out images needed
+    index = build_index_from_embeddings(tmp_path / "g", x, codes, cluster_size=2)
+    source = ClusterIndex.open(index.folder).num_neighbours_source
+    assert index.num_neighbours == 1 and source["method"] == "default"
+    assert "19 enrolled identities have 2+ images to hold one out, build-time tuning needs 20" in source["reason"]
+    off = build_index_from_embeddings(tmp_path / "off", *noisy_gallery(), cluster_size=2, tune=False)
+    assert off.num_neighbours == 1 and off.num_neighbours_source["reason"] == "build-time tuning turned off"
+
+
+def test_index_written_before_the_source_was_recorded_keeps_its_n(built):
+    import json
+    import sqlite3
+
+    index, centroids, _ = built
+    # What the previous format wrote: no source record, and the old default N = 100 in the config.
+    conn = sqlite3.connect(index.folder / "meta.sqlite")
+    config = json.loads(conn.execute("SELECT value FROM meta WHERE key = 'config'").fetchone()[0])
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'config'", (json.dumps({**config, "num_neighbours": 100}),))
+    conn.execute("DELETE FROM meta WHERE key = 'num_neighbours_source'")
+    conn.commit()
+    conn.close()
+    old = ClusterIndex.open(index.folder)
+    assert old.num_neighbours == 100 and old.num_neighbours_source == {"method": "unrecorded", "num_neighbours": 100}
+    text = old.describe_num_neighbours()
+    assert text.startswith("N=15 (N=100 clipped to the 15 clusters), stored by an older facepipe")
+    assert "facepipe index calibrate" in text
+    (result,) = old.search(queries_near(centroids)[:1], top_k=20)
+    assert result.num_neighbours == 15 and len(result.matches) == 5 and result.num_neighbours_source == text
+    # An older calibration report that set the stored N tells where it came from.
+    old.calibrate(queries_near(centroids), [NAMES[o] for o in np.repeat(np.arange(5), 3)], grid=[3])
+    conn = sqlite3.connect(index.folder / "meta.sqlite")
+    conn.execute("DELETE FROM meta WHERE key = 'num_neighbours_source'")
+    conn.commit()
+    conn.close()
+    source = ClusterIndex.open(index.folder).num_neighbours_source
+    assert source["method"] == "calibrated" and source["num_neighbours"] == 3 and source["num_queries"] == 15
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,8 +536,10 @@ def test_raw_photos_are_aligned_before_search(tmp_path):
     from facepipe.embed.extract import load_model
 
     fingerprint = load_model(checkpoint).fingerprint
+    # N = 4 retrieves both identities' clusters, so each photo lists two matches (the default N,
+    # now 1 rather than 100, would rank only the nearest cluster's identity).
     ClusterIndex.build(tmp_path / "g", unit(rng.normal(size=(4, 32))), [0, 0, 1, 1], ["p", "q"],
-                       fingerprint=fingerprint, config={"flip": "sum"})
+                       fingerprint=fingerprint, config={"flip": "sum", "num_neighbours": 4})
     results = search_images(tmp_path / "g", checkpoint, [raw], top_k=2, device="cpu", progress=False)
     by_name = {Path(r["input"]).name: r for r in results}
     for photo in photos:

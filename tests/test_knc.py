@@ -1,4 +1,4 @@
-"""The k-nearest-cluster rule of seed 002 Eq. 10, choosing N, and the open-set threshold."""
+"""The k-nearest-cluster rule of Huang et al. (TPAMI 2019) Eq. 10, choosing N, and the open-set threshold."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from facepipe.index.knc import (
+    DEFAULT_NUM_NEIGHBOURS_GRID,
     EMPTY_LOG_DENOMINATOR,
+    PAPER_NUM_NEIGHBOURS_GRID,
     calibrate_unknown_threshold,
     choose_num_neighbours,
     knc_scores,
@@ -111,10 +113,31 @@ def test_choose_num_neighbours_maximises_accuracy_and_clips_the_grid():
     assert choice.accuracy_by_n[1] == choice.accuracy_by_n[2] == 0.5
     assert choice.accuracy_by_n[3] == choice.accuracy_by_n[4] == 1.0
     assert choice.num_neighbours == 3 and choice.accuracy == 1.0  # ties: the smaller N
-    clipped = choose_num_neighbours(sims, ids, [2, 3], num_clusters=2)  # default grid 20:10:200
-    assert list(clipped.accuracy_by_n) == [2] and clipped.num_neighbours == 2
+    # The default grid starts at 1 (it used to be Huang et al.'s 20:10:200, which could not
+    # reach N = 1); N = 1 and 2 tie here, so the smaller wins.
+    clipped = choose_num_neighbours(sims, ids, [2, 3], num_clusters=2)
+    assert list(clipped.accuracy_by_n) == [1, 2] and clipped.num_neighbours == 1
+    paper = choose_num_neighbours(sims, ids, [2, 3], grid=PAPER_NUM_NEIGHBOURS_GRID, num_clusters=2)
+    assert list(paper.accuracy_by_n) == [2] and paper.num_neighbours == 2  # 20..200 all clipped to 2
     with pytest.raises(ValueError, match="true identities"):
         choose_num_neighbours(sims, ids, [1])
+
+
+def test_default_grid_starts_at_one_and_contains_the_papers_grid():
+    # The LFW study's closed-set table has N = 1 beating N = 100 for every method: a grid
+    # starting at 20 (the paper's) could never choose the best value measured.
+    assert DEFAULT_NUM_NEIGHBOURS_GRID[:5] == (1, 2, 3, 5, 10)
+    assert PAPER_NUM_NEIGHBOURS_GRID == tuple(range(20, 201, 10))
+    assert DEFAULT_NUM_NEIGHBOURS_GRID[5:] == PAPER_NUM_NEIGHBOURS_GRID
+    # Identity 0 owns the nearest cluster; from N = 3 on, two clusters of identity 1 outweigh it
+    # (N = 3: 0.9 - log(2 e^0.85) < 0.85 - 0.9), and at N = 5 identity 0's far cluster drags
+    # its minimum down. The default grid finds N = 1 (tied with 2); the paper's, clipped to
+    # the 5 clusters, can only try N = 5 and gets it wrong.
+    sims = np.array([[0.9, 0.85, 0.85, 0.84, 0.0]])
+    ids = np.array([[0, 1, 1, 1, 0]])
+    choice = choose_num_neighbours(sims, ids, [0])
+    assert choice.accuracy_by_n == {1: 1.0, 2: 1.0, 3: 0.0, 5: 0.0} and choice.num_neighbours == 1
+    assert choose_num_neighbours(sims, ids, [0], grid=PAPER_NUM_NEIGHBOURS_GRID).accuracy == 0.0
 
 
 def test_calibrate_unknown_threshold_meets_the_target_false_accept_rate():

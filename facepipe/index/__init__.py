@@ -1,13 +1,13 @@
-"""Identity search over clusters (seed 002): balanced spherical k-means clusters per identity
-(``clusters``), the k-nearest-cluster rule (``knc``), the on-disk FAISS + SQLite gallery
-(``store``) and the jobs behind ``facepipe index`` / ``facepipe search`` (``jobs``)."""
+"""Identity search over clusters (Huang et al., TPAMI 2019): balanced spherical k-means
+clusters per identity (``clusters``), the k-nearest-cluster rule (``knc``), the on-disk FAISS +
+SQLite gallery (``store``) and the jobs behind ``facepipe index`` / ``facepipe search`` (``jobs``)."""
 
-# The k-nearest-cluster rule (seed 002 Eq. 10) and the on-disk cluster index. Loaded on first
+# The k-nearest-cluster rule (Huang et al. Eq. 10) and the on-disk cluster index. Loaded on first
 # use: importing facepipe.index (e.g. for the clusters) does not pay for FAISS.
 _LAZY = {
     "knc": (
-        "DEFAULT_NUM_NEIGHBOURS_GRID", "KNCResult", "NeighbourChoice", "ThresholdCalibration",
-        "calibrate_unknown_threshold", "choose_num_neighbours", "knc_scores",
+        "DEFAULT_NUM_NEIGHBOURS_GRID", "KNCResult", "NeighbourChoice", "PAPER_NUM_NEIGHBOURS_GRID",
+        "ThresholdCalibration", "calibrate_unknown_threshold", "choose_num_neighbours", "knc_scores",
     ),
     "store": (
         "ClusterIndex", "ClusterIndexError", "DimensionMismatchError", "EmptyGalleryError",
@@ -15,7 +15,7 @@ _LAZY = {
     ),
     "jobs": (
         "build_index_from_checkpoint", "build_index_from_embeddings", "calibrate_index", "enrol_images",
-        "load_embedding_source", "read_labels", "search_images",
+        "load_embedding_source", "read_labels", "search_images", "tune_num_neighbours_on_holdout",
     ),
 }
 

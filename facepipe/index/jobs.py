@@ -14,9 +14,10 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from facepipe.index.knc import DEFAULT_NUM_NEIGHBOURS_GRID
+from facepipe.index.knc import DEFAULT_NUM_NEIGHBOURS_GRID, choose_num_neighbours
 from facepipe.index.store import (
     DEFAULT_CLUSTER_SIZE,
+    DEFAULT_NUM_NEIGHBOURS,
     ClusterIndex,
     ClusterIndexError,
     EmptyGalleryError,
@@ -34,7 +35,17 @@ __all__ = [
     "load_embedding_source",
     "read_labels",
     "search_images",
+    "tune_num_neighbours_on_holdout",
 ]
+
+# Build-time tuning of N needs this many held-out images (one per identity with 2+ images): with
+# fewer, one image moves top-1 by more than 5 points, more than the 3.3-4.7 point gaps between
+# N = 1 and N = 100 in the LFW study's closed-set table, so the choice would be noise and the
+# default (N = 1) is the better-supported value.
+MIN_TUNING_QUERIES = 20
+# At most this many held-out images (a seeded subset of the identities): bounds the extra search
+# at build time (1,000 queries against the centroids, no second k-means).
+MAX_TUNING_QUERIES = 1000
 
 
 def read_labels(path: str | os.PathLike) -> list[str]:
@@ -103,6 +114,97 @@ def load_embedding_source(embeddings: str | os.PathLike | np.ndarray,
             "flip": info.get("flip")}
 
 
+def tune_num_neighbours_on_holdout(
+    embeddings: np.ndarray,
+    codes: np.ndarray,
+    assignment: Any,
+    *,
+    seed: int = 0,
+    grid: Iterable[int] = DEFAULT_NUM_NEIGHBOURS_GRID,
+    min_queries: int = MIN_TUNING_QUERIES,
+    max_queries: int = MAX_TUNING_QUERIES,
+    held_out: Sequence[int] | np.ndarray | None = None,
+) -> dict:
+    """Choose N of Eq. 10 for a gallery being built, on images held out of it.
+
+    ``embeddings`` [M, D] unit rows, ``codes`` [M] their identity index, ``assignment`` their
+    :class:`facepipe.index.clusters.ClusterAssignment`. One image of each identity with 2+
+    images (a subset of at most ``max_queries`` identities, drawn with ``seed``) becomes a
+    query against a gallery without it: its own cluster's centroid is recomputed as the
+    normalised mean of the other members (Eq. 7), or dropped if it was the only member, and
+    every other cluster stays. That is leave-one-out without a second k-means (k-means is
+    nearly all of a build: 86.9 of 87.3 s in the README's 1M-embedding benchmark); re-running
+    it without the image could only regroup that one identity's other images. The index built
+    afterwards still holds every image. N maximises top-1 accuracy over
+    ``grid`` (ties: the smaller N), clipped to the number of clusters. ``held_out``: the rows
+    to hold out instead of the seeded draw (each of an identity with 2+ images).
+
+    Returns the record for :meth:`ClusterIndex.build`'s ``num_neighbours_source``: method
+    "tuned" with num_neighbours, num_queries, num_identities, accuracy, accuracy_by_n, grid,
+    seed; or, with fewer than ``min_queries`` identities of 2+ images, method "default" with
+    N = DEFAULT_NUM_NEIGHBOURS and the reason.
+    """
+    import faiss
+
+    x = np.ascontiguousarray(embeddings, dtype=np.float32)
+    codes = np.asarray(codes, dtype=np.int64).reshape(-1)
+    counts = np.bincount(codes)
+    if held_out is None:
+        eligible = np.flatnonzero(counts >= 2)
+        if len(eligible) < min_queries:
+            return {"method": "default", "num_neighbours": DEFAULT_NUM_NEIGHBOURS,
+                    "reason": f"{len(eligible)} enrolled identities have 2+ images to hold one out, build-time "
+                              f"tuning needs {min_queries}"}
+        rng = np.random.default_rng(seed)
+        chosen = np.sort(rng.choice(eligible, size=min(len(eligible), max_queries), replace=False))
+        by_identity = np.argsort(codes, kind="stable")
+        first = np.concatenate([[0], np.cumsum(counts)])
+        held = np.array([rng.choice(by_identity[first[c]:first[c + 1]]) for c in chosen.tolist()], dtype=np.int64)
+    else:
+        held = np.asarray(held_out, dtype=np.int64).reshape(-1)
+        if not len(held) or held.min() < 0 or held.max() >= len(codes) or (counts[codes[held]] < 2).any():
+            raise ClusterIndexError("held_out must name rows of identities with 2+ images")
+        chosen = np.unique(codes[held])
+
+    sample_cluster = np.asarray(assignment.sample_cluster, dtype=np.int64)
+    centroids = np.ascontiguousarray(assignment.centroids, dtype=np.float32)
+    cluster_identity = np.asarray(assignment.cluster_identity, dtype=np.int64)
+    num_clusters = len(centroids)
+    by_cluster = np.argsort(sample_cluster, kind="stable")
+    cluster_first = np.concatenate([[0], np.cumsum(np.bincount(sample_cluster, minlength=num_clusters))])
+    own = sample_cluster[held]
+    own_sim = np.full(len(held), -np.inf)
+    for q, (row, cluster) in enumerate(zip(held.tolist(), own.tolist())):
+        others = by_cluster[cluster_first[cluster]:cluster_first[cluster + 1]]
+        others = others[others != row]
+        if not len(others):
+            continue  # its cluster held only this image: the gallery without it lacks the cluster
+        total = x[others].astype(np.float64).sum(axis=0)
+        norm = float(np.linalg.norm(total))
+        # The fallback of clusters._member_centroids, so the cluster is scored as it would be stored.
+        centroid = total / norm if norm >= 1e-6 else x[others[0]].astype(np.float64)
+        own_sim[q] = float(x[row].astype(np.float64) @ centroid)
+
+    grid = sorted({int(n) for n in grid if int(n) > 0})
+    width = min(max(grid), num_clusters)
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(centroids)
+    # One more than needed: the query's own (full) cluster may be among them and is replaced.
+    sims, labels = index.search(x[held], min(width + 1, num_clusters))
+    is_own = labels == own[:, None]
+    sims = np.concatenate([np.where(is_own, -np.inf, sims), own_sim[:, None]], axis=1)
+    labels = np.concatenate([np.where(is_own, -1, labels), np.where(np.isfinite(own_sim), own, -1)[:, None]], axis=1)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :width]
+    sims = np.take_along_axis(sims, order, axis=1)
+    labels = np.take_along_axis(labels, order, axis=1)
+    owner = np.where(labels >= 0, cluster_identity[np.clip(labels, 0, None)], -1)
+    choice = choose_num_neighbours(sims, owner, codes[held], grid, num_clusters=num_clusters)
+    return {"method": "tuned", "num_neighbours": choice.num_neighbours, "num_queries": int(len(held)),
+            "num_identities": int(len(chosen)), "accuracy": choice.accuracy,
+            "accuracy_by_n": {str(n): acc for n, acc in choice.accuracy_by_n.items()},
+            "grid": sorted(choice.accuracy_by_n), "seed": int(seed), "holdout": "leave-one-out"}
+
+
 def build_index_from_embeddings(
     folder: str | os.PathLike,
     embeddings: np.ndarray,
@@ -116,9 +218,17 @@ def build_index_from_embeddings(
     niter: int = 20,
     overwrite: bool = False,
     progress: bool = False,
+    tune: bool = True,
 ) -> ClusterIndex:
-    """Cluster every identity's embeddings into clusters of ``cluster_size`` (seed 002 Eq. 6-7)
-    and build an index of the centroids in ``folder`` (names: ``str`` of each label)."""
+    """Cluster every identity's embeddings into clusters of ``cluster_size`` (Huang et al.
+    Eq. 6-7) and build an index of the centroids in ``folder`` (names: ``str`` of each label).
+
+    N of Eq. 10: a ``num_neighbours`` in ``config`` is kept as the user's. Otherwise, with
+    ``tune``, it is chosen on images held out of the gallery
+    (:func:`tune_num_neighbours_on_holdout`, seeded by ``seed``) when enough identities have 2+
+    images, and is DEFAULT_NUM_NEIGHBOURS (1) when not; the index records which
+    (:attr:`ClusterIndex.num_neighbours_source`). The index itself holds every image.
+    """
     from facepipe.index.clusters import balanced_spherical_kmeans
 
     x = _unit_rows(embeddings, "embeddings")
@@ -132,9 +242,20 @@ def build_index_from_embeddings(
     assignment = balanced_spherical_kmeans(x, codes.astype(np.int64), cluster_size, seed=seed, niter=niter,
                                            progress=progress)
     config = {**(config or {}), "cluster_size": int(cluster_size)}
+    source = None
+    if config.get("num_neighbours") is None:
+        if tune:
+            source = tune_num_neighbours_on_holdout(x, codes, assignment, seed=seed)
+        else:
+            source = {"method": "default", "num_neighbours": DEFAULT_NUM_NEIGHBOURS,
+                      "reason": "build-time tuning turned off"}
+        log.info("N of Eq. 10: %d (%s)", source["num_neighbours"],
+                 f"tuned on {source['num_queries']} held-out images" if source["method"] == "tuned"
+                 else source["reason"])
     return ClusterIndex.build(folder, assignment.centroids, assignment.cluster_identity,
                               [str(name) for name in unique], cluster_sizes=assignment.cluster_sizes(),
-                              fingerprint=fingerprint, kind=kind, config=config, overwrite=overwrite)
+                              fingerprint=fingerprint, kind=kind, config=config, overwrite=overwrite,
+                              num_neighbours_source=source)
 
 
 def _embed_paths(loaded: Any, paths: Sequence[str], flip: str, device: Any, batch_size: int | None,
@@ -184,15 +305,17 @@ def build_index_from_checkpoint(
     device: str = "auto",
     batch_size: int | None = None,
     progress: bool = True,
+    tune: bool = True,
 ) -> ClusterIndex:
     """Embed an aligned identity-folder tree (``image_root/<identity>/<image>``) with the
     checkpoint's model and build an index of its clusters; the index records the model
-    fingerprint and the flip fusion, which searches then reuse."""
+    fingerprint and the flip fusion, which searches then reuse. N of Eq. 10 as in
+    :func:`build_index_from_embeddings`."""
     source = _embed_identity_folder(checkpoint, image_root, flip, device, batch_size, progress)
     return build_index_from_embeddings(
         folder, source["embeddings"], source["names"], cluster_size, kind=kind,
         config={**(config or {}), "flip": source["flip"]}, fingerprint=source["fingerprint"], seed=seed,
-        niter=niter, overwrite=overwrite, progress=progress)
+        niter=niter, overwrite=overwrite, progress=progress, tune=tune)
 
 
 def enrol_images(
@@ -244,7 +367,7 @@ def calibrate_index(
     batch_size: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """``facepipe index calibrate``: choose N of Eq. 10 (seed 002 Sec. 5) on validation data of
+    """``facepipe index calibrate``: choose N of Eq. 10 (Huang et al. Sec. 5) on validation data of
     enrolled identities and, with impostors, the open-set threshold at ``target_far``; both are
     stored in the index (:meth:`ClusterIndex.calibrate`).
 
@@ -362,7 +485,9 @@ def search_images(
     first (the checkpoint's align settings, in a temporary folder); False = every image is an
     aligned crop; ``"auto"`` = an image already at the model's input size is a crop, any other
     is a raw photo. Returns one dict per query: input, status (``ok`` or why there is no
-    result, e.g. ``no_face``), alignment, identity (None when unknown), unknown, matches.
+    result, e.g. ``no_face``), alignment, identity (None when unknown), unknown, matches,
+    num_neighbours (the N of Eq. 10 used) and num_neighbours_source (where it came from, in
+    words; both None for an input without a query).
     """
     if align not in (True, False, "auto"):
         raise ClusterIndexError(f"align must be True, False or 'auto', got {align!r}")
@@ -398,7 +523,8 @@ def search_images(
     for entry in entries:
         query = entry.pop("query")
         if query is None:
-            results.append({**entry, "identity": None, "unknown": None, "matches": []})
+            results.append({**entry, "identity": None, "unknown": None, "matches": [], "num_neighbours": None,
+                            "num_neighbours_source": None})
         else:
             results.append({**entry, **found[query].to_dict()})
     return results

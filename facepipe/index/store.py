@@ -1,13 +1,16 @@
 """A searchable gallery of identity clusters: FAISS index of centroids + SQLite metadata.
 
-Seed 002 (CLMLE, Sec. 4) represents every identity by several cluster centroids mu_k (unit
-vectors, Eq. 7) and labels a query with the k-nearest-cluster rule of Eq. 10 over its N nearest
-centroids (:mod:`facepipe.index.knc`). This module keeps such a gallery on disk and searches it.
+CLMLE (Huang et al., TPAMI 2019, Sec. 4) represents every identity by several cluster centroids
+mu_k (unit vectors, Eq. 7) and labels a query with the k-nearest-cluster rule of Eq. 10 over its N
+nearest centroids (:mod:`facepipe.index.knc`). This module keeps such a gallery on disk and
+searches it.
 
 Folder layout::
 
     DIR/meta.sqlite          identities (id, name), clusters (faiss id -> identity, size, centroid),
-                             meta (format_version, dim, fingerprint, kind, config JSON, generation)
+                             meta (format_version, dim, fingerprint, kind, config JSON, generation,
+                             num_neighbours_source: how N of Eq. 10 was chosen; absent in older
+                             folders, whose stored N is kept)
     DIR/centroids.<G>.faiss  the FAISS index of the centroids of generation G (the one meta names)
 
 The SQLite database is the source of truth (it also keeps every centroid, so an update can
@@ -82,9 +85,18 @@ META_FILE = "meta.sqlite"
 INDEX_KINDS = ("flat", "hnsw", "ivf")
 METRIC = "inner_product"
 DEFAULT_CLUSTER_SIZE = 20
-# Until N is tuned on validation data (ClusterIndex.tune_num_neighbours), the middle of seed
-# 002's 20:10:200 grid; always clipped to the number of clusters.
-DEFAULT_NUM_NEIGHBOURS = 100
+# N of Eq. 10 when nothing better is known (no validation data, no user setting); clipped to the
+# number of clusters. Not the middle of Huang et al.'s 20:10:200 grid (100, this module's old
+# default): in the LFW study's closed-set table (bench/reports/lfw_study/closed_set.md, 668
+# probes, 1,262 identities) k-NC at N = 1 beat N = 100 for every method, e.g. CosFace 57.49 vs
+# 53.74 %, ArcFace 56.14 vs 52.25 %, MM-LDAM-DRW 54.12 vs 49.40 %, CLMLE 41.84 vs 37.65 %.
+DEFAULT_NUM_NEIGHBOURS = 1
+# What an index written before the source of N was recorded got when no N was given; such
+# indexes keep the N stored in their config.
+LEGACY_DEFAULT_NUM_NEIGHBOURS = 100
+# Meta key of the record of where the index's N came from (see ClusterIndex.num_neighbours_source).
+NEIGHBOURS_SOURCE_KEY = "num_neighbours_source"
+NEIGHBOURS_SOURCE_METHODS = ("tuned", "calibrated", "user", "default")
 DEFAULT_HNSW_M = 32
 DEFAULT_HNSW_EF_CONSTRUCTION = 80
 # FAISS GPU k-selection handles at most GPU_MAX_K neighbours (imported from
@@ -141,10 +153,18 @@ class UnknownIdentityError(ClusterIndexError, KeyError):
 @dataclass
 class SearchResult:
     """Top-k identities of one query by log Eq. 10 score, best first; ``unknown`` when an
-    open-set threshold is set and the best score is below it."""
+    open-set threshold is set and the best score is below it.
+
+    ``num_neighbours``: the N of Eq. 10 this search retrieved (after clipping to the number of
+    clusters); ``num_neighbours_source``: where it came from, in words
+    (:meth:`ClusterIndex.describe_num_neighbours`). Only the identities owning one of those N
+    clusters are ranked, so with N = 1 a query lists a single identity.
+    """
 
     matches: list[tuple[str, float]]
     unknown: bool = False
+    num_neighbours: int | None = None
+    num_neighbours_source: str | None = None
 
     @property
     def identity(self) -> str | None:
@@ -153,7 +173,8 @@ class SearchResult:
 
     def to_dict(self) -> dict:
         return {"identity": self.identity, "unknown": self.unknown,
-                "matches": [{"identity": name, "score": score} for name, score in self.matches]}
+                "matches": [{"identity": name, "score": score} for name, score in self.matches],
+                "num_neighbours": self.num_neighbours, "num_neighbours_source": self.num_neighbours_source}
 
 
 @dataclass
@@ -321,6 +342,41 @@ def _check_config(kind: str, config: dict) -> dict:
     return config
 
 
+def _neighbours_source(method: str, num_neighbours: int, generation: int, **details: Any) -> dict:
+    """The record stored under NEIGHBOURS_SOURCE_KEY. The generation says which gallery a tuned
+    or calibrated N was chosen on: after ``add``/``remove`` it may no longer be the best."""
+    if method not in NEIGHBOURS_SOURCE_METHODS:
+        raise ClusterIndexError(f"unknown source of N '{method}'; one of {', '.join(NEIGHBOURS_SOURCE_METHODS)}")
+    return {**details, "method": method, "num_neighbours": int(num_neighbours), "generation": int(generation),
+            "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+_CALIBRATE_HINT = "run `facepipe index calibrate` with held-out images of enrolled identities to choose N"
+
+
+def _describe_source(record: dict, generation: int) -> str:
+    method = record.get("method")
+    accuracy = record.get("accuracy")
+    top1 = f", top-1 {accuracy:.4f}" if isinstance(accuracy, (int, float)) else ""
+    if method == "tuned":
+        text = (f"tuned on {record.get('num_queries')} held-out images (one each of {record.get('num_identities')} "
+                f"enrolled identities) at build time{top1}")
+    elif method == "calibrated":
+        text = (f"calibrated on {record.get('num_queries')} validation images of {record.get('num_identities')} "
+                f"enrolled identities{top1}")
+    elif method == "user":
+        text = "set by the user" + (" at build time" if record.get("at") == "build" else "")
+    elif method == "default":
+        text = f"default: no validation data ({record.get('reason', 'none given')}); {_CALIBRATE_HINT}"
+    else:
+        return (f"stored by an older facepipe that did not record where N came from (its default was "
+                f"{LEGACY_DEFAULT_NUM_NEIGHBOURS}); {_CALIBRATE_HINT}")
+    chosen_for = record.get("generation")
+    if method in ("tuned", "calibrated") and chosen_for is not None and int(chosen_for) != generation:
+        text += f"; chosen for gallery generation {chosen_for}, now {generation}: recalibrate"
+    return text
+
+
 def _unit_rows(x: np.ndarray, what: str) -> np.ndarray:
     x = np.asarray(x)
     if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
@@ -339,7 +395,7 @@ def _unit_rows(x: np.ndarray, what: str) -> np.ndarray:
 # The index
 # --------------------------------------------------------------------------------------------
 class ClusterIndex:
-    """A gallery folder: centroids of identity clusters, searched with seed 002 Eq. 10.
+    """A gallery folder: centroids of identity clusters, searched with Eq. 10 of Huang et al.
 
     Make one with :meth:`build`, load one with :meth:`open`. :meth:`search` ranks identities for
     query embeddings; :meth:`add`, :meth:`remove`, :meth:`set_threshold`,
@@ -381,6 +437,7 @@ class ClusterIndex:
         config: dict | None = None,
         overwrite: bool = False,
         use_gpu: bool | None = None,
+        num_neighbours_source: dict | None = None,
     ) -> "ClusterIndex":
         """Write a new index of ``centroids`` [K, D] (normalised to unit rows) into ``folder``.
 
@@ -391,12 +448,35 @@ class ClusterIndex:
         ``config``: cluster_size, num_neighbours (N of Eq. 10), unknown_threshold, and per kind
         nlist / nprobe (ivf), hnsw_m / ef_search / ef_construction (hnsw).
 
+        N of Eq. 10 and where it came from (:attr:`num_neighbours_source`): a ``num_neighbours``
+        in ``config`` is the user's; ``num_neighbours_source`` (``method`` "tuned" or "default"
+        and ``num_neighbours``, plus evidence such as num_queries and accuracy) is how a caller
+        that had validation data chose it (:func:`facepipe.index.jobs.build_index_from_embeddings`);
+        without either, N is DEFAULT_NUM_NEIGHBOURS (1), recorded as a default.
+
         An existing non-empty ``folder`` needs ``overwrite``; an existing index is then replaced
         in one transaction (a crash keeps the old one). A folder that is not an index is never
         overwritten.
         """
         folder = Path(folder)
-        config = _check_config(kind, config or {})
+        config = dict(config or {})
+        source = dict(num_neighbours_source or {})
+        if source:
+            chosen = source.get("num_neighbours")
+            if config.get("num_neighbours") is not None and config["num_neighbours"] != chosen:
+                raise ClusterIndexError(f"config num_neighbours={config['num_neighbours']} contradicts "
+                                        f"num_neighbours_source (N={chosen})")
+            config["num_neighbours"] = chosen
+        elif config.get("num_neighbours") is not None:
+            source = {"method": "user", "at": "build"}
+        else:
+            source = {"method": "default", "reason": "built from centroids, with no held-out images"}
+        config = _check_config(kind, config)
+        source = {key: value for key, value in source.items()
+                  if key not in ("num_neighbours", "generation", "recorded_at")}
+        if source.get("method") not in NEIGHBOURS_SOURCE_METHODS:
+            raise ClusterIndexError(f"num_neighbours_source method {source.get('method')!r} is not one of "
+                                    f"{', '.join(NEIGHBOURS_SOURCE_METHODS)}")
         vectors = _unit_rows(centroids, "centroids")
         num_clusters, dim = vectors.shape
         if num_clusters == 0 or dim == 0:
@@ -429,9 +509,12 @@ class ClusterIndex:
                 "INSERT INTO clusters(faiss_id, identity_id, size, centroid) VALUES (?, ?, ?, ?)",
                 [(first + k, ids[names[int(owner[k])]], int(sizes[k]), vectors[k].tobytes())
                  for k in range(num_clusters)])
+            # _commit makes this build generation G + 1 of the folder.
+            record = _neighbours_source(num_neighbours=config["num_neighbours"],
+                                        generation=int(meta.get("generation", 0)) + 1, **source)
             _set_meta(conn, format_version=FORMAT_VERSION, dim=int(dim), fingerprint=str(fingerprint or ""),
                       kind=kind, config=config, next_faiss_id=first + num_clusters,
-                      created_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                      created_at=time.strftime("%Y-%m-%dT%H:%M:%S"), **{NEIGHBOURS_SOURCE_KEY: record})
 
         if folder.exists() and not folder.is_dir():
             raise ClusterIndexError(f"{folder} exists and is not a folder")
@@ -537,7 +620,43 @@ class ClusterIndex:
 
     @property
     def num_neighbours(self) -> int:
-        return int(self._snapshot.meta["config"].get("num_neighbours") or DEFAULT_NUM_NEIGHBOURS)
+        """N of Eq. 10 that searches use unless told otherwise (:attr:`num_neighbours_source`)."""
+        fallback = DEFAULT_NUM_NEIGHBOURS if NEIGHBOURS_SOURCE_KEY in self._snapshot.meta else \
+            LEGACY_DEFAULT_NUM_NEIGHBOURS
+        return int(self._snapshot.meta["config"].get("num_neighbours") or fallback)
+
+    @property
+    def num_neighbours_source(self) -> dict:
+        """Where :attr:`num_neighbours` came from: ``method`` is "tuned" (on held-out gallery
+        images at build time), "calibrated" (:meth:`calibrate`, :meth:`tune_num_neighbours`),
+        "user", "default" (no validation data) or "unrecorded" (an index written before the
+        source was recorded; its stored N is kept), with ``num_neighbours``, the ``generation``
+        it was chosen for and the evidence (num_queries, num_identities, accuracy, ...)."""
+        meta = self._snapshot.meta
+        n = self.num_neighbours
+        record = meta.get(NEIGHBOURS_SOURCE_KEY)
+        # A record naming another N was overwritten by a facepipe that does not keep records.
+        if isinstance(record, dict) and record.get("method") in NEIGHBOURS_SOURCE_METHODS \
+                and record.get("num_neighbours") == n:
+            return dict(record)
+        calibration = meta.get("calibration")
+        if isinstance(calibration, dict) and calibration.get("num_neighbours") == n:
+            return {"method": "calibrated", "num_neighbours": n, "generation": calibration.get("generation"),
+                    "num_queries": calibration.get("num_genuine"),
+                    "num_identities": calibration.get("num_genuine_identities"),
+                    "accuracy": calibration.get("accuracy"), "inferred_from": "calibration"}
+        return {"method": "unrecorded", "num_neighbours": n}
+
+    def describe_num_neighbours(self, num_neighbours: int | None = None) -> str:
+        """The N a search uses and where it came from, in words, e.g. "N=5, tuned on 120
+        held-out images (one each of 120 enrolled identities) at build time, top-1 0.9333";
+        ``num_neighbours``: the N given to that search, if any."""
+        n = int(num_neighbours or self.num_neighbours)
+        used = min(n, self.num_clusters) if self.num_clusters else n
+        text = f"N={used}" + (f" (N={n} clipped to the {self.num_clusters} clusters)" if used < n else "")
+        if num_neighbours:
+            return f"{text}, given for this search"
+        return f"{text}, {_describe_source(self.num_neighbours_source, self.generation)}"
 
     def identities(self) -> list[str]:
         """Names of the identities in the gallery, in enrolment order."""
@@ -576,6 +695,8 @@ class ClusterIndex:
             "generation": self.generation,
             "gpu": self._on_gpu,
             "config": {**self.config, **effective},
+            "num_neighbours_source": self.num_neighbours_source,
+            "num_neighbours_description": self.describe_num_neighbours(),
             # The last `index calibrate` report; its generation tells whether the gallery changed since.
             "calibration": self._snapshot.meta.get("calibration"),
             "identities": counts,
@@ -633,38 +754,45 @@ class ClusterIndex:
         return sims, np.where(found, owner[position], -1)
 
     def knc(self, queries: np.ndarray, num_neighbours: int | None = None) -> KNCResult:
-        """Seed 002 Eq. 10 over each query's N nearest clusters (N: ``num_neighbours`` or the
+        """Eq. 10 of Huang et al. over each query's N nearest clusters (N: ``num_neighbours`` or the
         index's setting); identities as internal ids (:meth:`identity_names` maps them)."""
         sims, owner = self.retrieve(queries, num_neighbours or self.num_neighbours)
         return knc_scores(sims, owner)
 
     def search(self, queries: np.ndarray, top_k: int = 5, num_neighbours: int | None = None) -> list[SearchResult]:
-        """Top-``top_k`` identities of each query row by the k-nearest-cluster rule (seed 002
+        """Top-``top_k`` identities of each query row by the k-nearest-cluster rule (Huang et al.
         Eq. 10, log scores), with ``unknown`` set where the best score is below the index's
-        open-set threshold."""
+        open-set threshold. N: ``num_neighbours`` or the index's; every result names the N used
+        and where it came from (:meth:`describe_num_neighbours`)."""
         if top_k < 1:
             raise ClusterIndexError(f"top_k must be >= 1, got {top_k}")
         result = self.knc(queries, num_neighbours)
         threshold = self.unknown_threshold
         names = self._snapshot.names
+        used = min(int(num_neighbours or self.num_neighbours), self.num_clusters)
+        note = self.describe_num_neighbours(num_neighbours)
         out = []
         for identities, scores in zip(result.identities[:, :top_k].tolist(), result.log_scores[:, :top_k].tolist()):
             matches = [(names[i], float(s)) for i, s in zip(identities, scores) if i >= 0]
             unknown = threshold is not None and (not matches or matches[0][1] < threshold)
-            out.append(SearchResult(matches, unknown))
+            out.append(SearchResult(matches, unknown, used, note))
         return out
 
     # ------------------------------------------------------------------ tuning
     def tune_num_neighbours(self, queries: np.ndarray, true_names: Sequence[str],
                             grid: Iterable[int] = DEFAULT_NUM_NEIGHBOURS_GRID, store: bool = True) -> NeighbourChoice:
-        """Choose N of Eq. 10 on labelled validation queries (seed 002 Sec. 5: N in 20:10:200,
-        clipped to the number of clusters), maximising top-1 accuracy; ``store`` saves it."""
+        """Choose N of Eq. 10 on labelled validation queries, maximising top-1 accuracy over
+        ``grid`` (clipped to the number of clusters; DEFAULT_NUM_NEIGHBOURS_GRID adds 1, 2, 3, 5,
+        10 to Huang et al.'s 20:10:200); ``store`` saves it with its source ("calibrated")."""
         grid = list(grid)
+        names = [str(name) for name in true_names]
         sims, owner = self.retrieve(queries, max(grid))
-        truth = self.identity_ids(true_names)
+        truth = self.identity_ids(names)
         choice = choose_num_neighbours(sims, owner, truth, grid, num_clusters=self.num_clusters)
         if store:
-            self.set_num_neighbours(choice.num_neighbours)
+            self._update_config({"num_neighbours": choice.num_neighbours}, source=dict(
+                method="calibrated", num_queries=len(names), num_identities=len(set(names)),
+                accuracy=choice.accuracy, grid=sorted({int(n) for n in grid})))
         return choice
 
     def calibrate_threshold(self, genuine_queries: np.ndarray, impostor_queries: np.ndarray, target_far: float,
@@ -683,15 +811,16 @@ class ClusterIndex:
         """Choose N of Eq. 10 and, given impostors, the open-set threshold; store both at once.
 
         ``queries`` with ``true_names``: validation embeddings of identities that *are* in the
-        gallery (genuine). N maximises their top-1 accuracy over ``grid`` (seed 002 Sec. 5
-        searches 20:10:200; values above the number of clusters are clipped to it). Then, at
-        that N, the genuine scores are the best log Eq. 10 scores of the genuine queries that
-        are identified correctly, and ``impostor_queries`` (identities *not* in the gallery)
-        give the threshold with a false-accept rate of at most ``target_far``
+        gallery (genuine). N maximises their top-1 accuracy over ``grid`` (by default 1, 2, 3,
+        5, 10 and Huang et al.'s 20:10:200, Sec. 5; values above the number of clusters are
+        clipped to it). Then, at that N, the genuine scores are the best log Eq. 10 scores of
+        the genuine queries that are identified correctly, and ``impostor_queries`` (identities
+        *not* in the gallery) give the threshold with a false-accept rate of at most ``target_far``
         (:func:`facepipe.index.knc.calibrate_unknown_threshold`). Without impostors only N
         changes. ``store`` writes N, the threshold and this report (meta key ``calibration``)
-        in one transaction; it fails if the gallery changed since this object was loaded, as
-        the calibration would then describe another gallery.
+        in one transaction, N with its source ("calibrated", :attr:`num_neighbours_source`);
+        it fails if the gallery changed since this object was loaded, as the calibration would
+        then describe another gallery.
 
         Returns the report: num_neighbours, accuracy (top-1 at N), accuracy_by_n, and with
         impostors threshold (None = accept all), target_far, far, genuine_accept_rate (of the
@@ -735,19 +864,24 @@ class ClusterIndex:
                           identification_rate=float(np.mean(correct & accepted)))
             changes["unknown_threshold"] = threshold
         if store:
-            self._store_calibration(changes, report)
+            self._store_calibration(changes, report, source=dict(
+                method="calibrated", num_queries=int(len(queries)), num_identities=len(set(names)),
+                accuracy=choice.accuracy, grid=grid))
         return report
 
-    def _store_calibration(self, changes: dict, report: dict) -> None:
+    def _store_calibration(self, changes: dict, report: dict, source: dict) -> None:
         generation = self.generation
 
         def change(conn: sqlite3.Connection, meta: dict) -> None:
             if int(meta["generation"]) != generation:
                 raise ClusterIndexError(f"the index {self.folder} changed while it was being calibrated (generation "
                                         f"{generation} -> {meta['generation']}); run the calibration again")
-            _set_meta(conn, config=_check_config(meta["kind"], {**meta["config"], **changes}),
+            config = _check_config(meta["kind"], {**meta["config"], **changes})
+            _set_meta(conn, config=config,
                       calibration={**report, "generation": generation,
-                                   "calibrated_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                                   "calibrated_at": time.strftime("%Y-%m-%dT%H:%M:%S")},
+                      **{NEIGHBOURS_SOURCE_KEY: _neighbours_source(num_neighbours=config["num_neighbours"],
+                                                                   generation=generation, **source)})
 
         _commit(self.folder, change, rebuild=False)
         self._load()
@@ -755,15 +889,19 @@ class ClusterIndex:
     # ------------------------------------------------------------------ updates
     def set_threshold(self, threshold: float | None) -> None:
         """Open-set threshold on the best log Eq. 10 score (None: every query gets an identity)."""
-        self._update_config(unknown_threshold=threshold)
+        self._update_config({"unknown_threshold": threshold})
 
     def set_num_neighbours(self, num_neighbours: int) -> None:
-        """N of Eq. 10: how many nearest clusters a search retrieves."""
-        self._update_config(num_neighbours=num_neighbours)
+        """N of Eq. 10: how many nearest clusters a search retrieves; recorded as the user's."""
+        self._update_config({"num_neighbours": num_neighbours}, source={"method": "user"})
 
-    def _update_config(self, **changes: Any) -> None:
+    def _update_config(self, changes: dict, source: dict | None = None) -> None:
         def change(conn: sqlite3.Connection, meta: dict) -> None:
-            _set_meta(conn, config=_check_config(meta["kind"], {**meta["config"], **changes}))
+            config = _check_config(meta["kind"], {**meta["config"], **changes})
+            _set_meta(conn, config=config)
+            if source is not None:
+                _set_meta(conn, **{NEIGHBOURS_SOURCE_KEY: _neighbours_source(
+                    num_neighbours=config["num_neighbours"], generation=int(meta["generation"]), **source)})
 
         _commit(self.folder, change, rebuild=False)
         self._load()
@@ -780,7 +918,7 @@ class ClusterIndex:
     ) -> dict:
         """Enrol ``embeddings`` [M, D] with one identity name per row.
 
-        The rows of each name are clustered with balanced spherical k-means (seed 002 Eq. 6-7,
+        The rows of each name are clustered with balanced spherical k-means (Huang et al. Eq. 6-7,
         :func:`facepipe.index.clusters.balanced_spherical_kmeans`, clusters of ``cluster_size``,
         default the index's). A new name becomes a new identity. For a name already in the
         gallery the new clusters are *added* to its existing ones: the index keeps centroids,
