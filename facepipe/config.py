@@ -246,6 +246,10 @@ class ClusterMarginLossConfig(StrictModel):
     intra_margin: float = Field(0.1, ge=0, lt=2)
     cost_sensitive: bool = True  # inverse in-batch identity frequency weights, mean 1
     classification_weight: float = Field(0.0, ge=0)
+    # The centroid a sample's own-cluster similarity is measured against: "leave_one_out" = the
+    # other batch members of its cluster (alone in the batch: the cluster's k-means centroid),
+    # "inclusive" = the paper's batch mean with the sample itself (see facepipe.losses.clmle).
+    own_centroid: Literal["leave_one_out", "inclusive"] = "leave_one_out"
 
     @model_validator(mode="after")
     def _inter_above_intra(self) -> "ClusterMarginLossConfig":
@@ -283,6 +287,12 @@ class StageConfig(StrictModel):
     # The loss on the head's logits (cross-entropy by default) and optional deferred re-weighting.
     loss: LossConfig = CrossEntropyLossConfig()
     drw: DRWConfig | None = None
+    # BatchNorm during this stage's training steps: "batch" normalises with the batch's statistics
+    # (and updates the running ones), "frozen" runs every BatchNorm layer of the backbone in eval
+    # mode (running statistics used, not updated; affine weights still train; dropout unchanged).
+    # "auto": frozen in a clmle stage, whose nearest-neighbour mined batches are far from the data's
+    # statistics (and Huang et al.'s network has no BatchNorm), batch elsewhere.
+    bn: Literal["auto", "frozen", "batch"] = "auto"
 
     @model_validator(mode="after")
     def _consistent(self) -> "StageConfig":

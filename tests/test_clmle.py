@@ -29,11 +29,20 @@ def orthogonal_batch(num_identities=3, clusters_per_identity=2, samples_per_clus
 
 
 # ---------------------------------------------------------------- hand-computed Eq. 9
-def test_hand_computed_value():
-    # Clusters (centroid angle, identity): c0 (0, id 0) from samples at +-0.1, c1 (0.5, id 0),
-    # c2 (1.1, id 1), c3 (-0.7, id 1). s_k = scale * cos(theta_i - phi_k).
+# Clusters (centroid angle, identity): c0 (0, id 0) from samples at +-0.1, c1 (0.5, id 0),
+# c2 (1.1, id 1), c3 (-0.7, id 1). s_k = scale * cos(theta_i - phi_k). The own-cluster angle:
+# inclusive, c0's batch centroid (0); leave-one-out, the *other* member of c0 (-+0.1). Samples
+# alone in their cluster fall back to their own feature (no stored centroids): angle theta_i.
+HAND_THETA = [0.1, -0.1, 0.5, 1.1, -0.7]
+HAND_OWN_PHI = {"inclusive": [0.0, 0.0, 0.5, 1.1, -0.7], "leave_one_out": [-0.1, 0.1, 0.5, 1.1, -0.7]}
+
+
+# Updated for the leave-one-out own centroid (now the default): the two c0 samples' own-cluster
+# angles changed from 0 to -+0.1; "inclusive" keeps the former values.
+@pytest.mark.parametrize("own_centroid", ["leave_one_out", "inclusive"])
+def test_hand_computed_value(own_centroid):
     scale, a1, a2 = 4.0, 0.3, 0.1
-    theta = [0.1, -0.1, 0.5, 1.1, -0.7]
+    theta = HAND_THETA
     own = [0, 0, 1, 2, 3]
     phi = [0.0, 0.5, 1.1, -0.7]
     identity_of = [0, 0, 1, 1]
@@ -42,12 +51,13 @@ def test_hand_computed_value():
         return math.log(sum(math.exp(v) for v in values))
 
     expected, hinges = [], []
-    for t, m in zip(theta, own):
+    for t, m, own_phi in zip(theta, own, HAND_OWN_PHI[own_centroid]):
         s = [scale * math.cos(t - p) for p in phi]
+        s_own = scale * math.cos(t - own_phi)
         other_id = [s[k] for k in range(4) if identity_of[k] != identity_of[m]]
         same_id = [s[k] for k in range(4) if identity_of[k] == identity_of[m] and k != m]
-        inter = lse(other_id) - (s[m] - scale * a1)
-        intra = lse(same_id) - (s[m] - scale * a2)
+        inter = lse(other_id) - (s_own - scale * a1)
+        intra = lse(same_id) - (s_own - scale * a2)
         hinges += [inter, intra]
         expected.append(max(0.0, inter) + max(0.0, intra))
     # the batch exercises both sides of the hinge
@@ -55,16 +65,64 @@ def test_hand_computed_value():
 
     features = at_angles(*theta) * 3.0  # un-normalised input: the loss normalises
     cluster_ids, identity_ids = ids(*own), ids(0, 0, 0, 1, 1)
-    out = ClusterMarginLoss(scale, a1, a2, cost_sensitive=False)(features, cluster_ids, identity_ids)
+    loss = ClusterMarginLoss(scale, a1, a2, cost_sensitive=False, own_centroid=own_centroid)
+    out = loss(features, cluster_ids, identity_ids)
     assert out.per_sample.tolist() == pytest.approx(expected, abs=1e-5)
     assert out.loss.item() == pytest.approx(sum(expected) / 5, abs=1e-5)
     assert out.weights.tolist() == [1.0] * 5
+    assert out.zero_loss_fraction.item() == pytest.approx(sum(e == 0 for e in expected) / 5)
 
     # identity counts 3 and 2 -> raw weights 1/3, 1/2, mean (3/3 + 2/2) / 5 = 0.4
-    weighted = ClusterMarginLoss(scale, a1, a2)(features, cluster_ids, identity_ids)
+    weighted = ClusterMarginLoss(scale, a1, a2, own_centroid=own_centroid)(features, cluster_ids, identity_ids)
     w = [1 / 3 / 0.4] * 3 + [1 / 2 / 0.4] * 2
     assert weighted.weights.tolist() == pytest.approx(w, abs=1e-6)
     assert weighted.loss.item() == pytest.approx(sum(a * b for a, b in zip(w, expected)) / 5, abs=1e-5)
+
+
+def test_leave_one_out_centroid_excludes_the_sample():
+    # Cluster 0 has three members in the batch, cluster 1 two, cluster 2 one. Each sample's own
+    # centroid must be the normalised sum of the *other* members, computed here by hand.
+    torch.manual_seed(0)
+    features = torch.randn(6, 5)
+    clusters, identities = ids(0, 0, 0, 1, 1, 2), ids(0, 0, 0, 1, 1, 2)
+    stored = torch.randn(6, 5)
+    out = ClusterMarginLoss(scale=16.0)(features, clusters, identities, stored_centroids=stored)
+    unit = F.normalize(features, dim=1)
+    for i in range(5):
+        mates = [j for j in range(6) if clusters[j] == clusters[i] and j != i]
+        expected = F.normalize(unit[mates].sum(0), dim=0) @ unit[i]
+        with_self = F.normalize(unit[mates + [i]].sum(0), dim=0) @ unit[i]
+        assert out.own_cosine_leave_one_out[i].item() == pytest.approx(expected.item(), abs=1e-6)
+        assert out.own_cosine_inclusive[i].item() == pytest.approx(with_self.item(), abs=1e-6)
+        assert out.own_cosine_inclusive[i] > out.own_cosine_leave_one_out[i]  # the sample pulls its centroid
+    # Alone in the batch: the stored centroid of its cluster.
+    lone = F.normalize(stored[5], dim=0) @ unit[5]
+    assert out.own_cosine_leave_one_out[5].item() == pytest.approx(lone.item(), abs=1e-6)
+    assert out.alone.tolist() == [False] * 5 + [True]
+    # The loss uses the leave-one-out similarity for the own cluster and the full batch centroids
+    # for the others (one cluster per identity here: inter terms only).
+    full = torch.stack([F.normalize(unit[clusters == k].sum(0), dim=0) for k in range(3)])
+    expected = []
+    for i in range(6):
+        others = [k for k in range(3) if k != int(clusters[i])]
+        lse = torch.logsumexp(16.0 * full[others] @ unit[i], 0)
+        expected.append(torch.relu(lse - 16.0 * (out.own_cosine_leave_one_out[i] - 0.3)).item())
+    assert max(expected) > 0
+    assert out.per_sample.tolist() == pytest.approx(expected, abs=1e-4)
+
+
+def test_alone_in_batch_without_stored_centroid_uses_its_own_feature():
+    features = torch.randn(3, 4)
+    out = ClusterMarginLoss()(features, ids(0, 1, 1), ids(0, 1, 1))
+    assert out.own_cosine_leave_one_out[0].item() == pytest.approx(1.0, abs=1e-6)
+    assert out.alone.tolist() == [True, False, False]
+
+
+def test_stored_centroids_shape_and_own_centroid_mode_are_checked():
+    with pytest.raises(ValueError, match="stored_centroids"):
+        ClusterMarginLoss()(torch.randn(3, 4), ids(0, 1, 1), ids(0, 1, 1), stored_centroids=torch.randn(2, 4))
+    with pytest.raises(ValueError, match="own_centroid"):
+        ClusterMarginLoss(own_centroid="exclusive")
 
 
 def test_literal_scale_one_cannot_reach_zero():
@@ -136,6 +194,7 @@ def test_sgd_step_moves_feature_towards_own_centroid():
     out = ClusterMarginLoss(scale=16.0)(stray, clusters, identities)
     assert out.per_sample[2] > 0 and out.per_sample[[0, 1, 3, 4]].abs().max() == 0
     out.loss.backward()
+    assert stray.grad[[0, 1]].abs().sum() > 0  # through the (leave-one-out) batch centroid
     stepped = features.clone()
     stepped[2] -= 0.01 * stray.grad[2]
     before, after = own_centroid_cosines(features, clusters), own_centroid_cosines(stepped, clusters)

@@ -15,7 +15,7 @@ def make_assignment(seed=0):
     rng = np.random.default_rng(seed)
     cluster_identity = np.concatenate([np.repeat(np.arange(5), 3), np.arange(5, 10)])
     sizes = rng.integers(5, 31, size=len(cluster_identity))
-    sizes[0] = 5  # smaller than K_IMAGES: must be drawn with replacement
+    sizes[0] = 5  # smaller than K_IMAGES: its batches hold a further cluster
     sample_cluster = np.repeat(np.arange(len(sizes)), sizes)
     centroids = rng.normal(size=(len(sizes), 16)).astype(np.float32)
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
@@ -40,13 +40,32 @@ def seen_cache(sampler, loss=1.0):
     return cache
 
 
+def runs(values):
+    """Values of consecutive runs, in order: each cluster's images must be contiguous."""
+    values = np.asarray(values)
+    return values[np.r_[True, values[1:] != values[:-1]]]
+
+
 def test_every_batch_has_m_clusters_of_k_images_with_identity_constraints():
+    # Updated for distinct draws: a batch holding a cluster of fewer than k images (cluster 0 has
+    # 5) takes all of them and fills the batch from further clusters instead of repeating images.
     sampler = make_sampler()
     multi_cluster_queries = 0
+    small_batches = 0
     for batch in batches(sampler):
         clusters = sampler.sample_cluster[[i for i, _ in batch]]
-        ids, counts = np.unique(clusters, return_counts=True)
-        assert len(ids) == M and (counts == K_IMAGES).all()
+        order = runs(clusters)
+        assert len(set(order)) == len(order)  # contiguous
+        counts = np.array([(clusters == c).sum() for c in order])
+        assert counts.sum() == M * K_IMAGES
+        expected = np.minimum(sampler.cluster_sizes[order], K_IMAGES)
+        assert (counts[:-1] == expected[:-1]).all() and 1 <= counts[-1] <= expected[-1]
+        if (sampler.cluster_sizes[order[:M]] < K_IMAGES).any():
+            small_batches += 1
+            assert len(order) > M
+        else:
+            assert len(order) == M
+        ids = order[:M]
         query = clusters[0]  # the query cluster's images come first
         identity = sampler.cluster_identity[query]
         batch_identities = sampler.cluster_identity[ids]
@@ -54,7 +73,7 @@ def test_every_batch_has_m_clusters_of_k_images_with_identity_constraints():
         if (sampler.cluster_identity == identity).sum() > 1:
             multi_cluster_queries += 1
             assert ((batch_identities == identity) & (ids != query)).any()
-    assert multi_cluster_queries > 0
+    assert multi_cluster_queries > 0 and small_batches > 0
 
 
 def test_remaining_clusters_are_the_query_nearest_neighbours():
@@ -121,27 +140,97 @@ def test_uniform_query_ignores_the_cache():
     assert {q for q in queries if sampler.cluster_identity[q] == 0} == {0, 1, 2}
 
 
-def test_small_cluster_is_sampled_with_replacement_and_large_without():
+def small_cluster_assignment(num_identities=60, seed=0):
+    """LFW-like: every identity is one cluster of 2..5 images, random unit centroids."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(2, 6, size=num_identities)
+    centroids = rng.normal(size=(num_identities, 16)).astype(np.float32)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    return np.repeat(np.arange(num_identities), sizes), centroids, np.arange(num_identities)
+
+
+def test_small_clusters_give_distinct_images_and_more_clusters():
+    # Old code: k = 10 draws with replacement from 2..5-image clusters, about a third distinct.
+    sample_cluster, centroids, cluster_identity = small_cluster_assignment()
+    sampler = ClusterBatchSampler(sample_cluster, centroids, cluster_identity, clusters_per_batch=12,
+                                  images_per_cluster=10, num_batches=30, seed=3)
+    sizes = np.bincount(sample_cluster)
+    for batch_index in range(30):
+        batch = sampler.make_batch(2, batch_index)
+        assert len(batch.indices) == sampler.batch_size == 120
+        assert len(set(batch.indices.tolist())) == 120  # no image repeats
+        clusters = sample_cluster[batch.indices]
+        assert runs(clusters).tolist() == batch.clusters.tolist()  # query first, each contiguous
+        counts = np.array([(clusters == c).sum() for c in batch.clusters])
+        assert (counts[:-1] == sizes[batch.clusters[:-1]]).all() and counts[-1] <= sizes[batch.clusters[-1]]
+        # Beyond the M chosen clusters, the fill follows the query's nearest neighbours.
+        query, chosen = batch.clusters[0], set(batch.clusters[:12].tolist())
+        order = [c for c in np.argsort(-(centroids @ centroids[query])) if c not in chosen]
+        assert batch.clusters[12:].tolist() == order[: len(batch.clusters) - 12]
+    # Still a function of (seed, epoch, batch index).
+    again = ClusterBatchSampler(sample_cluster, centroids, cluster_identity, clusters_per_batch=12,
+                                images_per_cluster=10, num_batches=30, seed=3)
+    for batch_index in range(5):
+        a, b = sampler.make_batch(2, batch_index), again.make_batch(2, batch_index)
+        assert a.indices.tolist() == b.indices.tolist() and a.sample_seeds.tolist() == b.sample_seeds.tolist()
+    assert sampler.make_batch(2, 0).indices.tolist() != sampler.make_batch(3, 0).indices.tolist()
+
+
+def test_fill_goes_beyond_the_neighbour_table_when_its_row_runs_out():
+    # 30 one-image clusters around e1 and 10 ten-image clusters elsewhere: the table's rows are
+    # sized for the mean cluster, too short for a batch of one-image clusters.
+    rng = np.random.default_rng(4)
+    direction = np.eye(8)[0]
+    tiny = direction + 0.05 * rng.normal(size=(30, 8))
+    large = -direction + 0.3 * rng.normal(size=(10, 8))
+    centroids = np.vstack([tiny, large]).astype(np.float32)
+    sample_cluster = np.repeat(np.arange(40), [1] * 30 + [10] * 10)
+    sampler = ClusterBatchSampler(sample_cluster, centroids, np.arange(40), clusters_per_batch=2,
+                                  images_per_cluster=10, num_batches=40)
+    assert sampler.neighbours.shape[1] < 20
+    tiny_queries = 0
+    for batch_index in range(40):
+        batch = sampler.make_batch(0, batch_index)
+        assert len(set(batch.indices.tolist())) == len(batch.indices) == 20
+        if batch.clusters[0] < 30:
+            tiny_queries += 1
+            assert len(batch.clusters) > sampler.neighbours.shape[1]
+    assert tiny_queries > 0
+
+
+def test_large_clusters_give_k_distinct_images():
     sampler = make_sampler()
     for epoch in range(10):
         batch = sampler.make_batch(epoch, 0)
-        for cluster in batch.clusters:
+        for cluster in batch.clusters[:-1]:
             drawn = batch.indices[sampler.sample_cluster[batch.indices] == cluster]
-            assert len(drawn) == K_IMAGES
-            if (sampler.sample_cluster == cluster).sum() >= K_IMAGES:
-                assert len(set(drawn)) == K_IMAGES
-            else:
-                assert len(set(drawn)) < K_IMAGES
+            assert len(drawn) == len(set(drawn)) == min(K_IMAGES, sampler.cluster_sizes[cluster])
 
 
 def test_fewer_clusters_than_m_uses_all_and_fills_the_batch():
+    # Updated for distinct draws (the old split was 6/7/7 images, repeats included): the three
+    # clusters hold 16 images, all of them are taken once and only the 4 missing slots repeat.
     centroids = np.eye(3, dtype=np.float32)
-    sampler = ClusterBatchSampler(np.repeat(np.arange(3), [2, 10, 4]), centroids, np.array([0, 0, 1]),
+    sizes = np.array([2, 10, 4])
+    sampler = ClusterBatchSampler(np.repeat(np.arange(3), sizes), centroids, np.array([0, 0, 1]),
                                   clusters_per_batch=4, images_per_cluster=5, num_batches=3)
     for batch in batches(sampler):
-        assert len(batch) == 20
-        counts = np.bincount(sampler.sample_cluster[[i for i, _ in batch]], minlength=3)
-        assert sorted(counts) == [6, 7, 7]
+        indices = [i for i, _ in batch]
+        assert len(batch) == 20 and set(indices) == set(range(16))
+        counts = np.bincount(sampler.sample_cluster[indices], minlength=3)
+        assert sorted(counts - sizes) == [1, 1, 2]
+
+
+def test_clusters_holding_enough_images_fill_without_repeats():
+    # Three clusters, min(k, size) = 2 + 5 + 4 < 20, but 36 images: cluster 1 gives more than k
+    # distinct images rather than any image repeating.
+    centroids = np.eye(3, dtype=np.float32)
+    sampler = ClusterBatchSampler(np.repeat(np.arange(3), [2, 30, 4]), centroids, np.array([0, 0, 1]),
+                                  clusters_per_batch=4, images_per_cluster=5, num_batches=3)
+    for batch in batches(sampler):
+        indices = [i for i, _ in batch]
+        assert len(indices) == len(set(indices)) == 20
+        assert np.bincount(sampler.sample_cluster[indices], minlength=3).tolist() == [2, 14, 4]
 
 
 def test_order_is_a_function_of_seed_and_epoch_and_start_skips():

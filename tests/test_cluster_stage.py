@@ -1,7 +1,9 @@
-"""CLMLE stages in the trainer (seed 002): clustering on stage entry, cluster mini-batches,
-refreshes, the saved state, and an exact resume."""
+"""CLMLE stages in the trainer (Huang et al., TPAMI 2019): clustering on stage entry, cluster
+mini-batches, refreshes, the saved state, an exact resume, the stored centroid of lone samples and
+frozen BatchNorm."""
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -12,6 +14,7 @@ from facepipe.config import ConfigError, config_from_dict
 from facepipe.data.cluster_sampler import ClusterBatchSampler
 from facepipe.index.clusters import ClusterAssignment
 from facepipe.train.checkpoint import load_checkpoint
+from facepipe.train.batchnorm import stage_batchnorm_mode
 from facepipe.train.cluster_stage import RankClusterBatches
 from facepipe.train.trainer import Trainer
 
@@ -96,3 +99,119 @@ def test_clmle_config_errors():
     with pytest.raises(ConfigError, match="no drw"):
         config_from_dict({"train": {"stages": [{"epochs": 1, "head": {"type": "softmax"},
                                                 "loss": {"type": "clmle"}, "drw": {"start_epoch": 0}}]}})
+
+
+def batchnorm_layers(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def batchnorm_buffers(model):
+    return [(b.running_mean.clone(), b.running_var.clone(), b.num_batches_tracked.clone())
+            for b in batchnorm_layers(model)]
+
+
+def record_step_modes(trainer):
+    """Wrap the trainer's step: for each CLMLE step, the BatchNorm/other modules' modes and
+    whether a training-mode forward of (a copy of) the model equals its eval-mode forward."""
+    steps = []
+    original = trainer._train_step
+
+    def step(images, labels, indices=None):
+        if trainer.cluster_stage is not None:
+            probe = copy.deepcopy(trainer.model)
+            with torch.no_grad():
+                as_trained = probe(images)
+                probe.eval()
+                as_evaluated = probe(images)
+            layers = batchnorm_layers(trainer.model)
+            others = [m for m in trainer.model.modules() if m not in set(layers)]
+            steps.append({"bn_training": any(m.training for m in layers),
+                          "others_training": all(m.training for m in others),
+                          "same_forward": torch.allclose(as_trained, as_evaluated, rtol=1e-5, atol=1e-6)})
+        return original(images, labels, indices)
+
+    trainer._train_step = step
+    return steps
+
+
+@pytest.mark.parametrize("bn", ["auto", "batch"])
+def test_clmle_stage_freezes_batchnorm_unless_told_otherwise(tiny_dataset, tmp_path, bn):
+    # refresh_every_steps=2: re-clustering mid-epoch (eval-mode feature extraction) must leave
+    # the frozen layers frozen. Dropout is 0 in tiny_config, so eval and train forwards can agree.
+    config = clmle_config(tiny_dataset, tmp_path / "run", refresh_every_steps=2)
+    config.train.stages[1].bn = bn
+    trainer = Trainer(config, progress=False)
+    initial = batchnorm_buffers(trainer.model)
+    trainer.fit(max_epochs=1)  # the softmax stage: "auto" means batch statistics there
+    after_softmax = batchnorm_buffers(trainer.model)
+    assert not torch.equal(initial[0][0], after_softmax[0][0])
+    bn_weights = [b.weight.detach().clone() for b in batchnorm_layers(trainer.model)]
+    steps = record_step_modes(trainer)
+    trainer.fit()
+    assert len(steps) == 2 * trainer.steps_per_epoch
+    after_clmle = batchnorm_buffers(trainer.model)
+    if bn == "auto":
+        for before, after in zip(after_softmax, after_clmle):
+            for a, b in zip(before, after):
+                torch.testing.assert_close(b, a, rtol=0, atol=0)
+        assert all(not s["bn_training"] and s["others_training"] and s["same_forward"] for s in steps)
+        # The affine weights still train.
+        assert any(not torch.equal(w, b.weight) for w, b in zip(bn_weights, batchnorm_layers(trainer.model)))
+    else:
+        assert not torch.equal(after_softmax[0][0], after_clmle[0][0])
+        assert all(s["bn_training"] and not s["same_forward"] for s in steps)
+
+
+def test_stage_batchnorm_mode_resolves_auto():
+    def stage(loss, **extra):
+        return config_from_dict({"train": {"stages": [{"epochs": 1, "head": {"type": "softmax"},
+                                                       "loss": {"type": loss}, **extra}]}}).train.stages[0]
+
+    assert stage("clmle").bn == "auto" and stage_batchnorm_mode(stage("clmle")) == "frozen"
+    assert stage_batchnorm_mode(stage("ce")) == "batch"
+    assert stage_batchnorm_mode(stage("clmle", bn="batch")) == "batch"
+    assert stage_batchnorm_mode(stage("ce", bn="frozen")) == "frozen"
+    with pytest.raises(ConfigError, match="bn"):
+        stage("ce", bn="sync")
+    with pytest.raises(ConfigError, match="own_centroid"):
+        config_from_dict({"train": {"stages": [{"epochs": 1, "head": {"type": "softmax"},
+                                                "loss": {"type": "clmle", "own_centroid": "exclusive"}}]}})
+
+
+def test_loss_for_uses_the_stored_centroid_of_a_sample_alone_in_its_cluster(tiny_dataset, tmp_path):
+    trainer = Trainer(clmle_config(tiny_dataset, tmp_path / "run"), progress=False)
+    trainer.fit(max_epochs=2)
+    stage = trainer.cluster_stage
+    assert stage.loss.own_centroid == "leave_one_out"
+    sample_cluster = stage.assignment.sample_cluster
+    sizes = np.bincount(sample_cluster)
+    pair_cluster, other_cluster = [int(c) for c in np.flatnonzero(sizes >= 2)[:2]]
+    # Two members of one cluster and a single member of another.
+    indices = np.concatenate([np.flatnonzero(sample_cluster == pair_cluster)[:2],
+                              np.flatnonzero(sample_cluster == other_cluster)[:1]])
+    embeddings = torch.nn.functional.normalize(torch.randn(3, stage.assignment.centroids.shape[1]), dim=1)
+    labels = torch.as_tensor(trainer.dataset.labels[indices])
+    out = stage.loss_for(embeddings, labels, torch.as_tensor(indices))
+    stored = torch.nn.functional.normalize(torch.from_numpy(stage.assignment.centroids[other_cluster]), dim=0)
+    assert out.alone.tolist() == [False, False, True]
+    assert out.own_cosine_leave_one_out[2].item() == pytest.approx(float(embeddings[2] @ stored), abs=1e-5)
+    assert out.own_cosine_leave_one_out[0].item() == pytest.approx(float(embeddings[0] @ embeddings[1]), abs=1e-5)
+    assert stage.diagnostics["alone"].tolist() == [False, False, True]
+
+
+def test_clmle_mechanism_is_logged_with_every_training_record(tiny_dataset, tmp_path):
+    trainer = Trainer(clmle_config(tiny_dataset, tmp_path / "run"), progress=False)
+    trainer.fit()
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    clmle = [e for e in events if e["event"] == "train" and e["epoch"] >= 1]
+    assert clmle and all("clmle_zero_loss_fraction" in e for e in clmle)
+    for record in clmle:
+        # Distinct draws: a batch of 4 x 3 images holds 12 different images of the tiny set.
+        assert record["clmle_distinct_images"] == trainer.loader.batch_size
+        assert record["clmle_clusters"] >= 4
+        assert 0.0 <= record["clmle_zero_loss_fraction"] <= 1.0
+        assert 0.0 <= record["clmle_alone_fraction"] < 1.0
+        # The sample pulls its own batch centroid towards itself: leaving it out lowers the cosine.
+        assert record["clmle_own_cos_with"] > record["clmle_own_cos_without"]
+    softmax = [e for e in events if e["event"] == "train" and e["epoch"] == 0]
+    assert softmax and not any("clmle_zero_loss_fraction" in e for e in softmax)

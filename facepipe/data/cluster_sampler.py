@@ -1,4 +1,4 @@
-"""Cluster-based mini-batches for CLMLE (seed 002 Sec. 3.3).
+"""Cluster-based mini-batches for CLMLE (Huang et al., TPAMI 2019, Sec. 3.3).
 
 Each identity's samples are split into clusters (spherical k-means, done elsewhere). A batch is
 built around a *query cluster*: pick an identity uniformly at random (so minority identities are
@@ -7,6 +7,22 @@ paper's choice) or a random one ("uniform", the Table 7 ablation), then retrieve
 clusters whose centroids are nearest to the query's by cosine similarity, making sure the batch
 holds another cluster of the query's identity and a cluster of another identity. k images are
 drawn from each of the M clusters (the paper uses M = 12, k = 20: batch size 240).
+
+Small clusters. The paper draws 20 *distinct* images from clusters of l = 200 ("we randomly sample
+20 examples out of l = 200"); its batch is M * k distinct images spread over M clusters. With
+clusters smaller than k (e.g. LFW, where a cluster is a whole identity of 1-5 images) drawing k
+with replacement filled a 120-image batch with about 40 distinct images, each repeated, which
+adds no information and inflates every repeated sample's weight in its batch centroid. The reading
+kept here: a cluster contributes min(k, its size) distinct images (drawn without replacement), and
+the batch keeps its fixed size M * k -- the DataLoader, the rank split and mid-epoch resume count
+in whole batches of that size -- by taking further clusters in the same nearest-neighbour order
+after the M chosen ones, each again with min(k, size) distinct images, the last one possibly
+fewer. Small clusters thus give more clusters per batch, never repeated images; with clusters of
+at least k images the batch is exactly the paper's M clusters of k. The neighbour table is sized
+for the clusters a batch typically needs; when a query's row runs out, the rest of the order comes
+from a search over all clusters. Only when all clusters together hold fewer than M * k images
+(tiny datasets) do images repeat: every image is then taken once and the remaining slots are
+spread evenly over the clusters as repeats.
 
 Conventions shared with :class:`facepipe.data.samplers.EpochSampler`: the sampler yields
 ``(index, sample_seed)`` pairs, ``set_epoch(epoch, start)`` skips the first ``start`` samples of
@@ -37,8 +53,9 @@ from torch.utils.data import Sampler
 from facepipe.utils.faiss_device import GPU_MAX_K, to_device
 
 QUERY_MODES = ("hardest", "uniform")
-# The neighbour table keeps this many times M nearest clusters per cluster: more than the M - 1 a
-# batch needs, so that the same/other-identity constraints can usually be met from the table.
+# The neighbour table keeps (NEIGHBOUR_FACTOR - 1) * M nearest clusters per cluster beyond those a
+# batch typically needs (M, or more when clusters hold fewer than k images), so that the
+# same/other-identity constraints and the fill usually need no search over all clusters.
 NEIGHBOUR_FACTOR = 4
 NEIGHBOUR_PURPOSE = "cluster sampler neighbours"
 
@@ -50,7 +67,7 @@ def _as_numpy(values) -> np.ndarray:
 
 
 class LossCache:
-    """Last observed loss of every training sample, NaN for samples never seen (seed 002 Sec. 3.3).
+    """Last observed loss of every training sample, NaN for samples never seen (Huang et al., Sec. 3.3).
 
     The paper scores a cluster by "averaging the losses of cluster members that are cached
     online". We keep each sample's *last* loss rather than a moving average: a sample is revisited
@@ -78,7 +95,8 @@ class LossCache:
         # A non-finite loss (e.g. an AMP overflow step) says nothing about difficulty, and storing
         # it would pin its cluster as the hardest (inf) or mark it unseen again (NaN): skip it.
         finite = np.isfinite(losses)
-        # A sample drawn twice in one batch (sampling with replacement) keeps one of its losses.
+        # A sample drawn twice in one batch (only on tiny datasets, see the module docstring) keeps
+        # one of its losses.
         self.losses[indices[finite]] = losses[finite]
 
     def mean_loss(self, indices: np.ndarray) -> float:
@@ -118,7 +136,8 @@ class LossCache:
 
 
 class ClusterBatch(NamedTuple):
-    """One batch: its clusters (query first) and, grouped in that order, its samples and seeds."""
+    """One batch: its clusters (query first; M, or more when clusters hold fewer than k images) and,
+    grouped in that order, its samples and seeds."""
 
     clusters: np.ndarray
     indices: np.ndarray
@@ -126,13 +145,14 @@ class ClusterBatch(NamedTuple):
 
 
 class ClusterBatchSampler(Sampler):
-    """Cluster-based mini-batch sampler of CLMLE (seed 002 Sec. 3.3); see the module docstring.
+    """Cluster-based mini-batch sampler of CLMLE (Huang et al., Sec. 3.3); see the module docstring.
 
     Use with ``DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler,
-    drop_last=True)``. Each batch lists the query cluster's images first, then the other clusters'
-    images, each cluster's images contiguous. With fewer than M clusters in total, every batch
-    uses all of them and still holds M * k images, split as evenly as possible between them.
-    Images are drawn without replacement from a cluster that has enough, with replacement otherwise.
+    drop_last=True)``. Each batch holds M * k images: the query cluster's first, then the other
+    clusters' in nearest-neighbour order, each cluster's images contiguous. A cluster contributes
+    min(k, its size) distinct images; when the M chosen clusters hold fewer than M * k between
+    them, further clusters fill the batch (the last one possibly with fewer images). Images repeat
+    only when all clusters together hold fewer than M * k images (see the module docstring).
     """
 
     def __init__(self, sample_cluster: np.ndarray, centroids: np.ndarray, cluster_identity: np.ndarray,
@@ -188,6 +208,8 @@ class ClusterBatchSampler(Sampler):
 
         self.num_samples = len(sample_cluster)
         self.sample_cluster = sample_cluster
+        self.cluster_sizes = sizes
+        self.draw_sizes = np.minimum(sizes, self.images_per_cluster)  # distinct images a cluster gives
         # Re-normalised so that inner product is cosine similarity even for slightly off inputs.
         self.centroids = np.ascontiguousarray(centroids / norms, dtype=np.float32)
         self.cluster_identity = cluster_identity
@@ -203,7 +225,9 @@ class ClusterBatchSampler(Sampler):
     def _neighbour_table(self) -> np.ndarray:
         """[K, W] nearest clusters of every cluster by centroid cosine, in one batched FAISS search
         (on the GPUs faiss sees, replicated: each GPU answers a share of the queries)."""
-        width = min(len(self.centroids), NEIGHBOUR_FACTOR * self.clusters_per_batch)
+        # Clusters smaller than k fill a batch with more clusters: widen the rows by that many.
+        needed = int(np.ceil(self.batch_size / self.draw_sizes.mean()))
+        width = min(len(self.centroids), (NEIGHBOUR_FACTOR - 1) * self.clusters_per_batch + needed)
         index = faiss.IndexFlatIP(self.centroids.shape[1])
         if width <= GPU_MAX_K:
             index = to_device(index, purpose=NEIGHBOUR_PURPOSE)
@@ -239,18 +263,65 @@ class ClusterBatchSampler(Sampler):
     def make_batch(self, epoch: int, batch_index: int) -> ClusterBatch:
         """Batch ``batch_index`` of ``epoch``; a function of (seed, epoch, batch_index, loss cache)."""
         rng = np.random.default_rng([self.seed % 2**63, int(epoch) % 2**63, int(batch_index)])
-        clusters = self._choose_clusters(rng)
-        # Fewer than M clusters in total: spread the M * k images evenly over those there are.
-        counts = np.full(len(clusters), self.batch_size // len(clusters))
-        counts[: self.batch_size % len(clusters)] += 1
+        clusters, counts = self._fill(self._choose_clusters(rng))
         indices = np.concatenate([self._draw_from_cluster(cluster, count, rng)
                                   for cluster, count in zip(clusters, counts)])
         seeds = rng.integers(0, 2**31 - 1, size=self.batch_size)
         return ClusterBatch(clusters, indices, seeds)
 
+    def _fill(self, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Clusters and image counts of a batch: the chosen clusters with min(k, size) images each,
+        then further clusters in the query's neighbour order until the batch holds M * k."""
+        clusters = [int(c) for c in chosen]
+        counts = [int(n) for n in self.draw_sizes[chosen]]
+        total = sum(counts)
+        if total < self.batch_size:
+            taken = set(clusters)
+            for cluster in self._neighbour_order(clusters[0]):
+                if cluster in taken:
+                    continue
+                taken.add(cluster)
+                clusters.append(cluster)
+                counts.append(min(int(self.draw_sizes[cluster]), self.batch_size - total))
+                total += counts[-1]
+                if total == self.batch_size:
+                    break
+        clusters = np.asarray(clusters, dtype=np.int64)
+        if total < self.batch_size:  # every cluster is in the batch and still too few: tiny dataset
+            return clusters, self._spread(self.cluster_sizes[clusters])
+        return clusters, np.asarray(counts, dtype=np.int64)
+
+    def _neighbour_order(self, query: int) -> Iterator[int]:
+        """Clusters by decreasing centroid similarity to the query: its table row, then (only if
+        the row runs out) every cluster; the caller skips those already taken."""
+        yield from (int(c) for c in self.neighbours[query])
+        similarity = self.centroids @ self.centroids[query]
+        yield from (int(c) for c in np.argsort(-similarity, kind="stable"))
+
+    def _spread(self, sizes: np.ndarray) -> np.ndarray:
+        """Counts summing to M * k with as many distinct images as the clusters hold: as even as
+        possible under count <= size when they hold enough, else all of them plus even repeats."""
+        target = self.batch_size
+        if sizes.sum() < target:
+            extra = np.full(len(sizes), (target - sizes.sum()) // len(sizes))
+            extra[: (target - sizes.sum()) % len(sizes)] += 1
+            return sizes + extra
+        # Water-filling: the lowest level t with sum(min(size, t)) >= target, then one more image
+        # for the first (in batch order) clusters that reach t until the total is exact.
+        level = 1
+        while np.minimum(sizes, level).sum() < target:
+            level += 1
+        counts = np.minimum(sizes, level - 1)
+        short = target - counts.sum()
+        counts[np.flatnonzero(sizes >= level)[:short]] += 1
+        return counts
+
     def _draw_from_cluster(self, cluster: int, count: int, rng: np.random.Generator) -> np.ndarray:
         members = self.members[self.member_offsets[cluster]: self.member_offsets[cluster + 1]]
-        return rng.choice(members, size=count, replace=len(members) < count)
+        if count <= len(members):
+            return rng.choice(members, size=count, replace=False)
+        # Tiny datasets only: every member once, then the repeats.
+        return np.concatenate([rng.permutation(members), rng.choice(members, size=count - len(members))])
 
     def _clusters_of(self, identity_position: int) -> np.ndarray:
         offsets = self.identity_offsets
@@ -270,12 +341,12 @@ class ClusterBatchSampler(Sampler):
         query = self._choose_query(own, rng)
         identity = self.cluster_identity[query]
         if len(self.centroids) <= self.clusters_per_batch:
-            others = np.arange(len(self.centroids))
-            return np.concatenate([[query], others[others != query]])
+            order = np.argsort(-(self.centroids @ self.centroids[query]), kind="stable")
+            return np.concatenate([[query], order[order != query]])
 
         row = self.neighbours[query]
         row = row[row != query]  # duplicated centroids may not list the query at position 0
-        # Seed 002 Sec. 3.3: "make sure the retrieved clusters would come from both the same and
+        # Huang et al. Sec. 3.3: "make sure the retrieved clusters would come from both the same and
         # different classes" -- the nearest one of each kind is forced in, the rest by similarity.
         forced = []
         same = own[own != query]

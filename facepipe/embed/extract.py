@@ -60,11 +60,13 @@ def embed_dataset(
 
     Flip fusion: ``sum`` adds the embeddings of the image and its mirror, ``concat`` stacks them
     (twice the dimension), ``none`` uses the image alone. The model is put in eval mode and
-    restored to its previous mode afterwards.
+    every module is restored to its previous mode afterwards.
     """
     if flip not in FLIP_MODES:
         raise ValueError(f"unknown flip mode '{flip}'; choose one of {FLIP_MODES}")
-    was_training = model.training
+    # Per module, not model.train(was_training): a mid-epoch call (CLMLE re-clustering) must not
+    # switch a stage's frozen BatchNorm layers back to batch statistics.
+    modes = {module: module.training for module in model.modules()}
     model.eval()
     loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
@@ -84,7 +86,8 @@ def embed_dataset(
                     feats = model(images).float()
             chunks.append((nn.functional.normalize(feats, dim=1) if normalize else feats).cpu())
     finally:
-        model.train(was_training)
+        for module, training in modes.items():
+            module.train(training)
     if not chunks:
         return np.zeros((0, 0), dtype=np.float32)
     return torch.cat(chunks).numpy().astype(np.float32)

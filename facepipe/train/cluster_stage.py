@@ -1,4 +1,5 @@
-"""CLMLE stages of the trainer (seed 002 Sec. 3.2-3.3): clusters, cluster mini-batches, the loss.
+"""CLMLE stages of the trainer (Huang et al., TPAMI 2019, Sec. 3.2-3.3): clusters, cluster
+mini-batches, the loss.
 
 When a stage whose loss is ``clmle`` starts, the current model embeds every training image (no
 augmentation), each identity is split into balanced spherical k-means clusters of about
@@ -6,7 +7,8 @@ augmentation), each identity is split into balanced spherical k-means clusters o
 around a hardest query cluster). Every ``refresh_every_steps`` steps the features are extracted
 again and the clusters rebuilt (the paper alternates every 2k-5k iterations). A stage epoch keeps
 the run's number of steps per epoch, so the learning-rate schedule is unchanged; each step then
-holds M * k images.
+holds M * k images. BatchNorm is frozen during a clmle stage's steps unless the stage says
+``bn: batch`` (:mod:`facepipe.train.batchnorm`).
 
 The assignment and the per-sample loss cache are saved in every checkpoint, so a resumed run
 continues with exactly the clusters and cache it had; ``clusters.npz`` in the run folder holds
@@ -42,10 +44,15 @@ class ClusterStage:
         self.stage_index = stage_index
         spec = trainer.config.train.stages[stage_index].loss
         self.settings = trainer.config.train.clusters
-        self.loss = ClusterMarginLoss(spec.scale, spec.inter_margin, spec.intra_margin, spec.cost_sensitive)
+        self.loss = ClusterMarginLoss(spec.scale, spec.inter_margin, spec.intra_margin, spec.cost_sensitive,
+                                      own_centroid=spec.own_centroid)
         self.classification_weight = spec.classification_weight
         dataset = trainer.dataset
         self.cache = LossCache(len(dataset))
+        # The last (micro-)batch's per-sample own-centroid cosines (with / without the sample),
+        # lone-sample mask and zero-loss share, detached, for mechanism reports; kept as tensors so
+        # that a step does not wait for the device to report them.
+        self.diagnostics: dict[str, torch.Tensor] = {}
         self.refresh_seconds = 0.0  # clustering (feature extraction + k-means) so far in this stage
         self.elapsed_seconds = 0.0  # wall time of the stage so far, clustering included
         if saved is not None and saved.get("stage") == stage_index:
@@ -70,7 +77,7 @@ class ClusterStage:
 
     # ------------------------------------------------------------------ clusters
     def _cluster(self) -> ClusterAssignment:
-        """Seed 002 Eq. 6-7: features of the current model, balanced spherical k-means per identity."""
+        """Huang et al. Eq. 6-7: features of the current model, balanced spherical k-means per identity."""
         trainer = self.trainer
         ctx = trainer.dist
         started = time.perf_counter()
@@ -110,9 +117,35 @@ class ClusterStage:
 
     # ------------------------------------------------------------------ loss
     def loss_for(self, embeddings: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> ClusterLossOutput:
-        """Seed 002 Eq. 8-9 on a cluster mini-batch; the clusters come from the current assignment."""
-        clusters = torch.from_numpy(self.assignment.sample_cluster[indices.cpu().numpy()]).to(embeddings.device)
-        return self.loss(embeddings, clusters, labels)
+        """Huang et al. Eq. 8-9 on a cluster mini-batch; the clusters and, for a sample alone in its
+        cluster in the batch, the stored centroid come from the current assignment."""
+        sample_cluster = self.assignment.sample_cluster[indices.cpu().numpy()]
+        clusters = torch.from_numpy(sample_cluster).to(embeddings.device)
+        stored = torch.from_numpy(self.assignment.centroids[sample_cluster]).to(embeddings.device)
+        out = self.loss(embeddings, clusters, labels, stored_centroids=stored)
+        self.diagnostics = {"own_cosine_inclusive": out.own_cosine_inclusive,
+                            "own_cosine_leave_one_out": out.own_cosine_leave_one_out,
+                            "alone": out.alone, "zero_loss_fraction": out.zero_loss_fraction}
+        return out
+
+    def batch_stats(self, indices: torch.Tensor) -> dict[str, float]:
+        """The mechanism of the last batch in numbers, for the training log: mean cosine of a sample
+        to its own batch centroid with and without itself (samples with cluster mates in the
+        batch), the share of samples alone in their cluster, the share at zero loss, and the
+        distinct images and clusters of the step (``indices``, this rank's share)."""
+        diagnostics = self.diagnostics
+        if not diagnostics:
+            return {}
+        mates = ~diagnostics["alone"]
+        stats = {"clmle_alone_fraction": float((~mates).float().mean()),
+                 "clmle_zero_loss_fraction": float(diagnostics["zero_loss_fraction"])}
+        if bool(mates.any()):
+            stats["clmle_own_cos_with"] = float(diagnostics["own_cosine_inclusive"][mates].mean())
+            stats["clmle_own_cos_without"] = float(diagnostics["own_cosine_leave_one_out"][mates].mean())
+        chosen = indices.cpu().numpy()
+        stats["clmle_distinct_images"] = float(len(np.unique(chosen)))
+        stats["clmle_clusters"] = float(len(np.unique(self.assignment.sample_cluster[chosen])))
+        return stats
 
     def record_losses(self, indices: torch.Tensor, per_sample: torch.Tensor) -> None:
         """Cache the step's per-sample losses, those of every rank: the caches stay identical, so

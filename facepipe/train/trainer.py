@@ -34,6 +34,7 @@ from facepipe.eval.verification import cosine_scores, evaluate_verification
 from facepipe.losses import ARConvLHead, LSoftmaxHead, MarginHead, build_head
 from facepipe.losses.uncertainty import sum_margin_weights
 from facepipe.models import build_backbone
+from facepipe.train.batchnorm import apply_stage_batchnorm
 from facepipe.train.cluster_stage import ClusterStage
 from facepipe.train.distributed import RankSlicedSampler, all_true, barrier, gather_rows, init_distributed, rank_slice
 from facepipe.train.checkpoint import BEST, LATEST, copy_checkpoint, load_checkpoint, save_checkpoint
@@ -546,6 +547,7 @@ class Trainer:
         self.scheduler.step()
         if self.cluster_stage is not None:
             self.cluster_stage.record_losses(indices, torch.cat(cluster_losses))
+            self._step_indices = indices  # for the CLMLE batch statistics of the next log record
         if isinstance(self.head, MarginHead):
             self.head.step()
         if isinstance(self.head, LSoftmaxHead):
@@ -595,6 +597,7 @@ class Trainer:
         cfg = self.config
         self.sampler.set_epoch(self.epoch, start=self.step_in_epoch * self.items_per_step)
         self.model.train()
+        apply_stage_batchnorm(self.model, cfg.train.stages[self.stage_index])
         self.head.train()
         losses, accuracies = [], []
         window_loss, window_acc, window_images, window_start = [], [], 0, time.perf_counter()
@@ -639,7 +642,8 @@ class Trainer:
                 record = {"epoch": self.epoch, "loss": float(np.mean(window_loss)),
                           "accuracy": float(np.mean(window_acc)), "lr": self.optimizer.param_groups[0]["lr"],
                           "images_per_s": speed, **self.head_stats, **self.margin_schedule_stats(),
-                          **self.clip_stats}
+                          **self.clip_stats, **(self.cluster_stage.batch_stats(self._step_indices)
+                                                if self.cluster_stage is not None else {})}
                 self.run_log.write("train", self.global_step, **record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}", img_s=f"{speed:.0f}")
                 window_loss, window_acc, window_images, window_start = [], [], 0, time.perf_counter()
