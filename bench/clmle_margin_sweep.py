@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Resumable grid search of CLMLE's margins (seed 002 Eq. 8-9): the inter-identity margin a1
+"""Resumable grid search of CLMLE's margins (Huang et al. Eq. 8-9): the inter-identity margin a1
 (``inter_margin``) and the intra-identity margin a2 (``intra_margin``, a2 < a1).
 
     .venv/bin/python bench/clmle_margin_sweep.py                                  # configs/clmle.yaml
     .venv/bin/python bench/clmle_margin_sweep.py --inter 0.3 0.4 --intra 0.1 --set train.stages.1.epochs=3
     .venv/bin/python bench/clmle_margin_sweep.py --config my.yaml --pairs-csv heldout.csv --out runs/sweep
 
-Seed 002 derives upper bounds of both margins in 2-D (``facepipe index margins`` prints them) and
+Huang et al. derive upper bounds of both margins in 2-D (``facepipe index margins`` prints them) and
 notes that they are loose in high dimension; the margins are then chosen on validation data. This
 script does that: for every pair (a1, a2) of ``--inter`` x ``--intra`` with a2 < a1 (default
 {0.2, 0.3, 0.4} x {0.05, 0.1, 0.15}) it
@@ -60,7 +60,7 @@ SPEC_FILE = "sweep_spec.json"
 
 
 def margin_pairs(inter: list[float], intra: list[float]) -> list[tuple[float, float]]:
-    # Seed 002 keeps identities further apart than clusters of one identity: a2 < a1 (the
+    # Huang et al. keep identities further apart than clusters of one identity: a2 < a1 (the
     # config refuses anything else), so such pairs are left out rather than failing mid-sweep.
     return [(a1, a2) for a1 in inter for a2 in intra if a2 < a1]
 
@@ -139,7 +139,7 @@ def write_table(out: Path, results: list[dict], pending: list[str], header_note:
     far_keys = sorted({key for r in ranked for key in r["tar_at_far"]}, key=float, reverse=True)
     header = ["rank", "inter a1", "intra a2", "accuracy", "AUC", "EER", *(f"TAR@FAR={k}" for k in far_keys),
               "final loss", "run"]
-    lines = ["# CLMLE margin sweep (seed 002 Eq. 8-9)", "", header_note, "",
+    lines = ["# CLMLE margin sweep (Huang et al. Eq. 8-9)", "", header_note, "",
              "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for rank, r in enumerate(ranked, 1):
         loss = "-" if r["final_loss"] is None else f"{r['final_loss']:.4f}"

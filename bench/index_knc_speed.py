@@ -1,23 +1,23 @@
 #!/usr/bin/env python
-"""Speed of the k-nearest-cluster rule (seed 002 Eq. 10) against instance-wise kNN search
+"""Speed of the k-nearest-cluster rule (Huang et al. Eq. 10) against instance-wise kNN search
 (not a test: machine-dependent).
 
     .venv/bin/python bench/index_knc_speed.py                                   # 1M x 512-d, 5,000 ids
     .venv/bin/python bench/index_knc_speed.py --num-embeddings 20000 --identities 100
 
-Seed 002 Sec. 4 argues that searching cluster centroids instead of examples makes the search a
+Huang et al. Sec. 4 argues that searching cluster centroids instead of examples makes the search a
 function of the cluster count L/l instead of the example count L ("up to three orders of
 magnitude speedup"). This bench measures that on synthetic data:
 
 - gallery: ``--identities`` identities with ``--num-embeddings`` 512-d embeddings in all, split
   by ``--distribution``: ``longtail`` (default) draws identity sizes from a Pareto power law
   (exponent ``--alpha``, seeded) scaled to the total with at least 2 per identity, so that the
-  head identities get several clusters of l = 200 and most get one (seed 002's point: the
+  head identities get several clusters of l = 200 and most get one (Huang et al.'s point: the
   cluster count grows with the data, not with the identities); ``uniform`` gives every identity
   the same count. Each identity has a random direction, ``--centres`` sub-centres around it (pose-like modes), and
   samples = sub-centre + Gaussian noise of norm ``--noise``, L2-normalised (a vMF-like cloud;
   the noise makes instance-level top-1 far from trivial while identities stay separable);
-- clusters: balanced spherical k-means per identity (seed 002 Eq. 6-7) of size ``--cluster-size``
+- clusters: balanced spherical k-means per identity (Huang et al. Eq. 6-7) of size ``--cluster-size``
   (timed: the index build time; peak RSS from resource.getrusage) and a flat ClusterIndex;
 - queries: ``--queries`` held-out samples drawn the same way, of identities picked uniformly
   (so a long-tailed gallery is probed as often at its tail as at its head);
@@ -70,7 +70,7 @@ def identity_sizes(args: argparse.Namespace, rng: np.random.Generator) -> np.nda
         counts = np.full(ids, total // ids, dtype=np.int64)
         counts[: total % ids] += 1
         return counts
-    minimum = 2  # k-means and a held-out-like spread need two samples; seed 002 drops singletons
+    minimum = 2  # k-means and a held-out-like spread need two samples; Huang et al. drop singletons
     if total < minimum * ids:
         raise SystemExit(f"--num-embeddings {total} < {minimum} x --identities {ids}: cannot give every identity "
                          f"{minimum} embeddings")
@@ -140,7 +140,7 @@ def main() -> None:
                         help="embeddings per identity: Pareto power law (default) or equal")
     parser.add_argument("--alpha", type=float, default=1.5,
                         help="Pareto exponent of --distribution longtail (smaller = heavier head)")
-    parser.add_argument("--cluster-size", type=int, default=200, help="l of seed 002 (default 200)")
+    parser.add_argument("--cluster-size", type=int, default=200, help="l of Huang et al. (default 200)")
     parser.add_argument("--centres", type=int, default=3, help="sub-centres (modes) per identity")
     parser.add_argument("--centre-spread", type=float, default=0.6, help="norm of a sub-centre's offset")
     parser.add_argument("--noise", type=float, default=2.75,
@@ -251,7 +251,7 @@ def main() -> None:
 
     stages = report["stages"]
     knc_qps = stages["knc_search"]["queries_per_second"]
-    rows_out = [("kNC rule (seed 002 Eq. 10), flat ClusterIndex",
+    rows_out = [("kNC rule (Huang et al. Eq. 10), flat ClusterIndex",
                  f"{stages['knc_build']['cluster_seconds'] + stages['knc_build']['index_seconds']:.1f}",
                  f"{knc_qps:,.0f}", "1.0", f"{stages['knc_search']['accuracy']:.4f}", "-")]
     flat_stage = stages["faiss_flat"]

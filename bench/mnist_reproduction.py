@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Seed 003 Table 1 on this machine: imbalanced MNIST G-means of CE (CPL), LA, MM-DRW and ARConvL.
+"""Li et al. Table 1 on this machine: imbalanced MNIST G-means of CE (CPL), LA, MM-DRW and ARConvL.
 
     .venv/bin/python bench/mnist_reproduction.py
 
@@ -17,7 +17,7 @@ about 9 % more images per second in all than one two-thread process: bench/mnist
  A finished run (``results.json``) is never retrained and an interrupted one resumes
 from its last epoch, so the script can be stopped and started again at any time. ``--table-only``
 rewrites the table from the runs that exist. The table (``table.md`` and ``table.json`` in
-``--out``) gives mean +- std of test G-mean (%) over the finished seeds beside seed 003's published
+``--out``) gives mean +- std of test G-mean (%) over the finished seeds beside Li et al.'s published
 Table 1 (mean +- std of 10 runs there), and the mean training time per run here (the sum of
 its epochs' wall times from its run log, so a resumed run counts each epoch once).
 """
@@ -37,16 +37,16 @@ from facepipe.train.run_log import read_run_log
 from facepipe.utils.io import write_json_atomic, write_text_atomic
 
 METHODS = {
-    "ce": [],  # cross-entropy on the prototype head's -d^2 logits: seed 003's CPL
+    "ce": [],  # cross-entropy on the prototype head's -d^2 logits: Li et al.'s CPL
     "la": ["train.stages.0.loss={type: logit_adjusted, tau: 1.0}"],
-    # Seed 001 MM with DRW (effective number, beta 0.9999) from the first lr decay, as LDAM-DRW
-    # defers re-weighting to its first decay; delta_minus 0.6, beta 1.5 (seed 001 Table 2 CIFAR-10).
+    # Kang MM with DRW (effective number, beta 0.9999) from the first lr decay, as LDAM-DRW
+    # defers re-weighting to its first decay; delta_minus 0.6, beta 1.5 (Kang Table 2 CIFAR-10).
     "mm_drw": ["train.stages.0.loss={type: mm, delta_minus: 0.6, beta: 1.5}",
                "train.stages.0.drw={start_epoch: 25}"],
     "arconvl": ["train.stages.0.head={type: arconvl}"],
 }
 LABELS = {"ce": "CE (CPL)", "la": "LA", "mm_drw": "MM-DRW", "arconvl": "ARConvL"}
-# Seed 003 Table 1, G-mean (%) mean +- std of 10 runs: (CPL, LA, ARConvL) per MNIST-q.
+# Li et al. Table 1, G-mean (%) mean +- std of 10 runs: (CPL, LA, ARConvL) per MNIST-q.
 PAPER = {
     1: {"ce": (99.2, 0.1), "la": (99.2, 0.1), "arconvl": (99.4, 0.1)},
     10: {"ce": (98.2, 0.2), "la": (98.5, 0.1), "arconvl": (99.1, 0.0)},
@@ -98,7 +98,7 @@ def collect(out: Path, ratios: list[int], methods: list[str]) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| data | method | runs here | G-mean here (%) | per seed (%) | best epochs | seed 003 Table 1 (%) "
+    lines = ["| data | method | runs here | G-mean here (%) | per seed (%) | best epochs | Li et al. Table 1 (%) "
              "| here - paper | training time / run |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:

@@ -4,7 +4,7 @@ one-thread process per core side by side (what ``bench/mnist_reproduction.py --s
 
     .venv/bin/python bench/mnist_thread_layout.py [--steps 40]
 
-Times ``--steps`` SGD steps (batch 128, channels-last, after 5 warm-up steps) of seed 003's MNIST
+Times ``--steps`` SGD steps (batch 128, channels-last, after 5 warm-up steps) of Li et al.'s MNIST
 CNN with a 10-class linear head and prints images/s of each layout; run it on an idle machine.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Cost of the seed 000 uncertainty margins against plain softmax (not a test: machine-dependent).
+"""Cost of the Khan et al. uncertainty margins against plain softmax (not a test: machine-dependent).
 
     .venv/bin/python bench/umm_overhead.py                       # IR-SE-50, 112x112, batch 64
     .venv/bin/python bench/umm_overhead.py --depth 18 --width 0.25 --size 64 --rounds 5

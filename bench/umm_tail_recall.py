@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Tail-class recall of the seed 000 losses on a synthetic long-tailed set (not a test).
+"""Tail-class recall of the Khan et al. losses on a synthetic long-tailed set (not a test).
 
     .venv/bin/python bench/umm_tail_recall.py --out runs/bench_umm_tail
 

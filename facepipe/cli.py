@@ -361,7 +361,7 @@ def cmd_index_margins(args: argparse.Namespace) -> int:
     print(f"{what}: {s['num_identities']} identities, {s['num_samples']} images "
           f"(per identity {min(counts)}..{max(counts)})")
     print(format_margin_bounds(counts))
-    print("seed 002 Sec. 3.2 derives a1max = 1 - cos(2 pi / C) and a2max_c = 1 - cos(2 pi L_c / L) on the 2-D unit "
+    print("Huang et al. Sec. 3.2 derives a1max = 1 - cos(2 pi / C) and a2max_c = 1 - cos(2 pi L_c / L) on the 2-D unit "
           "circle; on the D-dim hypersphere of real embeddings they are loose (many directions stay far apart)")
     print(f"suggested margins (rule: inter = min(0.5, max(0.3, a1max)), intra = inter / 3; the 2-D bound "
           f"{'binds' if s['a1max_binds'] else 'does not bind'}; {s['tail_below_intra']:.0%} of identities have "
@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--identities", type=int, required=True, help="number of identities")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--distribution", choices=["power", "zipf", "uniform"], default="power",
-                   help="images per identity: power law of seed 002 Sec. 5.5, Zipf, or uniform")
+                   help="images per identity: power law of Huang et al. Sec. 5.5, Zipf, or uniform")
     p.add_argument("--max-images", type=int, default=60, help="images of the largest identity")
     p.add_argument("--min-images", type=int, default=2, help="images of the smallest identity")
     p.add_argument("--gamma", type=float, default=1.0, help="power-law exponent (smaller = more balanced)")
@@ -476,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, helptext, example, func in (
         ("train", "train an embedding model from a YAML config", "data.root=DIR", cmd_train),
-        ("classify", "imbalanced image classification (seed 003's MNIST-q protocol)",
+        ("classify", "imbalanced image classification (Li et al.'s MNIST-q protocol)",
          "classify.imbalance_ratio=10", cmd_classify),
     ):
         p = sub.add_parser(name, help=helptext)
@@ -570,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(q)
     q.set_defaults(func=cmd_eval_bin)
 
-    p = sub.add_parser("index", help="cluster index of a gallery for the k-nearest-cluster rule (seed 002 Eq. 10)")
+    p = sub.add_parser("index", help="cluster index of a gallery for the k-nearest-cluster rule (Huang et al. Eq. 10)")
     index_sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     def index_source(q: argparse.ArgumentParser) -> None:
@@ -630,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", default=None, metavar="OUT", help="also write the calibration report to this JSON file")
     q.set_defaults(func=cmd_index_calibrate)
 
-    q = index_sub.add_parser("margins", help="seed 002's 2-D CLMLE margin bounds of a dataset and suggested margins")
+    q = index_sub.add_parser("margins", help="Huang et al.'s 2-D CLMLE margin bounds of a dataset and suggested margins")
     q.add_argument("data_root", metavar="DATA_ROOT", nargs="?", default=None,
                    help="identity-folder dataset: DATA_ROOT/<identity>/<image>")
     q.add_argument("--labels", default=None,
@@ -638,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_index_margins)
 
     p = sub.add_parser("search",
-                       help="identify faces against a cluster index (k-nearest-cluster rule, seed 002 Eq. 10)")
+                       help="identify faces against a cluster index (k-nearest-cluster rule, Huang et al. Eq. 10)")
     p.add_argument("--index", required=True, help="index folder made by 'facepipe index build'")
     p.add_argument("--checkpoint", default=None, help="model of the index (needed for images)")
     p.add_argument("--top-k", type=int, default=5, help="identities listed per input (default 5)")

@@ -65,7 +65,7 @@ class DataConfig(StrictModel):
 
 # ----------------------------------------------------------------------------- model
 class ModelConfig(StrictModel):
-    # irse: the IR-SE face backbone; mnist_cnn: seed 003's 28x28 grey-level classification CNN.
+    # irse: the IR-SE face backbone; mnist_cnn: Li et al.'s 28x28 grey-level classification CNN.
     arch: Literal["irse", "mnist_cnn"] = "irse"
     depth: Literal[18, 34, 50, 100] = 50
     width: float = Field(1.0, gt=0, le=4)
@@ -79,7 +79,7 @@ class SoftmaxHeadConfig(StrictModel):
     type: Literal["softmax"] = "softmax"
 
 
-# Where class margins come from: the config value for every class, or (seed 000 UMM) class
+# Where class margins come from: the config value for every class, or (Khan et al. UMM) class
 # uncertainty from MC dropout, refreshed during the stage; `m` is then the largest margin.
 MarginSource = Literal["fixed", "uncertainty"]
 
@@ -123,13 +123,13 @@ class LSoftmaxHeadConfig(StrictModel):
 
 
 class PrototypeHeadConfig(StrictModel):
-    """Convolutional prototype learning (CPL, seed 003's base framework): logits -||f - C_j||^2."""
+    """Convolutional prototype learning (CPL, Li et al.'s base framework): logits -||f - C_j||^2."""
 
     type: Literal["prototype"] = "prototype"
 
 
 class ARConvLHeadConfig(StrictModel):
-    """Seed 003 ARConvL: class regions (centres and radii) and the loss L_R + L_D + L_M; the head
+    """Li et al. ARConvL: class regions (centres and radii) and the loss L_R + L_D + L_M; the head
     computes its own loss, so the stage's ``loss`` must stay cross-entropy without DRW."""
 
     type: Literal["arconvl"] = "arconvl"
@@ -141,7 +141,7 @@ class ARConvLHeadConfig(StrictModel):
     radius_warmup_lr: float = Field(0.001, gt=0)
     radius_lr: float = Field(0.01, gt=0)
     use_prior: bool = False  # predict with log eta_j added (the literal argmax of p(x in j))
-    # Centres at the start of the stage: "random" (seed 003: He-uniform, for a network trained
+    # Centres at the start of the stage: "random" (Li et al.: He-uniform, for a network trained
     # from scratch), or "class_means" of the backbone's raw features over the training images.
     # The latter is for a stage that fine-tunes a pre-trained backbone: random centres near 0 sit
     # far from features whose norms are tens, and the region loss starts in the tens of thousands.
@@ -223,7 +223,7 @@ class LDAMLossConfig(StrictModel):
 
 
 class MaximumMarginLossConfig(StrictModel):
-    """Seed 001 MM loss: target logit z_y - Delta; delta_plus = beta * delta_minus. With
+    """Kang MM loss: target logit z_y - Delta; delta_plus = beta * delta_minus. With
     ``ldam: true`` (MM-LDAM) it takes cosines like LDAM and adds its margins and scale."""
 
     type: Literal["mm"] = "mm"
@@ -235,7 +235,7 @@ class MaximumMarginLossConfig(StrictModel):
 
 
 class ClusterMarginLossConfig(StrictModel):
-    """Seed 002 CLMLE (Eq. 8-9) on the stage's cluster mini-batches (``train.clusters``): absolute
+    """Huang et al. CLMLE (Eq. 8-9) on the stage's cluster mini-batches (``train.clusters``): absolute
     cosine margins between a sample's cluster and the clusters of other identities
     (``inter_margin``, a1) and the other clusters of its identity (``intra_margin``, a2 < a1).
     ``classification_weight`` adds that times cross-entropy on the stage head's logits."""
@@ -255,7 +255,7 @@ class ClusterMarginLossConfig(StrictModel):
     def _inter_above_intra(self) -> "ClusterMarginLossConfig":
         if self.inter_margin <= self.intra_margin:
             raise ValueError(f"inter_margin ({self.inter_margin}) must exceed intra_margin ({self.intra_margin}): "
-                             "seed 002 keeps identities further apart than clusters of one identity")
+                             "Huang et al. keep identities further apart than clusters of one identity")
         return self
 
 
@@ -267,7 +267,7 @@ LossConfig = Annotated[
 
 
 class DRWConfig(StrictModel):
-    """Deferred re-weighting (seed 001 Algorithm 1): class weights from run epoch ``start_epoch``
+    """Deferred re-weighting (Kang Algorithm 1): class weights from run epoch ``start_epoch``
     (0-based, counted over the whole schedule) on."""
 
     start_epoch: int = Field(ge=0)
@@ -281,7 +281,7 @@ class StageConfig(StrictModel):
     name: str | None = None
     epochs: int = Field(ge=1)
     head: HeadConfig
-    # Seed 000 SUM: each sample gets the fraction F (its misclassification probability under its
+    # Khan et al. SUM: each sample gets the fraction F (its misclassification probability under its
     # MC-dropout Gaussian embedding) of its class margin.
     sample_uncertainty: bool = False
     # The loss on the head's logits (cross-entropy by default) and optional deferred re-weighting.
@@ -303,7 +303,7 @@ class StageConfig(StrictModel):
             raise ValueError("a clmle stage weights samples itself (cost-sensitive) and needs a plain "
                              "classification head: no drw, no arconvl head, no sample_uncertainty")
         if self.head.type == "arconvl" and (self.loss.type != "ce" or self.drw is not None):
-            raise ValueError("the arconvl head computes its own loss (seed 003 Eq. 1): leave the stage's "
+            raise ValueError("the arconvl head computes its own loss (Li et al. Eq. 1): leave the stage's "
                              "loss at ce and drop drw")
         if self.drw is not None and self.loss.type == "class_balanced":
             raise ValueError("loss class_balanced already weights classes; drw on top would weight them twice")
@@ -334,7 +334,7 @@ class UncertaintyConfig(StrictModel):
 
 
 class ClusterConfig(StrictModel):
-    """Clusters and cluster mini-batches of CLMLE stages (seed 002 Sec. 3.2-3.3)."""
+    """Clusters and cluster mini-batches of CLMLE stages (Huang et al. Sec. 3.2-3.3)."""
 
     cluster_size: int = Field(200, ge=1)  # l: identity c gets max(1, floor(L_c / l)) clusters
     refresh_every_steps: int = Field(2000, ge=1)  # re-extract features and re-cluster (paper: 2k-5k)
@@ -458,7 +458,7 @@ class AlignConfig(StrictModel):
 
 
 class ClassifyConfig(StrictModel):
-    """``facepipe classify``: seed 003's imbalanced-image protocol (Sec. 4.1) on MNIST idx files."""
+    """``facepipe classify``: Li et al.'s imbalanced-image protocol (Sec. 4.1) on MNIST idx files."""
 
     root: str  # folder holding train-/t10k-images-idx3-ubyte(.gz) and the label files
     # Keep a random 1/q of the training images of each minority class (all of the others).

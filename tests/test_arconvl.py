@@ -1,5 +1,5 @@
 """Tests for facepipe.losses.arconvl: R_ben / R_upp / beta / sigma^2 against hand-computed radii
-(seed 003 Eq. 3-5, 7), every loss term against the printed formulas evaluated by hand (Eq. 2, 6,
+(Li et al. Eq. 3-5, 7), every loss term against the printed formulas evaluated by hand (Eq. 2, 6,
 8), gradient routing (radii learn from L_R only), prediction, learning-rate groups, errors.
 
 The hand computations run in float64 (the head is converted with .double()), so they are

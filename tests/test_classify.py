@@ -1,4 +1,4 @@
-"""facepipe classify: MNIST idx reading, seed 003's MNIST-q protocol, the prototype head, the
+"""facepipe classify: MNIST idx reading, Li et al.'s MNIST-q protocol, the prototype head, the
 ARConvL head inside the shared trainer, and the runner end to end on tiny idx files."""
 from __future__ import annotations
 
@@ -221,7 +221,7 @@ def test_arconvl_centres_start_at_class_means_when_asked_and_resume_keeps_traine
     trainer = Trainer(config, progress=False, dataset=dataset)
     expected = class_means_by_hand(trainer, dataset)
     assert torch.allclose(trainer.head.centers, expected, atol=1e-5)
-    # the default keeps seed 003's random start, which is nowhere near the class means
+    # the default keeps Li et al.'s random start, which is nowhere near the class means
     default = Trainer(mnist_config(tmp_path / "d", tmp_path, train={"stages": [
         {"epochs": 2, "head": {"type": "arconvl"}}], "amp": "off"}), progress=False, dataset=dataset)
     assert not torch.allclose(default.head.centers, expected, atol=1e-2)

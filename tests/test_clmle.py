@@ -1,4 +1,4 @@
-"""Tests for facepipe.losses.clmle: seed 002 Eq. 9 against values computed by hand (2-D angles,
+"""Tests for facepipe.losses.clmle: Huang et al. Eq. 9 against values computed by hand (2-D angles,
 math.log / math.exp), zero loss when the margins hold, dropped terms without finite-gradient
 loss, the gradient direction, cost-sensitive weights (Sec. 3.3) and argument errors."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``facepipe index margins``: seed 002's 2-D margin bounds of a dataset and the suggested margins."""
+"""``facepipe index margins``: Huang et al.'s 2-D margin bounds of a dataset and the suggested margins."""
 from __future__ import annotations
 
 import math

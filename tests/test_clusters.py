@@ -1,4 +1,4 @@
-"""Tests for facepipe.index.clusters: K_c (seed 002 Eq. 6 reading), balanced sizes, membership,
+"""Tests for facepipe.index.clusters: K_c (Huang et al. Eq. 6 reading), balanced sizes, membership,
 centroids (Eq. 7), blob recovery, determinism, npz round trip, errors and the paper's 2-D
 margin bounds."""
 from __future__ import annotations

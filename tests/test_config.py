@@ -12,7 +12,7 @@ def write(tmp_path, text):
 def test_demo_config_loads_with_stages():
     config = load_config(find_config("demo"))
     assert config.train.total_epochs == sum(stage.epochs for stage in config.train.stages)
-    # Softmax warm start, then a margin head (seed 000 Sec. 6.1.1 trains softmax first).
+    # Softmax warm start, then a margin head (Khan et al. Sec. 6.1.1 trains softmax first).
     assert config.train.stages[0].head.type == "softmax" and len(config.train.stages) == 2
     assert config.train.stages[1].head.type in ("cosface", "arcface", "lsoftmax", "sphereface")
     assert config.demo is not None and config.demo.identities > config.demo.heldout_identities

@@ -1,4 +1,4 @@
-"""Configurable losses on a stage's logits (seed 001 MM, focal, CB, LA) and deferred re-weighting."""
+"""Configurable losses on a stage's logits (Kang MM, focal, CB, LA) and deferred re-weighting."""
 from __future__ import annotations
 
 import json

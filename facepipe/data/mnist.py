@@ -1,4 +1,4 @@
-"""MNIST idx files and seed 003's imbalanced protocol (Sec. 4.1).
+"""MNIST idx files and Li et al.'s imbalanced protocol (Sec. 4.1).
 
 ``read_idx`` parses the idx format (optionally gzip-compressed); ``imbalanced_subset`` keeps a
 random 1/q of the training images of the minority (even) classes and all the others;
@@ -76,7 +76,7 @@ def minority_keep_count(count: int, imbalance_ratio: int) -> int:
 
 def imbalanced_subset(labels: np.ndarray, imbalance_ratio: int, minority_classes: Sequence[int],
                       seed: int) -> np.ndarray:
-    """Sorted indices of seed 003's MNIST-q: a random floor(n_c / q) images of every minority
+    """Sorted indices of Li et al.'s MNIST-q: a random floor(n_c / q) images of every minority
     class c, all images of the other classes. Deterministic for ``seed``."""
     if imbalance_ratio < 1:
         raise ValueError(f"imbalance ratio q must be >= 1, got {imbalance_ratio}")

@@ -4,14 +4,14 @@ Plain accuracy is dominated by the head classes of a long-tailed label distribut
 are reported beside it (all from scikit-learn and imbalanced-learn, not re-derived here):
 
 * per-class recall, precision, F1, specificity and support;
-* balanced accuracy: the mean per-class recall (seed 002 Sec. 5.1;
+* balanced accuracy: the mean per-class recall (Huang et al. Sec. 5.1;
   ``sklearn.metrics.balanced_accuracy_score``);
 * G-mean: the geometric mean of the per-class recalls (``imblearn.metrics.geometric_mean_score``,
   ``average="multiclass"``), zero as soon as one class is never recognised;
 * IBA, the index of balanced accuracy (García, Mollineda and Sánchez 2009):
   ``(1 + alpha * (macro recall - macro specificity)) * G-mean^2`` with ``alpha = 0.1``
   (``imblearn.metrics.make_index_balanced_accuracy``), and per class one-vs-rest;
-* macro / weighted F1 and macro precision (seed 000 Table 5; seed 003).
+* macro / weighted F1 and macro precision (Khan et al. Table 5; Li et al.).
 
 :func:`closed_set_predictions` turns embeddings into predictions for closed-set identification:
 each probe takes the identity of its nearest gallery embedding (cosine similarity).

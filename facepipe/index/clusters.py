@@ -1,6 +1,6 @@
-"""Per-identity balanced spherical k-means clusters (seed 002, Sec. 3.2, Eq. 6-7).
+"""Per-identity balanced spherical k-means clusters (Huang et al., Sec. 3.2, Eq. 6-7).
 
-"Seed 002" is Huang et al., "Deep Imbalanced Learning for Face Recognition and Attribute
+Huang et al., "Deep Imbalanced Learning for Face Recognition and Attribute
 Prediction" (CLMLE). Every identity c with L_c samples is split into K_c = max(1, floor(L_c / l))
 clusters of (almost) equal size l: spherical k-means finds the modes (Eq. 6), a greedy balanced
 assignment makes the sizes differ by at most one (the paper asks for equal sizes |I_ck| = l,
@@ -106,7 +106,7 @@ class ClusterAssignment:
 
 
 def clusters_per_identity(count: int, cluster_size: int) -> int:
-    """K_c = max(1, floor(L_c / l)) (seed 002 Sec. 3.2, below Eq. 7); an identity with fewer
+    """K_c = max(1, floor(L_c / l)) (Huang et al. Sec. 3.2, below Eq. 7); an identity with fewer
     than l samples still forms one cluster."""
     if cluster_size < 1:
         raise ValueError(f"cluster_size must be >= 1, got {cluster_size}")
@@ -204,7 +204,7 @@ def balanced_spherical_kmeans(
     niter: int = 20,
     progress: bool = False,
 ) -> ClusterAssignment:
-    """Cluster every identity separately into K_c balanced clusters (seed 002 Eq. 6-7).
+    """Cluster every identity separately into K_c balanced clusters (Huang et al. Eq. 6-7).
 
     Args:
         embeddings: [N, D] features; L2-normalised here.
@@ -260,7 +260,7 @@ def _positive_counts(class_counts: Sequence[int] | np.ndarray) -> np.ndarray:
 
 
 def paper_margin_bounds(class_counts: Sequence[int] | np.ndarray) -> tuple[float, np.ndarray]:
-    """Upper bounds of the CLMLE margins (seed 002 Sec. 3.2, "Angular margin derivation").
+    """Upper bounds of the CLMLE margins (Huang et al. Sec. 3.2, "Angular margin derivation").
 
     a1max = 1 - cos(2 pi / C) and a2max_c = 1 - cos(2 pi L_c / L), with C identities and L
     samples in all. The paper derives them in 2-D, where C collapsed identities share the unit
@@ -289,12 +289,12 @@ def format_margin_bounds(class_counts: Sequence[int] | np.ndarray) -> str:
 # default (and the middle of bench/clmle_margin_sweep.py's grid), the cap keeps a1 well below
 # the cosine distance 1 of orthogonal directions, which CLMLE batches of many identities need.
 SUGGESTED_INTER_MARGIN_RANGE = (0.3, 0.5)
-# a2 = a1 / 3: clusters of one identity stay closer than identities (seed 002 needs a2 < a1).
+# a2 = a1 / 3: clusters of one identity stay closer than identities (Huang et al. need a2 < a1).
 SUGGESTED_INTRA_RATIO = 1.0 / 3.0
 
 
 def suggest_margins(class_counts: Sequence[int] | np.ndarray) -> dict:
-    """A starting point for CLMLE's margins (seed 002 Eq. 8-9) from the 2-D bounds of
+    """A starting point for CLMLE's margins (Huang et al. Eq. 8-9) from the 2-D bounds of
     :func:`paper_margin_bounds`, by a simple documented rule:
 
         inter_margin a1 = min(0.5, max(0.3, a1max)),   intra_margin a2 = a1 / 3.

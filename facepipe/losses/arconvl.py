@@ -1,6 +1,6 @@
 """ARConvL: adaptive region-based prototype learning for class imbalance.
 
-Equation numbers refer to seed 003: Li et al., "ARConvL: Adaptive Region-Based Convolutional
+Equation numbers refer to Li et al., "ARConvL: Adaptive Region-Based Convolutional
 Learning for Multi-class Imbalance Classification". Every class j has a learnable centre C_j and
 radius R_j in the latent feature space; distances are L2, d(f, C) = ||f - C||_2.
 

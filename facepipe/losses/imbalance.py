@@ -5,7 +5,7 @@ Every loss module takes ``(logits [B, C], labels [B])`` and returns a scalar (or
 losses with ``reduction="none"``), like ``torch.nn.CrossEntropyLoss``. The class-count
 functions turn the number of training samples per class into the quantities the losses use.
 
-"Seed 001" is Kang, "Learning Imbalanced Datasets with Maximum Margin Loss" (ICIP 2021,
+Kang, "Learning Imbalanced Datasets with Maximum Margin Loss" (ICIP 2021,
 slides); its equations are unnumbered in the slide text, so they are cited by name:
 "MM Delta" (the Delta^+ / Delta^- definition, which Tables 2-3 call Eq. 2 and 3), "MM loss"
 (the cross-entropy with the shifted target logit) and "Algorithm 1" (DRW). The baselines follow
@@ -47,7 +47,7 @@ CountsLike = Union[Sequence[float], Tensor]
 Reduction = Literal["mean", "sum", "none"]
 WeightKind = Literal["effective_number", "inverse_frequency"]
 
-# Seed 001, Tables 2-3: the (beta, delta_minus) with the lowest top-1 error of each MM-DRW
+# Kang, Tables 2-3: the (beta, delta_minus) with the lowest top-1 error of each MM-DRW
 # setting (dataset, imbalance type, imbalance ratio); these are the MM-DRW rows of Table 1.
 MM_TABLE_SETTINGS: dict[tuple[str, str, int], dict[str, float]] = {
     ("cifar10", "long_tailed", 100): {"beta": 1.5, "delta_minus": 0.6},
@@ -98,7 +98,7 @@ def ldam_margins(class_counts: CountsLike, max_margin: float = 0.5) -> Tensor:
 def drw_weights(
     class_counts: CountsLike, kind: WeightKind = "effective_number", beta: float = 0.9999
 ) -> Tensor:
-    """Per-class loss weights for deferred re-weighting (seed 001 Algorithm 1, line 9) and the
+    """Per-class loss weights for deferred re-weighting (Kang Algorithm 1, line 9) and the
     class-balanced loss, normalised to sum to C (float32 [C]).
 
     ``kind="inverse_frequency"``: w_j proportional to 1 / n_j (Algorithm 1's n_y^-1).
@@ -132,7 +132,7 @@ def logit_adjustment(class_counts: CountsLike, tau: float = 1.0) -> Tensor:
 
 
 class DeferredReweighting:
-    """DRW schedule (seed 001 Algorithm 1): equal class weights before ``start_epoch``, then
+    """DRW schedule (Kang Algorithm 1): equal class weights before ``start_epoch``, then
     :func:`drw_weights`. Epochs are 0-based: ``start_epoch=160`` re-weights epochs 160, 161, ...
     (LDAM-DRW's CIFAR schedule over 200 epochs).
 
@@ -367,7 +367,7 @@ class LDAMLoss(ClassWeightedLoss):
 
 # --------------------------------------------------------------------------- Maximum-Margin
 def maximum_margin_delta(logits: Tensor, labels: Tensor, delta_minus: float, beta: float) -> Tensor:
-    """Seed 001, MM Delta: the per-sample shift of the target logit, float [B].
+    """Kang, MM Delta: the per-sample shift of the target logit, float [B].
 
     With the sample margin gamma = z_y - max_{j != y} z_j:
         correctly classified (gamma > 0):  Delta^+ = exp(-max(gamma, 0) - delta^+),
@@ -391,7 +391,7 @@ def maximum_margin_delta(logits: Tensor, labels: Tensor, delta_minus: float, bet
 
 
 class MaximumMarginLoss(ClassWeightedLoss):
-    """Maximum-Margin loss (seed 001, "MM loss"): softmax cross-entropy with the target logit
+    """Maximum-Margin loss (Kang, "MM loss"): softmax cross-entropy with the target logit
     replaced by z_y - Delta_y^MM (:func:`maximum_margin_delta`), optionally with LDAM margins
     (MM-LDAM) and DRW class weights (MM-DRW, MM-LDAM-DRW via :meth:`set_class_weights`).
 
@@ -401,7 +401,7 @@ class MaximumMarginLoss(ClassWeightedLoss):
     Delta is computed from the detached z *without* the LDAM margin: "argmax_j f_j(x) = y" in the
     definition refers to the model's prediction, which carries no training margin.
 
-    Defaults: beta = 1.5, delta_minus = 0.6 (seed 001 Table 2, CIFAR-10 long-tailed ratio 100);
+    Defaults: beta = 1.5, delta_minus = 0.6 (Kang Table 2, CIFAR-10 long-tailed ratio 100);
     :data:`MM_TABLE_SETTINGS` holds the best pair of every setting of Tables 2-3. A very large
     delta_minus makes Delta = 0, i.e. plain (LDAM) cross-entropy.
     """

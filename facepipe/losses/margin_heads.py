@@ -9,7 +9,7 @@ to each sample's target class and the scale included; the caller applies
 ``F.cross_entropy``. ``inference_logits(embeddings)`` returns the same logits without any
 margin, for prediction and accuracy.
 
-Equation numbers "seed Eq. N" refer to the uncertainty-based max-margin paper this package
+Equation numbers "Khan et al. Eq. N" refer to the uncertainty-based max-margin paper this package
 implements (Khan et al., "Striking the Right Balance with Uncertainty", CVPR 2019).
 """
 from __future__ import annotations
@@ -167,7 +167,7 @@ class MarginHead(nn.Module, metaclass=abc.ABCMeta):
     @abc.abstractmethod
     def forward(self, embeddings: Tensor, labels: Tensor, margin_weight: Tensor | None = None) -> Tensor:
         """Training logits; ``margin_weight`` [B] in [0, 1] gives each sample that fraction of its
-        class margin (seed 000 SUM: the probability it is misclassified); None = the full margin."""
+        class margin (Khan et al. SUM: the probability it is misclassified); None = the full margin."""
 
     @abc.abstractmethod
     def inference_logits(self, embeddings: Tensor) -> Tensor:
@@ -194,7 +194,7 @@ class MarginHead(nn.Module, metaclass=abc.ABCMeta):
 
 
 class SoftmaxHead(MarginHead):
-    """Plain softmax classifier: logits = f W^T, no bias (seed Eq. 8). No margin."""
+    """Plain softmax classifier: logits = f W^T, no bias (Khan et al. Eq. 8). No margin."""
 
     def __init__(self, num_classes: int, embedding_size: int, weight: nn.Parameter | None = None) -> None:
         super().__init__(num_classes, embedding_size, margin=None, weight=weight)
@@ -218,9 +218,9 @@ class SoftmaxHead(MarginHead):
 
 
 class PrototypeHead(MarginHead):
-    """Convolutional prototype learning (Yang et al. 2018, seed 003 ref. [40]): the rows of W are
+    """Convolutional prototype learning (Yang et al. 2018, Li et al. ref. [40]): the rows of W are
     class centres C_j and the logits are -||f - C_j||^2, so cross-entropy on them is CPL's
-    distance-based loss and the prediction is the nearest centre. Seed 003 trains every method
+    distance-based loss and the prediction is the nearest centre. Li et al. train every method
     in this framework ("all methods are set under the same CPL framework"). No margin."""
 
     def __init__(self, num_classes: int, embedding_size: int, weight: nn.Parameter | None = None) -> None:
@@ -372,7 +372,7 @@ def _as_integer_margin(m: Tensor | int | float, device: torch.device | None = No
 
 
 def psi(theta: Tensor, m: Tensor | int) -> Tensor:
-    """Angular margin function of L-Softmax / SphereFace (seed Eq. 10).
+    """Angular margin function of L-Softmax / SphereFace (Khan et al. Eq. 10).
 
     psi(theta) = (-1)^r cos(m theta) - 2r  for theta in [r pi/m, (r+1) pi/m],
     r in {0, ..., m-1}; continuous and monotonically decreasing on [0, pi], with
@@ -396,7 +396,7 @@ class LSoftmaxHead(MarginHead):
     """L-Softmax (large-margin softmax) with per-class integer margins; SphereFace when
     ``normalize_weights=True`` (A-Softmax: ||w_j|| = 1).
 
-    Target logit (seed Eq. 10 with the L-Softmax / SphereFace annealing):
+    Target logit (Khan et al. Eq. 10 with the L-Softmax / SphereFace annealing):
         (lambda ||w_y|| ||f|| cos theta_y + ||w_y|| ||f|| psi(theta_y)) / (1 + lambda),
         lambda = max(lambda_min, lambda_base (1 + lambda_gamma it)^(-lambda_power)),
     non-target logits ||w_j|| ||f|| cos theta_j. ``it`` is a buffer (saved in the
@@ -466,7 +466,7 @@ class LSoftmaxHead(MarginHead):
 
     def forward(self, embeddings: Tensor, labels: Tensor, margin_weight: Tensor | None = None) -> Tensor:
         """With ``margin_weight`` F, the target uses psi_F = cos - F (cos - psi_m): our reading of
-        seed 000 Eq. 15, whose printed form would pull a confident correct sample's target logit
+        Khan et al. Eq. 15, whose printed form would pull a confident correct sample's target logit
         to zero, against the paper's statement that zero uncertainty with m = 1 is plain softmax.
         F = 0 gives softmax, F = 1 the full class margin."""
         with _float32_only(embeddings.device.type):

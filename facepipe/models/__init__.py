@@ -1,4 +1,4 @@
-"""Embedding networks: the IR-SE face backbone and seed 003's MNIST CNN."""
+"""Embedding networks: the IR-SE face backbone and Li et al.'s MNIST CNN."""
 from torch import nn
 
 from facepipe.models.irse import IRSEBackbone, OutputStage

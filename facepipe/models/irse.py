@@ -5,7 +5,7 @@ subsampled by a 1x1 max-pool, or a strided 1x1 conv + BN when the width changes)
 with stride 2 reduce a 112x112 input to 7x7 (112x96 to 7x6). The output stage
 BN - Dropout - Flatten - FC - BN is a module of its own and can be called on backbone feature maps
 alone, several times per backbone pass with fresh dropout masks (the MC-dropout uncertainty
-estimate of seed 000 Sec. 3 runs it N times on one set of feature maps).
+estimate of Khan et al. Sec. 3 runs it N times on one set of feature maps).
 """
 from __future__ import annotations
 

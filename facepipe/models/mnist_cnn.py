@@ -1,8 +1,8 @@
-"""Seed 003's MNIST backbone (Sec. 4.1): two blocks of two 3x3 convolutions (32 then 64 channels,
+"""Li et al.'s MNIST backbone (Sec. 4.1): two blocks of two 3x3 convolutions (32 then 64 channels,
 ReLU, 'same' padding) each followed by 2x2 max-pooling, then flatten, a dense layer to the latent
 size (64) and batch normalisation. The latent is what the prototype / ARConvL heads see.
 
-Initialisation follows the Keras model of the seed's authors: He-uniform kernels (bound
+Initialisation follows the Keras model of the paper's authors: He-uniform kernels (bound
 sqrt(6 / fan_in)), zero biases, and Keras' batch-norm constants (momentum 0.99, eps 1e-3).
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ class MnistCNN(nn.Module):
             layers.append(nn.MaxPool2d(2))
         self.body = nn.Sequential(*layers)
         flat = channels * (height // 4) * (width // 4)
-        # Dropout is not in the seed's model; it is here (default off) so MC-dropout methods can run.
+        # Dropout is not in the paper's model; it is here (default off) so MC-dropout methods can run.
         self.output_stage = nn.Sequential(
             nn.Flatten(), nn.Dropout(dropout), nn.Linear(flat, embedding_size),
             nn.BatchNorm1d(embedding_size, eps=1e-3, momentum=0.01),

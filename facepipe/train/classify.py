@@ -1,4 +1,4 @@
-"""``facepipe classify``: seed 003's imbalanced-image classification protocol (Sec. 4.1).
+"""``facepipe classify``: Li et al.'s imbalanced-image classification protocol (Sec. 4.1).
 
 MNIST-q (a random 1/q of each even class, all odd ones), a stratified 10 % of it held out for
 validation, the same trainer as the face models (any head and stage loss, the ARConvL head
@@ -43,7 +43,7 @@ def predict(trainer: Trainer, images: torch.Tensor, batch_size: int) -> np.ndarr
 
 
 class GMeanValidator:
-    """Validation G-mean (seed 003 selects the epoch by it), with balanced and plain accuracy."""
+    """Validation G-mean (Li et al. select the epoch by it), with balanced and plain accuracy."""
 
     metric = "val_gmean"
     every_epochs = 1
@@ -82,7 +82,7 @@ def run_classification(config: Config, resume: bool = False, progress: bool = Tr
     if config.classify is None:
         raise ConfigError("the config has no 'classify' section (dataset root, imbalance ratio q)")
     if config.model.arch != "mnist_cnn":
-        log.warning("model.arch is %s; seed 003 uses mnist_cnn for MNIST", config.model.arch)
+        log.warning("model.arch is %s; Li et al. use mnist_cnn for MNIST", config.model.arch)
     train_set, val_set, test_set = classification_data(config)
     if tuple(config.data.image_size) != train_set.image_size:
         raise ConfigError(f"data.image_size {list(config.data.image_size)} does not match the images "

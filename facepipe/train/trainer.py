@@ -1,6 +1,6 @@
 """The embedding trainer: one loop for every schedule of heads, on CPU or CUDA.
 
-A run is a list of stages (seed 000 Sec. 6.1.1 trains softmax before the margin losses; seed 002
+A run is a list of stages (Khan et al. Sec. 6.1.1 trains softmax before the margin losses; Huang et al.
 Sec. 3.3 clusters the features of a softmax-pretrained model), each a number of epochs with one
 classification head. Heads share one classifier weight, so a stage switch keeps the learned class
 centres and their optimizer state. Checkpoints hold everything needed to continue exactly.
@@ -209,7 +209,7 @@ class Trainer:
         )
 
     def _enter_cluster_stage(self) -> None:
-        """Seed 002: clusters and cluster mini-batches for a clmle stage (its first epoch, or the
+        """Huang et al.: clusters and cluster mini-batches for a clmle stage (its first epoch, or the
         state saved in the checkpoint after a resume); back to the epoch sampler after it."""
         stage = self.config.train.stages[self.stage_index]
         if stage.loss.type != "clmle":
@@ -325,7 +325,7 @@ class Trainer:
         if group.get("lr_rule") == "radius":
             head = self.config.train.stages[stage_index].head
             stage_start = sum(s.epochs for s in self.config.train.stages[:stage_index])
-            # Seed 003 Sec. 4.1: 0.001 for the stage's first 3 epochs, then 0.01; no decay.
+            # Li et al. Sec. 4.1: 0.001 for the stage's first 3 epochs, then 0.01; no decay.
             return lambda step: (head.radius_warmup_lr if step // self.steps_per_epoch - stage_start
                                  < head.radius_warmup_epochs else head.radius_lr)
         cfg = self.config
@@ -373,7 +373,7 @@ class Trainer:
                            head=stage.head.type, name=stage.name)
 
     def _refresh_uncertainty_margins(self) -> dict[str, Any] | None:
-        """UMM (seed 000 Sec. 4): at the start of every K-th epoch of a stage whose head takes its
+        """UMM (Khan et al. Sec. 4): at the start of every K-th epoch of a stage whose head takes its
         margins from uncertainty. A mid-epoch resume keeps the margins saved with the head."""
         stage = self.config.train.stages[self.stage_index]
         if getattr(stage.head, "margin_source", "fixed") != "uncertainty" or self.step_in_epoch:
@@ -475,7 +475,7 @@ class Trainer:
             feature_maps = self.model.features(images)
             embeddings = self.model.output_stage(feature_maps)
         if stage.sample_uncertainty:
-            # Seed 000 SUM: N extra dropout passes of the output stage only, on this batch's
+            # Khan et al. SUM: N extra dropout passes of the output stage only, on this batch's
             # feature maps (no second backbone pass), give each sample its share of the margin.
             weight = self.head.weight
             if getattr(self.head, "normalize_weights", False):
@@ -485,12 +485,13 @@ class Trainer:
                 normalise=stage.head.type in ("cosface", "arcface"),
             )
         out: dict[str, Any] = {}
-        if isinstance(self.head, ARConvLHead):  # seed 003: the head's regions give the whole loss
+        if isinstance(self.head, ARConvLHead):  # Li et al.: the head's regions give the whole loss
             parts = self.head(embeddings.float(), labels)
             out["loss"] = parts["loss"]
             out["correct"] = self.head.scores(embeddings.detach().float()).argmax(1) == labels
-            out["head_stats"] = {k: parts[k].detach() for k in ("beta", "sigma2", "r_ben", "r_upp")}
-        elif self.cluster_stage is not None:  # seed 002 CLMLE, plus an optional classification term
+            out["head_stats"] = {**{k: parts[k].detach() for k in ("beta", "sigma2", "r_ben", "r_upp", "region")},
+                                 "radius_mean": self.head.radii.detach().mean()}
+        elif self.cluster_stage is not None:  # Huang et al. CLMLE, plus an optional classification term
             clusters = self.cluster_stage.loss_for(embeddings.float(), labels, indices)
             out["loss"] = clusters.loss
             out["cluster_losses"] = clusters.per_sample
