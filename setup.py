@@ -19,6 +19,8 @@ setup(
         "torch>=2.1",
         "numpy>=1.24",
         "opencv-python-headless>=4.8",
+        # The image reader of every stage (facepipe.data.image_io): header first, then pixels.
+        "Pillow>=10.0",
         "albumentations>=2.0",
         "scikit-learn>=1.3",
         "scipy>=1.10",
@@ -31,6 +33,8 @@ setup(
         "omegaconf>=2.3",
         "pydantic>=2.5",
         "PyYAML>=6.0",
+        # Output locks (align): the operating system's lock, released when a holder is killed.
+        "filelock>=3.12",
     ],
     extras_require={
         "gpu": ["faiss-gpu-cu12"],

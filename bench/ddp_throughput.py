@@ -24,7 +24,7 @@ from facepipe.utils.io import write_json_atomic
 
 def run(args: argparse.Namespace, processes: int, out: Path) -> dict:
     threads = max(1, (os.cpu_count() or 1) // processes)
-    command = [sys.executable, "-m", "facepipe", "train", "--config", args.config, "--quiet",
+    command = [sys.executable, "-m", "facepipe", "train", "--config", args.config, "--quiet", "--overwrite",
                f"--nproc={processes}", f"data.root={args.data}", f"output_dir={out}",
                f"data.batch_size={args.batch}", "data.num_workers=0", f"train.max_steps_per_epoch={args.steps}",
                "train.stages=[{epochs: 2, head: {type: cosface, s: 16.0, m: 0.2}}]"]

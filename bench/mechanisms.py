@@ -117,7 +117,8 @@ def run_method(config: Config) -> dict[str, Any]:
     if done.is_file():
         return json.loads(done.read_text())
     started = time.perf_counter()
-    trainer = Trainer(config, progress=False)
+    # The measurement needs the state before training: an interrupted run starts again afresh.
+    trainer = Trainer(config, progress=False, overwrite=True)
     centres = trainer.head.centers.detach().clone() if hasattr(trainer.head, "centers") else None
     bn_before = _bn_running_means(trainer.model)
     trainer.fit()

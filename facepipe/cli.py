@@ -59,16 +59,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     from facepipe.config import find_config, load_config
     from facepipe.train import train
     from facepipe.train.distributed import launched_by_torchrun
+    from facepipe.train.trainer import check_run_folder
 
     if args.nproc > 1 and not launched_by_torchrun():
+        # Checked here too: one line now instead of one per process and torchrun's traceback.
+        check_run_folder(load_config(find_config(args.config), args.overrides).output_dir, args.resume,
+                         args.overwrite)
         # The same command under torchrun on this machine: one process per GPU (or CPU share).
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                    "-m", "facepipe", "train", "--config", args.config, *(["--resume"] if args.resume else []),
-                   *(["--quiet"] if args.quiet else []), *args.overrides]
+                   *(["--overwrite"] if args.overwrite else []), *(["--quiet"] if args.quiet else []),
+                   *args.overrides]
         return subprocess.call(command)
 
     config = load_config(find_config(args.config), args.overrides)
-    metrics = train(config, resume=args.resume, progress=not args.quiet)
+    metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 speaks for the run
         return 0
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
@@ -81,7 +86,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from facepipe.train.classify import run_classification
 
     config = load_config(find_config(args.config), args.overrides)
-    results = run_classification(config, resume=args.resume, progress=not args.quiet)
+    results = run_classification(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
     per_class = "  ".join(f"{c}:{a:.3f}" for c, a in results["test_class_accuracy"].items())
     print(f"test G-mean {results['test_gmean']:.4f}  accuracy {results['test_accuracy']:.4f}  "
           f"(best epoch {results['best_epoch']}, val G-mean {results['best_val_gmean']:.4f})\n"
@@ -481,7 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--config", required=True, help="config name in configs/ or a YAML path")
-        p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/latest.pt")
+        again = p.add_mutually_exclusive_group()
+        again.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/latest.pt")
+        # Without either flag a run folder holding a checkpoint is refused, never silently replaced.
+        again.add_argument("--overwrite", action="store_true",
+                           help="delete the run already in OUTPUT_DIR (checkpoints, metrics) and start afresh")
         p.add_argument("--quiet", action="store_true")
         p.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}")
         p.set_defaults(func=func)

@@ -7,7 +7,10 @@ The job is built to survive datasets of millions of files:
 - shardable: ``shard=(i, n)`` takes the images whose path hash is i modulo n, so separate machines
   (or a job array) cover a dataset without overlap or coordination, each with its own manifest;
 - robust: an image that cannot be decoded or has no face gets a status in the manifest and the
-  run goes on.
+  run goes on;
+- one writer per manifest: a run holds an exclusive lock on its manifest (``DST/.<manifest>.lock``)
+  and a second run into the same DST and shard stops at once with an error; shards of one DST
+  still run side by side.
 """
 from __future__ import annotations
 
@@ -32,10 +35,11 @@ from facepipe.data.dataset import IMAGE_EXTENSIONS
 from facepipe.align.manifest import (
     MANIFEST_VERSION,
     AlignError,
+    latest_rows,
     manifest_path,
     read_manifest,
 )
-from facepipe.utils.io import write_bytes_atomic, write_json_atomic, write_text_atomic
+from facepipe.utils.io import exclusive_lock, write_bytes_atomic, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -317,10 +321,6 @@ def align_images(source: str | Path, destination: str | Path, config: AlignConfi
     ``workers``: processes that each decode, detect and write (None: one per two cores; 0: this
     process only).
     """
-    import time
-
-    from tqdm import tqdm
-
     config = config or AlignConfig()
     destination = Path(destination)
     base, relative = list_inputs(source, root)
@@ -329,9 +329,25 @@ def align_images(source: str | Path, destination: str | Path, config: AlignConfi
     destination.mkdir(parents=True, exist_ok=True)
     if base.resolve() == destination.resolve():
         raise AlignError("DST must differ from SRC: aligned crops would overwrite the originals")
-    _check_destination(destination, config, restart)
     manifest = manifest_path(destination, shard)
+    # Per manifest, not per folder: the shards of one DST are meant to run at the same time.
+    with exclusive_lock(destination / f".{manifest.name}.lock", f"{destination} ({manifest.name})"):
+        return _align_locked(source, base, relative, destination, manifest, config, shard, workers, restart, progress)
+
+
+def _align_locked(source: str | Path, base: Path, relative: list[str], destination: Path, manifest: Path,
+                  config: AlignConfig, shard: tuple[int, int], workers: int | None, restart: bool,
+                  progress: bool) -> AlignSummary:
+    import time
+
+    from tqdm import tqdm
+
+    _check_destination(destination, config, restart)
     rows = [] if restart else read_manifest(manifest)
+    unique = latest_rows(rows)
+    if len(unique) < len(rows):
+        log.warning("%s: removed %d duplicate lines (each image keeps its last row)", manifest, len(rows) - len(unique))
+    rows = unique
     done = _already_done(rows, destination)
     kept = [row for row in rows if row["path"] in done]
     todo = [rel for rel in relative if rel not in done]

@@ -40,6 +40,15 @@ def read_manifest(path: Path) -> list[dict]:
     return rows
 
 
+def latest_rows(rows: list[dict]) -> list[dict]:
+    """One row per path, the last one written (the newest outcome), in first-seen order. Two runs
+    appending to one manifest (before align locked it) listed every image twice."""
+    latest: dict[str, dict] = {}
+    for row in rows:
+        latest[row["path"]] = row
+    return list(latest.values())
+
+
 def alignment_statuses(folder: str | Path) -> dict[str, str]:
     """Relative input path -> status (aligned, fallback, no_face, too_small, unreadable, ...) from
     every manifest of an alignment output ``folder``; empty when it holds none (it was not made

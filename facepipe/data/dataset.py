@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+# UnreadableImageError is re-exported: it was defined here first and is caught by that name.
+from facepipe.data.image_io import UnreadableImageError, read_image  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -21,35 +23,15 @@ class DatasetError(ValueError):
     """The dataset cannot be used (missing root, empty, identity folders without images)."""
 
 
-class UnreadableImageError(OSError):
-    """An image file that OpenCV cannot decode."""
-
-
 def decode_image(path: str | Path) -> np.ndarray:
-    """Read an image as HxWx3 uint8 RGB: grey becomes 3 channels, alpha is dropped, 16-bit scaled."""
-    return decode_encoded_image(np.fromfile(str(path), dtype=np.uint8), str(path))
+    """Read an image file as HxWx3 uint8 RGB with facepipe's one reader (size limits checked
+    before decoding, EXIF orientation applied; see :mod:`facepipe.data.image_io`)."""
+    return read_image(path)
 
 
 def decode_encoded_image(data: np.ndarray | bytes, source: str) -> np.ndarray:
     """Encoded image bytes (``source`` names them in errors) as HxWx3 uint8 RGB, as :func:`decode_image`."""
-    data = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    if image is None:
-        raise UnreadableImageError(f"cannot decode image {source} ({data.size} bytes)")
-    if image.dtype == np.uint16:
-        image = (image / 257.0).round().astype(np.uint8)
-    elif image.dtype != np.uint8:
-        raise UnreadableImageError(f"unsupported pixel type {image.dtype} in {source}")
-    if image.ndim == 2:
-        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-    channels = image.shape[2]
-    if channels == 1:
-        return cv2.cvtColor(image[:, :, 0], cv2.COLOR_GRAY2RGB)
-    if channels == 3:
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    if channels == 4:
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
-    raise UnreadableImageError(f"unsupported channel count {channels} in {source}")
+    return read_image(data, source)
 
 
 @dataclass(frozen=True)

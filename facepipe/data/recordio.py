@@ -95,6 +95,16 @@ class RecordIOError(DatasetError):
     """A RecordIO file (or its index) that cannot be read; the message names the file and byte offset."""
 
 
+class UndecodableRecordError(RecordIOError, UnreadableImageError):
+    """A record whose image cannot be decoded: a :class:`RecordIOError` naming the file and
+    offset, and the :class:`UnreadableImageError` (same ``status``) that every stage raises for
+    the same bytes."""
+
+    # ValueError's own __init__ comes first in the MRO and would skip the status fields.
+    __init__ = UnreadableImageError.__init__
+    __reduce__ = UnreadableImageError.__reduce__
+
+
 # ----------------------------------------------------------------------------- records
 def _pad4(length: int) -> int:
     return (length + 3) & ~3
@@ -208,11 +218,13 @@ def unpack_header(payload: bytes, where: str = "") -> tuple[int, float | np.ndar
 
 
 def decode_image_bytes(data: bytes, where: str = "") -> np.ndarray:
-    """Decode encoded image bytes to HxWx3 uint8 RGB, with the conversions of ``decode_image``."""
+    """Decode encoded image bytes to HxWx3 uint8 RGB with the reader of every stage
+    (:mod:`facepipe.data.image_io`); raises :class:`UndecodableRecordError`."""
     try:
-        return decode_encoded_image(data, f"record{where}")
+        return decode_encoded_image(data, "record")
     except UnreadableImageError as exc:
-        raise RecordIOError(f"undecodable image{where}: {exc}") from None
+        raise UndecodableRecordError(f"undecodable image{where}: {exc}", exc.status, f"record{where}",
+                                     exc.detail) from None
 
 
 # ----------------------------------------------------------------------------- index

@@ -19,11 +19,23 @@ from facepipe.models import build_backbone
 from facepipe.train.checkpoint import load_checkpoint, model_fingerprint
 from facepipe.train.distributed import barrier, gather_rows, init_distributed, rank_slice
 from facepipe.utils.device import autocast, resolve_amp_dtype
-from facepipe.utils.io import save_npy_atomic, write_csv_atomic, write_json_atomic
+from facepipe.utils.io import (
+    OutputError,
+    atomic_folder,
+    describe_parts,
+    save_npy_atomic,
+    write_csv_atomic,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
 FLIP_MODES = ("sum", "concat", "none")
+# The files of an embeddings folder; EMBED_RECORD, written last, lists the other two as its
+# "parts" (size and SHA-256), which readers check (facepipe.utils.io.check_parts).
+EMBEDDINGS_FILE = "embeddings.npy"
+MANIFEST_FILE = "manifest.csv"
+EMBED_RECORD = "embed.json"
 
 
 def extract_embeddings(
@@ -129,6 +141,35 @@ def list_images(root: str | Path) -> list[tuple[str, str]]:
     return items
 
 
+def check_embeddings_destination(out: str | Path) -> None:
+    """Refuse an ``out`` that is a file or a non-empty folder of something other than embeddings:
+    replacing it would delete what it holds. An earlier embeddings folder may be replaced."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} exists and is not a folder; choose a new --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / EMBED_RECORD).is_file():
+        raise OutputError(f"{out} is not empty and holds no {EMBED_RECORD} (it is not an embeddings folder, which "
+                          "would be replaced as a whole); choose a new or empty --out")
+
+
+def write_embeddings_folder(out: str | Path, embeddings: np.ndarray, items: Sequence[tuple[str, str]],
+                            info: dict) -> dict:
+    """Write ``out`` as one unit: ``embeddings.npy``, ``manifest.csv`` (row, path, identity of
+    ``items``) and ``embed.json`` (``info`` plus ``parts``), all in a temporary folder renamed
+    into place; a failure anywhere leaves the previous ``out`` as it was. An earlier embeddings
+    folder at ``out`` is replaced; anything else is refused. Returns the record written."""
+    check_embeddings_destination(out)
+    if len(items) != len(embeddings):
+        raise ValueError(f"{len(items)} manifest rows for {len(embeddings)} embeddings")
+    with atomic_folder(out, replace=True) as staging:
+        save_npy_atomic(staging / EMBEDDINGS_FILE, embeddings)
+        write_csv_atomic(staging / MANIFEST_FILE, ["row", "path", "identity"],
+                         ((row, path, identity) for row, (path, identity) in enumerate(items)))
+        record = {**info, "parts": describe_parts(staging, [EMBEDDINGS_FILE, MANIFEST_FILE])}
+        write_json_atomic(staging / EMBED_RECORD, record)
+    return record
+
+
 def embed_folder(
     checkpoint: str | Path,
     images: str | Path,
@@ -142,11 +183,15 @@ def embed_folder(
     """``facepipe embed``: embeddings of every image under ``images`` into ``out``.
 
     Writes ``embeddings.npy`` (float32, L2-normalised, one row per image), ``manifest.csv``
-    (row, path, identity) and ``embed.json`` (model fingerprint, flip mode, counts).
+    (row, path, identity) and ``embed.json`` (model fingerprint, flip mode, counts, and the size
+    and SHA-256 of the other two) as one unit (:func:`write_embeddings_folder`): an earlier
+    embeddings folder at ``out`` is replaced whole or not at all; another non-empty folder is
+    refused before any work.
 
     Under torchrun each rank embeds a contiguous share of the images and rank 0 writes the one
     output, in the same order as a single process would.
     """
+    check_embeddings_destination(out)
     ctx, torch_device = init_distributed(device)
     loaded = load_model(checkpoint, torch_device)
     flip = flip or loaded.config.embed.flip
@@ -158,10 +203,6 @@ def embed_folder(
         amp_dtype=resolve_amp_dtype(loaded.config.train.amp, torch_device), progress=progress and ctx.is_main,
     ))
     out = Path(out)
-    if ctx.is_main:
-        save_npy_atomic(out / "embeddings.npy", embeddings)
-        write_csv_atomic(out / "manifest.csv", ["row", "path", "identity"],
-                         ((row, path, identity) for row, (path, identity) in enumerate(items)))
     summary = {
         "checkpoint": str(checkpoint),
         "model_fingerprint": loaded.fingerprint,
@@ -172,7 +213,7 @@ def embed_folder(
         "flip": flip,
     }
     if ctx.is_main:
-        write_json_atomic(out / "embed.json", summary)
+        write_embeddings_folder(out, embeddings, items, summary)
         log.info("wrote %d embeddings of dimension %d to %s", len(paths), embeddings.shape[1], out)
     barrier(ctx)  # end together: no rank is torn down while rank 0 still writes
     return summary

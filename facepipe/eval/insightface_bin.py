@@ -139,10 +139,11 @@ def load_bin(path: str | os.PathLike) -> BinPairs:
 
 
 def _embed_bin_images(pairs: BinPairs, checkpoint, flip, device, batch_size, progress):
+    from facepipe.data.image_io import UnreadableImageError
     from facepipe.eval.lfw import embed_files
 
-    # The extractor reads files (and OpenCV sniffs the format from the bytes, not the name), so
-    # the images are written as they are into a temporary folder instead of re-implementing
+    # The extractor reads files (and the reader sniffs the format from the bytes, not the name),
+    # so the images are written as they are into a temporary folder instead of re-implementing
     # batching and flip fusion for in-memory images.
     with tempfile.TemporaryDirectory(prefix="facepipe-bin-") as tmp:
         width = len(str(len(pairs.images)))
@@ -152,8 +153,18 @@ def _embed_bin_images(pairs: BinPairs, checkpoint, flip, device, batch_size, pro
             key = f"{i:0{width}d}.img"
             (Path(tmp) / key).write_bytes(data)
             keys.append(key)
-        return embed_files(checkpoint, tmp, keys, flip=flip, device=device, batch_size=batch_size,
-                           progress=progress)
+        try:
+            return embed_files(checkpoint, tmp, keys, flip=flip, device=device, batch_size=batch_size,
+                               progress=progress)
+        except UnreadableImageError as exc:
+            # The temporary file name means nothing to the user: name the image in the .bin.
+            name = Path(exc.source).name
+            if name not in keys:
+                raise
+            number = keys.index(name)
+            source = f"{number} (pair {number // 2}) of {pairs.path}"
+            raise UnreadableImageError(f"cannot read image {source} ({exc.status}): {exc.detail}", exc.status,
+                                       source, exc.detail) from None
 
 
 def evaluate_bin(

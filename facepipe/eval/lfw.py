@@ -40,7 +40,7 @@ from facepipe.eval.verification import (
     evaluate_verification,
     score_missing_as_wrong,
 )
-from facepipe.utils.io import write_text_atomic
+from facepipe.utils.io import MixedOutputError, check_parts, write_text_atomic
 
 __all__ = [
     "EmbeddingTable",
@@ -101,8 +101,9 @@ def load_embeddings_folder(folder: str | os.PathLike, mmap: bool = False) -> Emb
 
     ``embeddings.npy`` rows follow ``manifest.csv`` (``row,path,identity``); an image's key is
     ``identity/filename``, i.e. its path relative to the folder that was embedded. ``embed.json``
-    (model fingerprint, flip mode) is optional. With ``mmap`` the array is memory-mapped
-    read-only instead of loaded, for distractor sets larger than memory.
+    (model fingerprint, flip mode) is optional; when it lists the files it was written with
+    (``parts``), a folder whose array or manifest is another output's is refused. With ``mmap``
+    the array is memory-mapped read-only instead of loaded, for distractor sets larger than memory.
     """
     folder = Path(folder)
     npy, manifest = folder / "embeddings.npy", folder / "manifest.csv"
@@ -110,6 +111,13 @@ def load_embeddings_folder(folder: str | os.PathLike, mmap: bool = False) -> Emb
         if not path.is_file():
             raise EvalInputError(f"embeddings folder {folder}: {path.name} is missing "
                                  "(expected the output of 'facepipe embed')")
+    info: dict[str, Any] = {}
+    if (folder / "embed.json").is_file():
+        try:
+            info = json.loads((folder / "embed.json").read_text(encoding="utf-8"))
+            check_parts(folder, info.get("parts", {}), "embed.json")
+        except (json.JSONDecodeError, AttributeError, MixedOutputError) as exc:
+            raise EvalInputError(f"embeddings folder {folder}: {exc}") from None
     try:
         vectors = np.load(npy, mmap_mode="r" if mmap else None, allow_pickle=False)
     except ValueError as exc:
@@ -133,9 +141,9 @@ def load_embeddings_folder(folder: str | os.PathLike, mmap: bool = False) -> Emb
     if len(keys) != vectors.shape[0]:
         raise EvalInputError(f"{folder}: manifest.csv lists {len(keys)} images but embeddings.npy has "
                              f"{vectors.shape[0]} rows")
-    info: dict[str, Any] = {}
-    if (folder / "embed.json").is_file():
-        info = json.loads((folder / "embed.json").read_text(encoding="utf-8"))
+    if info.get("num_images", len(keys)) != len(keys):
+        raise EvalInputError(f"{folder}: embed.json records {info['num_images']} images but manifest.csv lists "
+                             f"{len(keys)}: the folder mixes two outputs")
     return EmbeddingTable(vectors=vectors, keys=keys, model_fingerprint=info.get("model_fingerprint"),
                           flip=info.get("flip"), source={"embeddings": str(folder),
                                                          "checkpoint": info.get("checkpoint")})

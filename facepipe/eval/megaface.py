@@ -44,7 +44,6 @@ from facepipe.eval.lfw_pairs import parse_lfw_pairs
 from facepipe.eval.report import EvalReport, Table, format_percent, write_report
 from facepipe.eval.verification import EvalInputError, format_far, tail_roc
 from facepipe.utils.faiss_device import GPU_MAX_K, gpu_count, to_device
-from facepipe.utils.io import save_npy_atomic, write_csv_atomic, write_json_atomic
 
 __all__ = [
     "DISTRACTOR_LEVELS",
@@ -483,14 +482,16 @@ def evaluate_megaface(
             keys = [Path(p).relative_to(distractor_path).as_posix() for p, _ in list_images(distractor_path)]
             embedded = embed_files(checkpoint, distractor_path, keys, flip=flip, device=device,
                                    batch_size=batch_size, progress=progress)
-            # Saved in the `facepipe embed` layout so that a rerun can pass this folder instead.
+            # Saved in the `facepipe embed` layout (as one unit, like embed) so that a rerun can
+            # pass this folder instead.
+            from facepipe.embed.extract import write_embeddings_folder
+
             cache = out / "distractor_embeddings"
-            save_npy_atomic(cache / "embeddings.npy", embedded.vectors)
-            write_csv_atomic(cache / "manifest.csv", ["row", "path", "identity"],
-                             ((i, str(distractor_path / k), _identity_of(k)) for i, k in enumerate(keys)))
-            write_json_atomic(cache / "embed.json", {"checkpoint": str(checkpoint), "images": str(distractor_path),
-                                                     "model_fingerprint": embedded.model_fingerprint,
-                                                     "flip": embedded.flip, "num_images": len(keys)})
+            write_embeddings_folder(cache, embedded.vectors,
+                                    [(str(distractor_path / k), _identity_of(k)) for k in keys],
+                                    {"checkpoint": str(checkpoint), "images": str(distractor_path),
+                                     "model_fingerprint": embedded.model_fingerprint, "flip": embedded.flip,
+                                     "num_images": len(keys)})
             distractor_path = cache
         distractor_vectors, distractor_names, distractor_table = _load_distractors(distractor_path)
         if distractor_table is not None and fingerprint and distractor_table.model_fingerprint \

@@ -11,7 +11,7 @@ from facepipe.embed.extract import extract_embeddings, load_model
 from facepipe.eval.plots import plot_roc
 from facepipe.eval.verification import cosine_scores, evaluate_verification, read_pairs_csv
 from facepipe.utils.device import resolve_device
-from facepipe.utils.io import write_csv_atomic, write_json_atomic
+from facepipe.utils.io import staged_files, write_csv_atomic, write_json_atomic
 
 
 @dataclass
@@ -65,10 +65,12 @@ def evaluate_pairs_file(checkpoint: str | Path, pairs: str | Path, root: str | P
     scores = cosine_scores(embeddings, resolved.idx_a, resolved.idx_b)
     result = evaluate_verification(scores, resolved.is_same)
     out = Path(out)
-    write_csv_atomic(out / "scores.csv", ["path_a", "path_b", "is_same", "score"],
-                     zip(resolved.names_a, resolved.names_b, resolved.is_same.astype(int), np.round(scores, 6)))
-    plot_roc({f"{Path(checkpoint).name} (AUC {result.auc:.3f})": (result.fpr, result.tpr)}, out / "roc.png")
     metrics = {"checkpoint": str(checkpoint), "model_fingerprint": loaded.fingerprint, "pairs": str(pairs),
                "root": str(Path(root) if root else Path(pairs).parent), "flip": loaded.config.embed.flip, **result.to_dict()}
-    write_json_atomic(out / "metrics.json", metrics)
+    # Together, metrics.json last: a failed plot never leaves new scores beside old metrics.
+    with staged_files(out, last="metrics.json") as staging:
+        write_csv_atomic(staging / "scores.csv", ["path_a", "path_b", "is_same", "score"],
+                         zip(resolved.names_a, resolved.names_b, resolved.is_same.astype(int), np.round(scores, 6)))
+        plot_roc({f"{Path(checkpoint).name} (AUC {result.auc:.3f})": (result.fpr, result.tpr)}, staging / "roc.png")
+        write_json_atomic(staging / "metrics.json", metrics)
     return {"metrics": metrics, "summary": f"{result.num_pairs} pairs: {result.summary()} -> {out}"}

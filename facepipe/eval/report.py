@@ -9,7 +9,8 @@ Each job writes one folder:
 * ``scores.csv`` (and any other tables): one row per scored pair or trial, so every number can
   be recomputed from the report alone.
 
-All files are written atomically (:mod:`facepipe.utils.io`).
+All files are written atomically and together (:mod:`facepipe.utils.io`): a report is never
+half old, half new.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import numpy as np
 
 from facepipe.eval.plots import plot_cmc, plot_roc
 from facepipe.eval.verification import SEPARATE_THRESHOLD, VerificationResult, format_far
-from facepipe.utils.io import write_csv_atomic, write_json_atomic, write_text_atomic
+from facepipe.utils.io import staged_files, write_csv_atomic, write_json_atomic, write_text_atomic
 
 __all__ = ["EvalReport", "Table", "format_percent", "verification_rows", "write_report"]
 
@@ -113,22 +114,24 @@ def _markdown(report: EvalReport, files: list[str]) -> str:
 def write_report(out: str | os.PathLike, report: EvalReport) -> dict[str, Any]:
     """Write the report folder ``out``; return the metrics as written to ``metrics.json``.
 
-    ``metrics.json`` gets a ``files`` entry listing what the folder holds.
+    ``metrics.json`` gets a ``files`` entry listing what the folder holds. The report's files are
+    written together (:func:`facepipe.utils.io.staged_files`, ``metrics.json`` last): a failure
+    half-way (a plot, a full disk) leaves the previous report whole. Not the folder as a unit:
+    it also keeps what the job put there (``aligned/``, ``distractor_embeddings/``).
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     files: list[str] = []
-    for table in report.tables:
-        write_csv_atomic(out / table.file, table.header, table.rows)
-        files.append(table.file)
-    if report.roc_curves:
-        plot_roc(report.roc_curves, out / "roc.png", title=report.roc_title, min_far=report.roc_min_far)
-        files.append("roc.png")
-    if report.cmc_curves:
-        plot_cmc(report.cmc_curves, out / "cmc.png", title=report.cmc_title)
-        files.append("cmc.png")
-    files += ["metrics.json", "report.md"]
-    metrics = {**report.metrics, "files": files}
-    write_json_atomic(out / "metrics.json", metrics)
-    write_text_atomic(out / "report.md", _markdown(report, files))
+    with staged_files(out, last="metrics.json") as staging:
+        for table in report.tables:
+            write_csv_atomic(staging / table.file, table.header, table.rows)
+            files.append(table.file)
+        if report.roc_curves:
+            plot_roc(report.roc_curves, staging / "roc.png", title=report.roc_title, min_far=report.roc_min_far)
+            files.append("roc.png")
+        if report.cmc_curves:
+            plot_cmc(report.cmc_curves, staging / "cmc.png", title=report.cmc_title)
+            files.append("cmc.png")
+        files += ["metrics.json", "report.md"]
+        metrics = {**report.metrics, "files": files}
+        write_json_atomic(staging / "metrics.json", metrics)
+        write_text_atomic(staging / "report.md", _markdown(report, files))
     return metrics

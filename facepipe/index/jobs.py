@@ -24,6 +24,7 @@ from facepipe.index.store import (
     _check_names,
     _unit_rows,
 )
+from facepipe.utils.io import MixedOutputError, check_parts
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,9 @@ def load_embedding_source(embeddings: str | os.PathLike | np.ndarray,
                           labels: str | os.PathLike | Sequence[str] | None = None) -> dict:
     """Embeddings and their identity names from an array, a ``.npy`` file or a ``facepipe embed``
     output folder (``embeddings.npy`` + ``manifest.csv`` for the names + ``embed.json`` for the
-    model fingerprint and flip mode; a ``.npy`` inside such a folder finds them too).
+    model fingerprint and flip mode; a ``.npy`` inside such a folder finds them too). A folder
+    whose ``embed.json`` lists other files than the ones present (``parts``: a mixed output) is
+    refused.
 
     Returns ``{"embeddings", "names" (None if unknown), "fingerprint", "flip"}``.
     """
@@ -99,7 +102,15 @@ def load_embedding_source(embeddings: str | os.PathLike | np.ndarray,
         except ValueError as exc:
             raise ClusterIndexError(f"{path}: not a plain numeric .npy array ({exc})") from None
         if (path.parent / "embed.json").is_file():
-            info = json.loads((path.parent / "embed.json").read_text(encoding="utf-8"))
+            try:
+                info = json.loads((path.parent / "embed.json").read_text(encoding="utf-8"))
+                if path.name == "embeddings.npy":
+                    check_parts(path.parent, info.get("parts", {}), "embed.json")
+            except (json.JSONDecodeError, AttributeError, MixedOutputError) as exc:
+                raise ClusterIndexError(f"embeddings folder {path.parent}: {exc}") from None
+            if path.name == "embeddings.npy" and info.get("num_images", len(array)) != len(array):
+                raise ClusterIndexError(f"{path} has {len(array)} rows but {path.parent / 'embed.json'} records "
+                                        f"{info['num_images']} images: the folder mixes two outputs")
         if (path.parent / "manifest.csv").is_file() and path.name == "embeddings.npy":
             manifest = path.parent / "manifest.csv"
     if labels is None and manifest is not None:
@@ -485,7 +496,8 @@ def search_images(
     first (the checkpoint's align settings, in a temporary folder); False = every image is an
     aligned crop; ``"auto"`` = an image already at the model's input size is a crop, any other
     is a raw photo. Returns one dict per query: input, status (``ok`` or why there is no
-    result, e.g. ``no_face``), alignment, identity (None when unknown), unknown, matches,
+    result, e.g. ``no_face``, or the image reader's ``too_large``, ``truncated``, ... with an
+    ``error`` naming the file), alignment, identity (None when unknown), unknown, matches,
     num_neighbours (the N of Eq. 10 used) and num_neighbours_source (where it came from, in
     words; both None for an input without a query).
     """
@@ -544,15 +556,17 @@ def _embed_search_images(index: ClusterIndex, checkpoint: str | os.PathLike, ima
     crops: list[tuple[dict, Path]] = []
     photos: list[tuple[dict, Path]] = []
     for entry, path in images:
-        if align == "auto":
-            try:
-                shape = decode_image(path).shape[:2]
-            except UnreadableImageError as exc:
-                entry.update(status="unreadable", error=str(exc))
-                continue
-            (crops if tuple(shape) == (height, width) else photos).append((entry, path))
-        else:
-            (photos if align else crops).append((entry, path))
+        if align != "auto" and align:
+            photos.append((entry, path))  # align decodes with the same reader and gives a status
+            continue
+        try:
+            # Decoded here too when crops are declared: one bad query gets its status instead of
+            # stopping the whole search in the embedding batch.
+            shape = decode_image(path).shape[:2]
+        except UnreadableImageError as exc:
+            entry.update(status=exc.status, error=str(exc))
+            continue
+        (crops if align != "auto" or tuple(shape) == (height, width) else photos).append((entry, path))
     for entry, _ in crops:
         entry["alignment"] = "crop"
     with tempfile.TemporaryDirectory(prefix="facepipe-search-") as workdir:

@@ -73,11 +73,13 @@ def classification_data(config: Config) -> tuple[TensorImageDataset, TensorImage
             TensorImageDataset(test_images, test_labels, names))
 
 
-def run_classification(config: Config, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def run_classification(config: Config, resume: bool = False, progress: bool = True,
+                       overwrite: bool = False) -> dict[str, Any]:
     """Python API of ``facepipe classify``: train, keep the best-validation epoch, test it.
 
     Writes the trainer's run folder plus ``results.json`` (test G-mean, per-class accuracy, best
-    epoch, wall time). ``resume`` continues an interrupted run from its ``latest.pt``.
+    epoch, wall time). ``resume`` continues an interrupted run from its ``latest.pt`` (and starts
+    one when there is none); ``overwrite`` replaces a run already in the folder.
     """
     if config.classify is None:
         raise ConfigError("the config has no 'classify' section (dataset root, imbalance ratio q)")
@@ -89,7 +91,7 @@ def run_classification(config: Config, resume: bool = False, progress: bool = Tr
                           f"({list(train_set.image_size)})")
     started = time.perf_counter()
     trainer = Trainer(config, resume=resume and (Path(config.output_dir) / "latest.pt").is_file(),
-                      progress=progress, dataset=train_set,
+                      progress=progress, dataset=train_set, overwrite=overwrite,
                       validator=GMeanValidator(val_set, config.classify.eval_batch_size))
     trainer.fit()
     train_seconds = time.perf_counter() - started

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -35,8 +36,16 @@ from facepipe.losses import ARConvLHead, LSoftmaxHead, MarginHead, build_head
 from facepipe.losses.uncertainty import sum_margin_weights
 from facepipe.models import build_backbone
 from facepipe.train.batchnorm import apply_stage_batchnorm
-from facepipe.train.cluster_stage import ClusterStage
-from facepipe.train.distributed import RankSlicedSampler, all_true, barrier, gather_rows, init_distributed, rank_slice
+from facepipe.train.cluster_stage import CLUSTERS_FILE, ClusterStage
+from facepipe.train.distributed import (
+    RankSlicedSampler,
+    all_true,
+    barrier,
+    broadcast_object,
+    gather_rows,
+    init_distributed,
+    rank_slice,
+)
 from facepipe.train.checkpoint import BEST, LATEST, copy_checkpoint, load_checkpoint, save_checkpoint
 from facepipe.train.lr_schedule import lr_factor
 from facepipe.train.run_log import NullRunLog, RunLog
@@ -50,10 +59,25 @@ log = logging.getLogger(__name__)
 
 # Consecutive non-finite losses tolerated (each step skipped) before the run is stopped.
 MAX_CONSECUTIVE_NONFINITE = 20
+# What a run writes into its folder (results.json: facepipe classify). A new run removes them
+# first, so that its log and files never mix with an earlier run's; other files are left alone.
+RUN_FILES = (LATEST, BEST, "metrics.jsonl", "tensorboard", "config.yaml", "class_stats.json", CLUSTERS_FILE,
+             "uncertainty.json", "uncertainty.png", "results.json")
 
 
 class TrainingError(RuntimeError):
     """Training cannot continue (diverged, inconsistent resume)."""
+
+
+def check_run_folder(run_dir: str | Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a new run where one already left a checkpoint, unless the caller said
+    what to do with it: ``resume`` (continue it) or ``overwrite`` (delete it, start afresh)."""
+    if resume and overwrite:
+        raise TrainingError("resume and overwrite contradict each other: give one of them")
+    found = [name for name in (LATEST, BEST) if (Path(run_dir) / name).exists()]
+    if found and not (resume or overwrite):
+        raise TrainingError(f"{run_dir} already holds a training run ({', '.join(found)}): give --resume to "
+                            "continue it, or --overwrite to delete it and start afresh")
 
 
 class Validator(Protocol):
@@ -105,19 +129,36 @@ class _TrainingStep(nn.Module):
 class Trainer:
     """Trains ``config`` into ``config.output_dir``; ``resume=True`` continues from ``latest.pt``.
 
+    A folder that already holds a checkpoint is refused unless ``resume`` or ``overwrite`` says
+    what to do with it; ``overwrite`` deletes that run's files (:data:`RUN_FILES`) when
+    :meth:`fit` starts.
+
     The training set is the identity folder ``data.root`` unless ``dataset`` is given (any dataset
     with ``labels``, ``identities`` and ``(image, label, index)`` items, e.g. the in-memory images
     of ``facepipe classify``); ``validator`` replaces the verification pairs of ``train.validation``.
     """
 
     def __init__(self, config: Config, resume: bool = False, progress: bool = True, dataset: Any = None,
-                 validator: Validator | None = None) -> None:
+                 validator: Validator | None = None, overwrite: bool = False) -> None:
         if dataset is None and config.data.root is None:
             raise DatasetError("data.root is not set: point it at identity folders or an insightface train.rec (data.root=DIR)")
         self.config = config
         self.run_dir = Path(config.output_dir)
         # Several processes under torchrun: one rank each; rank 0 alone writes files and logs.
         self.dist, self.device = init_distributed(config.train.device)
+        # Rank 0 looks (it alone writes the folder) and every rank stops on its verdict, so that
+        # no rank waits in a collective for one that gave up.
+        problem = None
+        if self.dist.is_main:
+            try:
+                check_run_folder(self.run_dir, resume, overwrite)
+            except TrainingError as exc:
+                problem = str(exc)
+        problem = broadcast_object(self.dist, problem)
+        if problem:
+            raise TrainingError(problem)
+        # Files of an earlier run to remove when this one starts writing (see fit).
+        self._clear_run_dir = not resume
         self.progress = progress and self.dist.is_main
         if not self.dist.is_main:
             logging.getLogger("facepipe").setLevel(logging.WARNING)
@@ -184,6 +225,22 @@ class Trainer:
             self._init_arconvl_centers()
 
     # ------------------------------------------------------------------ construction
+    def _remove_run_files(self) -> None:
+        """Delete what an earlier run left in the run folder (its checkpoints, log, TensorBoard
+        events, and temporaries of interrupted atomic writes)."""
+        removed = []
+        for name in RUN_FILES:
+            for path in [self.run_dir / name, *self.run_dir.glob(f".{name}.*.tmp")]:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                elif path.exists() or path.is_symlink():
+                    path.unlink()
+                else:
+                    continue
+                removed.append(path.name)
+        if removed:
+            log.info("%s: removed the files of the earlier run (%s)", self.run_dir, ", ".join(removed))
+
     def _use_epoch_sampler(self) -> None:
         batch = self.config.data.batch_size
         sampler = RankSlicedSampler(self.epoch_sampler, batch, self.dist) if self.dist.enabled else self.epoch_sampler
@@ -439,6 +496,7 @@ class Trainer:
 
     def resume(self, path: str | Path) -> None:
         state = load_checkpoint(path, map_location=self.device)
+        self._clear_run_dir = False  # continuing: the folder's files are this run's
         if list(state["identities"]) != list(self.dataset.identities):
             raise TrainingError(
                 f"cannot resume from {path}: it was trained on {len(state['identities'])} identities, "
@@ -684,12 +742,15 @@ class Trainer:
         boundary from which ``resume`` continues); return the last epoch's metrics."""
         cfg = self.config
         if self.dist.is_main:
+            if self._clear_run_dir:
+                self._remove_run_files()
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.run_dir / "config.yaml", cfg.to_yaml())
             write_json_atomic(self.run_dir / "class_stats.json", self.stats.to_dict())
             self.run_log = RunLog(self.run_dir)
         else:
             self.run_log = NullRunLog()
+        self._clear_run_dir = False  # a second fit() continues this run
         log.info("dataset %s: %s", cfg.data.root or type(self.dataset).__name__, self.stats.summary())
         log.info("device %s, amp %s, %d steps/epoch x %d epochs", self.device,
                  self.amp_dtype or "off", self.steps_per_epoch, cfg.train.total_epochs)
@@ -740,6 +801,7 @@ class Trainer:
         return self.last_metrics
 
 
-def train(config: Config, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Python API of ``facepipe train``."""
-    return Trainer(config, resume=resume, progress=progress).fit()
+def train(config: Config, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Python API of ``facepipe train``: a folder holding a checkpoint needs ``resume`` (continue
+    it) or ``overwrite`` (delete it and start afresh)."""
+    return Trainer(config, resume=resume, progress=progress, overwrite=overwrite).fit()

@@ -3,19 +3,28 @@
 A crash (or a kill) mid-write leaves the previous version of the file in place, never a
 truncated one, because data goes to a temporary file in the same folder that is renamed over
 the target only after it was flushed to disk.
+
+Output folders whose files must agree (an embeddings array and the manifest naming its rows) are
+written as a unit with :func:`atomic_folder`, and record what they hold (:func:`describe_parts`)
+so that a reader can refuse a folder that mixes two outputs (:func:`check_parts`). Jobs that
+grow a folder in place take :func:`exclusive_lock` so that two processes never write it at once.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
+import secrets
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Sequence
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 
 @contextlib.contextmanager
@@ -66,6 +75,142 @@ def write_csv_atomic(path: str | os.PathLike, header: Sequence[str], rows: Itera
 def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
     with atomic_write(path, "wb") as handle:
         np.save(handle, array)
+
+
+class OutputError(ValueError):
+    """An output cannot be written or read as asked (it would replace something else, another
+    process is writing it, its parts disagree): a problem for the user to resolve, not a bug."""
+
+
+class OutputLockedError(OutputError):
+    """Another process holds the lock of an output."""
+
+
+class MixedOutputError(OutputError):
+    """An output folder's files are not the ones written together."""
+
+
+def _is_empty_dir(path: Path) -> bool:
+    with os.scandir(path) as entries:
+        return next(entries, None) is None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
+    """Write the folder ``path`` as a unit: yield an empty temporary sibling to fill; on success
+    it becomes ``path`` by a rename, on any error it is deleted and ``path`` stays as it was.
+
+    An existing non-empty ``path`` is refused unless ``replace``; then it is renamed aside, the
+    new folder renamed in and the old one deleted (were the process killed between the two
+    renames, the old folder would survive as a hidden ``.NAME.*.old`` sibling).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{path} exists and is not a folder")
+    if path.is_dir() and not replace and not _is_empty_dir(path):
+        raise OutputError(f"{path} is not empty; choose a new output folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Not mkdtemp: its mode 0700 would become the output's; mkdir honours the umask.
+    staging = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    staging.mkdir()
+    try:
+        yield staging
+        _fsync_dir(staging)
+        if path.is_dir() and not _is_empty_dir(path):
+            aside = path.parent / f".{path.name}.{secrets.token_hex(6)}.old"
+            os.rename(path, aside)
+            try:
+                os.rename(staging, path)
+            except BaseException:
+                os.rename(aside, path)
+                raise
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(staging, path)  # rename(2) may replace an empty folder
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def staged_files(folder: str | os.PathLike, last: str | None = None) -> Iterator[Path]:
+    """Write a group of files that must agree into ``folder``, which also holds other things (so
+    it cannot be swapped whole like :func:`atomic_folder`): yield a hidden staging folder inside
+    it; once the block has written everything, each file is renamed into ``folder`` (``last``
+    after the others, e.g. the record that describes them). An error in the block leaves
+    ``folder`` as it was; only a kill during the renames (microseconds) can mix old and new."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = folder / f".staging.{secrets.token_hex(6)}.tmp"
+    staging.mkdir()
+    try:
+        yield staging
+        names = sorted(entry.name for entry in staging.iterdir())
+        if last in names:
+            names.remove(last)
+            names.append(last)
+        for name in names:
+            os.replace(staging / name, folder / name)
+        _fsync_dir(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_parts(folder: str | os.PathLike, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of each named file of ``folder``: stored beside them (e.g. in a JSON
+    record written last) so that :func:`check_parts` can tell they were written together."""
+    folder = Path(folder)
+    return {name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256_of(folder / name)} for name in names}
+
+
+def check_parts(folder: str | os.PathLike, parts: dict[str, dict[str, Any]], record: str) -> None:
+    """Raise :class:`MixedOutputError` unless every file of ``parts`` (from
+    :func:`describe_parts`, stored in ``folder/record``) is the one described."""
+    folder = Path(folder)
+    for name, expected in parts.items():
+        path = folder / name
+        if not path.is_file():
+            raise MixedOutputError(f"{path} is missing, but {folder / record} lists it")
+        # The size first: it costs nothing and catches most mixes before a hash of a large file.
+        if path.stat().st_size != expected.get("bytes") or _sha256_of(path) != expected.get("sha256"):
+            raise MixedOutputError(f"{path} is not the file {folder / record} was written with: the folder "
+                                   "mixes two outputs; write it again with the command that made it")
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` (created if needed) for the block; raise
+    :class:`OutputLockedError` at once when another process holds it. ``what`` names the guarded
+    output in the message. The lock is the operating system's, so a killed holder releases it."""
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(lock_path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise OutputLockedError(f"{what} is in use by another process (lock {lock_path}); wait for it to "
+                                "finish, or choose another output") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _json_default(obj: Any) -> Any:
