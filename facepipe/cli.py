@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -37,6 +38,38 @@ def _size(text: str) -> tuple[int, int]:
     if len(values) != 2:
         raise argparse.ArgumentTypeError(f"size '{text}' must be N or HxW")
     return values  # type: ignore[return-value]
+
+
+# Bounds of numeric options, checked by argparse: a bad value is its one-line usage error (exit
+# 2) before any work, instead of an error from deep inside (a DataLoader, numpy's seeding, FAISS).
+def _whole(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum, {minimum}")
+        return value
+
+    return parse
+
+
+def _number(minimum: float | None = None, maximum: float | None = None):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+        if not math.isfinite(value) or (minimum is not None and value < minimum) or \
+                (maximum is not None and value > maximum):
+            bounds = {(True, True): f"in [{minimum:g}, {maximum:g}]", (True, False): f">= {minimum:g}",
+                      (False, True): f"<= {maximum:g}", (False, False): "finite"}
+            raise argparse.ArgumentTypeError(f"{text} must be a number "
+                                             f"{bounds[minimum is not None, maximum is not None]}")
+        return value
+
+    return parse
 
 
 # ----------------------------------------------------------------------------- commands
@@ -108,7 +141,7 @@ def cmd_eval_pairs(args: argparse.Namespace) -> int:
     from facepipe.eval.pairs_job import evaluate_pairs_file
 
     result = evaluate_pairs_file(args.checkpoint, args.pairs, args.root, args.out, device=args.device,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, allow_outside_root=args.allow_outside_root)
     print(result["summary"])
     return 0
 
@@ -117,8 +150,13 @@ def _read_missing_list(path: str | None) -> list[str]:
     # One relative image path per line (e.g. the no-face list of the alignment stage).
     if path is None:
         return []
-    with open(path, encoding="utf-8") as handle:
-        return [line.split("\t")[0].strip() for line in handle if line.strip()]
+    from facepipe.eval.verification import EvalInputError
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return [line.split("\t")[0].strip() for line in handle if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise EvalInputError(f"--missing-list {path} is not UTF-8 text ({exc})") from None
 
 
 def cmd_eval_lfw(args: argparse.Namespace) -> int:
@@ -258,7 +296,8 @@ def cmd_index_add(args: argparse.Namespace) -> int:
                                device=args.device, batch_size=args.batch_size, progress=not args.quiet)
     else:
         summary = enrol_images(args.dir, embeddings=args.embeddings, labels=args.labels,
-                               cluster_size=args.cluster_size, seed=args.seed, progress=not args.quiet)
+                               cluster_size=args.cluster_size, seed=args.seed, progress=not args.quiet,
+                               allow_unfingerprinted=args.allow_unfingerprinted)
     print(f"added {summary['clusters_added']} clusters of {summary['embeddings']} embeddings to {args.dir}: "
           f"{len(summary['new_identities'])} new identities, {len(summary['extended_identities'])} extended")
     return 0
@@ -322,7 +361,7 @@ def cmd_index_calibrate(args: argparse.Namespace) -> int:
         embeddings=args.embeddings, labels=args.labels, impostor_images=args.impostor_images,
         impostor_embeddings=args.impostor_embeddings, target_far=args.target_far,
         **({"grid": args.grid} if args.grid else {}), device=args.device, batch_size=args.batch_size,
-        progress=not args.quiet)
+        progress=not args.quiet, allow_unfingerprinted=args.allow_unfingerprinted)
     grid = report["grid"]
     print(f"calibrated {args.dir} on {report['num_genuine']} genuine queries of {report['num_genuine_identities']} "
           f"enrolled identities and {report['num_impostor']} impostor queries")
@@ -345,10 +384,11 @@ def cmd_index_calibrate(args: argparse.Namespace) -> int:
 def cmd_index_margins(args: argparse.Namespace) -> int:
     from collections import Counter
 
+    from facepipe.errors import UsageError
     from facepipe.index.clusters import format_margin_bounds, suggest_margins
 
     if (args.data_root is None) == (args.labels is None):
-        raise ValueError("give DATA_ROOT (identity folders) or --labels, not both or neither")
+        raise UsageError("give DATA_ROOT (identity folders) or --labels, not both or neither")
     if args.labels is not None:
         from facepipe.index.jobs import read_labels
 
@@ -361,7 +401,7 @@ def cmd_index_margins(args: argparse.Namespace) -> int:
         counts = list(Counter(sample.label for sample in samples).values())
         what = args.data_root
     if not counts:
-        raise ValueError(f"{what} holds no labelled sample")
+        raise UsageError(f"{what} holds no labelled sample")
     s = suggest_margins(counts)
     print(f"{what}: {s['num_identities']} identities, {s['num_samples']} images "
           f"(per identity {min(counts)}..{max(counts)})")
@@ -384,7 +424,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     results = search_images(args.index, args.checkpoint, args.inputs, top_k=args.top_k, align=args.align,
                             num_neighbours=args.num_neighbours, device=args.device, batch_size=args.batch_size,
-                            progress=not args.quiet)
+                            progress=not args.quiet, allow_unfingerprinted=args.allow_unfingerprinted)
     rows = []
     for result in results:
         if result["status"] != "ok":
@@ -435,16 +475,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="render a synthetic long-tailed identity dataset")
     p.add_argument("--out", required=True, help="output folder: OUT/<identity>/<n>.png")
-    p.add_argument("--identities", type=int, required=True, help="number of identities")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--identities", type=_whole(1), required=True, help="number of identities")
+    p.add_argument("--seed", type=_whole(0), default=0)
     p.add_argument("--distribution", choices=["power", "zipf", "uniform"], default="power",
                    help="images per identity: power law of Huang et al. Sec. 5.5, Zipf, or uniform")
-    p.add_argument("--max-images", type=int, default=60, help="images of the largest identity")
-    p.add_argument("--min-images", type=int, default=2, help="images of the smallest identity")
-    p.add_argument("--gamma", type=float, default=1.0, help="power-law exponent (smaller = more balanced)")
+    p.add_argument("--max-images", type=_whole(1), default=60, help="images of the largest identity")
+    p.add_argument("--min-images", type=_whole(1), default=2, help="images of the smallest identity")
+    p.add_argument("--gamma", type=_number(0), default=1.0, help="power-law exponent (smaller = more balanced)")
     p.add_argument("--size", type=_size, default=(112, 112), help="image size N or HxW (default 112x112)")
-    p.add_argument("--first-identity", type=int, default=0, help="global index of the first identity")
-    p.add_argument("--images-per-identity", type=int, default=None, help="same count for every identity")
+    p.add_argument("--first-identity", type=_whole(0), default=0, help="global index of the first identity")
+    p.add_argument("--images-per-identity", type=_whole(1), default=None, help="same count for every identity")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_synth)
 
@@ -455,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YAML of align settings (or a training config with an align: section); default: built-in")
     p.add_argument("--root", default=None, help="folder the list file's paths are relative to (default: its folder)")
     p.add_argument("--shard", default="0/1", help="process shard i of n (i/n) of the inputs, for job arrays")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=_whole(0), default=None,
                    help="processes that decode, detect and write (default: one per two cores; 0: no subprocess)")
     p.add_argument("--restart", action="store_true", help="ignore earlier progress in DST and redo every image")
     p.add_argument("--quiet", action="store_true")
@@ -468,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("destination", metavar="DST", help="new folder of links DST/<identity> -> SRC/<identity>")
     p.add_argument("--exclude-pairs", action="append", default=[],
                    help="leave out every person named in this LFW pairs file (repeatable)")
-    p.add_argument("--min-images", type=int, default=1, help="keep identities with at least this many images")
+    p.add_argument("--min-images", type=_whole(0), default=1, help="keep identities with at least this many images")
     p.set_defaults(func=cmd_subset)
 
     p = sub.add_parser("pack", help="pack identity folders as an insightface RecordIO set (train.rec, train.idx, "
@@ -495,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}")
         p.set_defaults(func=func)
         if name == "train":
-            p.add_argument("--nproc", type=int, default=1,
+            p.add_argument("--nproc", type=_whole(1), default=1,
                            help="processes on this machine (torchrun with DistributedDataParallel; one per GPU)")
 
     p = sub.add_parser("embed", help="embed every image of a folder with a trained checkpoint")
@@ -503,9 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder of images (identity subfolders optional)")
     p.add_argument("--out", required=True, help="folder for embeddings.npy, manifest.csv, embed.json")
     p.add_argument("--flip", choices=["sum", "concat", "none"], default=None, help="flip fusion (default: config)")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-size", type=_whole(1), default=None)
     p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, default=2, help="decoding worker processes")
+    p.add_argument("--workers", type=_whole(0), default=2, help="decoding worker processes")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_embed)
 
@@ -515,6 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--checkpoint", required=True)
     q.add_argument("--pairs", required=True, help="CSV with header path_a,path_b,is_same")
     q.add_argument("--root", default=None, help="folder the pair paths are relative to (default: the CSV's)")
+    q.add_argument("--allow-outside-root", action="store_true",
+                   help="accept pair paths that are absolute or climb out of the root with '..'")
     q.add_argument("--out", required=True, help="report folder")
     q.add_argument("--device", default="auto")
     q.add_argument("--quiet", action="store_true")
@@ -522,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_options(q: argparse.ArgumentParser) -> None:
         q.add_argument("--flip", choices=["sum", "concat", "none"], default=None, help="flip fusion (default: config)")
-        q.add_argument("--batch-size", type=int, default=None)
+        q.add_argument("--batch-size", type=_whole(1), default=None)
         q.add_argument("--device", default="auto")
         q.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -550,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--videos", default=None, help="folder of person/n/<frames> (needs --checkpoint)")
     q.add_argument("--checkpoint", default=None)
     q.add_argument("--embeddings", default=None, help="'facepipe embed' output folder of the video frames instead")
-    q.add_argument("--max-frames", type=int, default=None, help="at most F evenly spaced frames per video")
+    q.add_argument("--max-frames", type=_whole(1), default=None, help="at most F evenly spaced frames per video")
     q.add_argument("--allow-missing", action="store_true", help="count pairs with a missing video as wrong")
     q.add_argument("--missing-list", default=None, help="file of relative frame paths that had no face")
     q.add_argument("--out", required=True, help="report folder")
@@ -564,9 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--lfw-images", default=None, help="LFW mini protocol: lfw-deepfunneled folder (or its embeddings)")
     q.add_argument("--lfw-dev-pairs", default=None, help="LFW mini protocol: pairsDevTest.txt (the probe people)")
     q.add_argument("--checkpoint", default=None, help="needed when probes or distractors are images")
-    q.add_argument("--impostor-top-k", type=int, default=100,
+    q.add_argument("--impostor-top-k", type=_whole(1), default=100,
                    help="distractor scores kept per probe for the verification ROC (default 100)")
-    q.add_argument("--seed", type=int, default=0, help="seed of the distractor order (nested subsets)")
+    q.add_argument("--seed", type=_whole(0), default=0, help="seed of the distractor order (nested subsets)")
     q.add_argument("--out", required=True, help="report folder")
     model_options(q)
     q.set_defaults(func=cmd_eval_megaface)
@@ -590,29 +632,37 @@ def build_parser() -> argparse.ArgumentParser:
                        help="X.npy of embeddings (one row per image), or a 'facepipe embed' output folder")
         q.add_argument("--labels", default=None,
                        help="identity of each row: a text file (one name per line), .npy, or manifest.csv")
-        q.add_argument("--seed", type=int, default=0, help="k-means seed")
-        q.add_argument("--batch-size", type=int, default=None)
+        q.add_argument("--seed", type=_whole(0), default=0, help="k-means seed")
+        q.add_argument("--batch-size", type=_whole(1), default=None)
         q.add_argument("--device", default="auto")
         q.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    def allow_unfingerprinted(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--allow-unfingerprinted", action="store_true",
+                       help="accept embeddings that record no model fingerprint (a bare .npy) into an index that "
+                            "records its model: you vouch that its model made them")
+
     q = index_sub.add_parser("build", help="cluster a gallery's embeddings per identity and index the centroids")
     index_source(q)
-    q.add_argument("--cluster-size", type=int, default=20, help="embeddings per cluster, l (default 20)")
+    q.add_argument("--cluster-size", type=_whole(1), default=20, help="embeddings per cluster, l (default 20)")
     q.add_argument("--kind", choices=["flat", "hnsw", "ivf"], default="flat",
                    help="FAISS index: exact flat (default), HNSW graph, or IVF lists")
-    q.add_argument("--num-neighbours", type=int, default=None,
+    q.add_argument("--num-neighbours", type=_whole(1), default=None,
                    help="N of Eq. 10: clusters retrieved per query (default: tuned on one held-out image each of "
                         "up to 1,000 identities with 2+ images when 20+ such identities exist, else 1)")
-    q.add_argument("--threshold", dest="unknown_threshold", type=float, default=None,
+    q.add_argument("--threshold", dest="unknown_threshold", type=_number(), default=None,
                    help="open-set threshold: a best log score below it is 'unknown'")
-    q.add_argument("--nlist", type=int, default=None, help="IVF lists (default sqrt of the number of clusters)")
-    q.add_argument("--nprobe", type=int, default=None, help="IVF lists searched (default a quarter of them)")
+    q.add_argument("--nlist", type=_whole(1), default=None,
+                   help="IVF lists (default sqrt of the number of clusters)")
+    q.add_argument("--nprobe", type=_whole(1), default=None, help="IVF lists searched (default a quarter of them)")
     q.add_argument("--overwrite", action="store_true", help="replace the index already in DIR")
     q.set_defaults(func=cmd_index_build)
 
     q = index_sub.add_parser("add", help="enrol new identities or more images of enrolled ones")
     index_source(q)
-    q.add_argument("--cluster-size", type=int, default=None, help="embeddings per cluster (default: the index's)")
+    q.add_argument("--cluster-size", type=_whole(1), default=None,
+                   help="embeddings per cluster (default: the index's)")
+    allow_unfingerprinted(q)
     q.set_defaults(func=cmd_index_add)
 
     q = index_sub.add_parser("remove", help="remove identities and their clusters")
@@ -631,12 +681,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="aligned crops of identities NOT in the index (subfolders optional; needs --checkpoint)")
     q.add_argument("--impostor-embeddings", default=None,
                    help="X.npy or 'facepipe embed' folder of identities NOT in the index")
-    q.add_argument("--target-far", type=float, default=0.01,
+    q.add_argument("--target-far", type=_number(0, 1), default=0.01,
                    help="false-accept rate of impostors allowed by the threshold (default 0.01)")
     q.add_argument("--grid", type=_neighbour_grid, default=None,
                    help="values of N tried, START:STOP:STEP inclusive or N,N,... (default 1,2,3,5,10 and "
                         "Huang et al.'s 20:200:10)")
     q.add_argument("--json", default=None, metavar="OUT", help="also write the calibration report to this JSON file")
+    allow_unfingerprinted(q)
     q.set_defaults(func=cmd_index_calibrate)
 
     q = index_sub.add_parser("margins", help="Huang et al.'s 2-D CLMLE margin bounds of a dataset and suggested margins")
@@ -650,20 +701,49 @@ def build_parser() -> argparse.ArgumentParser:
                        help="identify faces against a cluster index (k-nearest-cluster rule, Huang et al. Eq. 10)")
     p.add_argument("--index", required=True, help="index folder made by 'facepipe index build'")
     p.add_argument("--checkpoint", default=None, help="model of the index (needed for images)")
-    p.add_argument("--top-k", type=int, default=5, help="identities listed per input (default 5)")
-    p.add_argument("--num-neighbours", type=int, default=None,
+    p.add_argument("--top-k", type=_whole(1), default=5, help="identities listed per input (default 5)")
+    p.add_argument("--num-neighbours", type=_whole(1), default=None,
                    help="N of Eq. 10 (default: the index's; the output says where it came from)")
     p.add_argument("--align", dest="align", action="store_const", const=True, default="auto",
                    help="inputs are raw photos: detect and align them first")
     p.add_argument("--no-align", dest="align", action="store_const", const=False,
                    help="inputs are aligned crops (default: auto, by image size)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results to this JSON file")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-size", type=_whole(1), default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders of images, or .npy embeddings")
+    allow_unfingerprinted(p)
     p.set_defaults(func=cmd_search)
     return parser
+
+
+# What a shell reports for a command ended by SIGPIPE (128 + 13), as `cat`, `grep` or `ls` end
+# when the reader of their output goes away (`facepipe index info DIR | head`): quietly, and
+# still visible as "not completed" to a script that checks (set -o pipefail).
+EXIT_CLOSED_PIPE = 141
+
+
+def _output_closed() -> bool:
+    """Whether standard output is a pipe (or socket) whose reader has gone: poll(2) reports an
+    error condition on the writing end then."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no real file descriptor (captured output)
+        return False
+
+
+def _discard_closed_output() -> None:
+    # What is still buffered for stdout would fail again when Python flushes it at exit.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -676,13 +756,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.verbose)
-    from facepipe.errors import USER_ERRORS
+    from facepipe.errors import USER_ERRORS, user_error_message
 
     try:
-        return args.func(args)
+        status = args.func(args)
+        # Output is block-buffered into a pipe: flushed here, a closed pipe is met in the
+        # handler below instead of in the interpreter's exit, which would print a warning.
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        if not _output_closed():  # a worker's or a socket's pipe: a bug or a crash to report
+            raise
+        _discard_closed_output()
+        return EXIT_CLOSED_PIPE
     except USER_ERRORS as exc:
+        message = user_error_message(exc)
+        if message is None:  # e.g. a FileNotFoundError naming no path: not the user's to fix
+            raise
         # Problems with the user's input: one clear line, no traceback.
-        print(f"facepipe {args.command}: error: {exc}", file=sys.stderr)
+        print(f"facepipe {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"facepipe {args.command}: interrupted (checkpoints and finished outputs are kept)", file=sys.stderr)

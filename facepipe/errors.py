@@ -1,20 +1,48 @@
-"""Exceptions that describe a problem with the user's input rather than a bug in facepipe.
+"""The one user-error path: problems with the user's input, not bugs in facepipe.
 
-The CLI prints these as one line (exit status 2) instead of a traceback.
+Every error class that describes something the user can fix (a config key, an input file, an
+output folder, a checkpoint) derives from :class:`FacepipeUserError`, besides the built-in base
+it always had (``ValueError``, ``RuntimeError``, ``OSError``), so existing ``except`` clauses
+keep working. The CLI prints a user error as one line and exits with status 2; anything else,
+even a plain ``ValueError``, is a bug and keeps its traceback.
+
+This module imports nothing from the rest of facepipe: every module derives its errors from it,
+so it must not pull in torch, or the trainer, or anything that imports them back.
 """
-from facepipe.align.networks import MissingWeightsError
-from facepipe.config import ConfigError
-from facepipe.data.dataset import DatasetError, UnreadableImageError
-from facepipe.train.checkpoint import CheckpointError
-from facepipe.train.trainer import TrainingError
+from __future__ import annotations
 
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError,
-    MissingWeightsError,
-    DatasetError,
-    UnreadableImageError,
-    CheckpointError,
-    TrainingError,
-    FileNotFoundError,
-    ValueError,
-)
+
+class FacepipeUserError(Exception):
+    """Something the user can fix: the message names the file, folder or setting and what to do."""
+
+
+class UsageError(ValueError, FacepipeUserError):
+    """A command-line argument, environment variable or combination of them that cannot work,
+    for checks that belong to no more specific class (a ValueError too, as these always were)."""
+
+
+# Not facepipe's classes, yet still the user's to fix when the operating system names the path:
+# an input that is not there, a folder they may not read or write, a file given for a folder.
+# Wrapping every open() of a user-given path in a facepipe class would miss some; a bug that
+# makes one of these (facepipe opening a path of its own making) still names the path.
+PATH_ERRORS: tuple[type[OSError], ...] = (FileNotFoundError, PermissionError, NotADirectoryError,
+                                          IsADirectoryError)
+
+USER_ERRORS: tuple[type[BaseException], ...] = (FacepipeUserError, *PATH_ERRORS)
+
+_PATH_ADVICE = {
+    FileNotFoundError: "check the path",
+    PermissionError: "choose a path you may use, or change its permissions",
+    NotADirectoryError: "a folder was expected there",
+    IsADirectoryError: "a file was expected there, not a folder",
+}
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The one-line message for a user error, or None when ``exc`` is a bug (keep the traceback)."""
+    if isinstance(exc, FacepipeUserError):
+        return str(exc)
+    if isinstance(exc, PATH_ERRORS) and getattr(exc, "filename", None) is not None:
+        advice = next(text for kind, text in _PATH_ADVICE.items() if isinstance(exc, kind))
+        return f"{exc.filename}: {exc.strerror or type(exc).__name__}; {advice}"
+    return None

@@ -48,9 +48,13 @@ def test_non_image_with_image_extension(tmp_path):
     assert decode_for_alignment(path).status == "not_image"
 
 
-def test_missing_file_is_unreadable(tmp_path):
+def test_missing_file_or_broken_link_is_missing(tmp_path):
+    # Was "unreadable": an absent file is not a decoding problem, and a rerun looks at it again.
     decoded = decode_for_alignment(tmp_path / "gone.png")
-    assert decoded.status == "unreadable" and "stat" in decoded.detail
+    assert decoded.status == "missing" and decoded.detail == "no such file"
+    (tmp_path / "link.png").symlink_to(tmp_path / "gone.png")
+    decoded = decode_for_alignment(tmp_path / "link.png")
+    assert decoded.status == "missing" and decoded.detail == f"broken link to {tmp_path / 'gone.png'}"
 
 
 def test_grey_image_becomes_three_equal_channels():

@@ -7,6 +7,7 @@ into the alignment manifest; nothing raises past ``decode_for_alignment``.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +15,10 @@ import numpy as np
 
 from facepipe.data.image_io import DECODE_FAILURES, UnreadableImageError, read_image_info
 
-__all__ = ["DECODE_FAILURES", "DecodedImage", "decode_for_alignment"]
+__all__ = ["DECODE_FAILURES", "MISSING", "DecodedImage", "decode_for_alignment"]
+
+# An input that is listed (a list file's line, a link in the tree) but holds no file.
+MISSING = "missing"
 
 
 @dataclass
@@ -32,10 +36,17 @@ class DecodedImage:
 def decode_for_alignment(path: str | Path, apply_exif: bool = True) -> DecodedImage:
     """Decode ``path`` to RGB uint8, applying the EXIF orientation when ``apply_exif``.
 
-    Statuses: ok, empty (zero bytes), not_image (no decoder recognises it), truncated,
-    too_large (beyond the size limits of :mod:`facepipe.data.image_io`), unreadable (any other
-    decode error).
+    Statuses: ok, missing (no file there, e.g. a link whose target is gone), empty (zero
+    bytes), not_image (no decoder recognises it), truncated, too_large (beyond the size limits
+    of :mod:`facepipe.data.image_io`), unreadable (any other decode error).
     """
+    try:
+        os.stat(path)  # follows links: a broken one is missing too
+    except FileNotFoundError:
+        detail = f"broken link to {os.readlink(path)}" if os.path.islink(path) else "no such file"
+        return DecodedImage(MISSING, detail=detail)
+    except OSError:  # there but not reachable (permissions, a link loop): the reader says why
+        pass
     try:
         decoded = read_image_info(path, apply_exif=apply_exif)
     except UnreadableImageError as exc:

@@ -27,7 +27,7 @@ from typing import Iterable, Iterator, Sequence
 import cv2
 import numpy as np
 
-from facepipe.align.decode import DECODE_FAILURES, DecodedImage, decode_for_alignment
+from facepipe.align.decode import DECODE_FAILURES, MISSING, DecodedImage, decode_for_alignment
 from facepipe.align.detector import MTCNN, FaceDetections
 from facepipe.align.transform import alignment_matrix, center_crop_matrix, warp_face
 from facepipe.config import AlignConfig
@@ -40,11 +40,12 @@ from facepipe.align.manifest import (
     read_manifest,
 )
 from facepipe.utils.io import exclusive_lock, write_bytes_atomic, write_json_atomic, write_text_atomic
+from facepipe.utils.walk import walk_tree
 
 log = logging.getLogger(__name__)
 
 # Outcome of every image, in the order the summary lists them.
-STATUSES = ("aligned", "fallback", "no_face", "too_small") + DECODE_FAILURES
+STATUSES = ("aligned", "fallback", "no_face", "too_small", MISSING) + DECODE_FAILURES
 # Images per unit of work: one detector call, one manifest flush.
 CHUNK_SIZE = 32
 # Config fields that do not change any output file (safe to change between resumed runs).
@@ -88,17 +89,29 @@ def in_shard(relative_path: str, shard: tuple[int, int]) -> bool:
     return count == 1 or zlib.crc32(relative_path.encode("utf-8")) % count == index
 
 
-def list_inputs(source: str | Path, root: str | Path | None = None) -> tuple[Path, list[str]]:
+def list_inputs(source: str | Path, root: str | Path | None = None,
+                destination: str | Path | None = None) -> tuple[Path, list[str]]:
     """The root folder and the sorted relative paths of the images to align.
 
-    ``source`` is a folder (walked recursively; files with an image extension) or a text file
+    ``source`` is a folder (walked recursively, links followed; files with an image extension,
+    and links with one whose target is gone, which get the status "missing") or a text file
     listing one image path per line, relative to ``root`` (default: the list's folder).
+    ``destination``: the output folder, refused inside a source folder (each run would align
+    the crops of the one before) and never walked into when a link leads there.
     """
     source = Path(source)
     if source.is_dir():
+        if destination is not None and Path(destination).resolve() != source.resolve() \
+                and Path(destination).resolve().is_relative_to(source.resolve()):
+            raise AlignError(f"DST {destination} lies inside SRC {source}: the next run would align its own crops "
+                             "again; choose a DST outside SRC")
         base = Path(root) if root else source
-        found = [p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
-        relative = sorted(str(p.relative_to(base)) for p in found)
+        if not source.is_relative_to(base):  # compared as relative_to below compares: by the words
+            raise AlignError(f"SRC {source} is not inside --root {base}; --root is the folder a list file's paths "
+                             "are relative to: leave it out for a folder")
+        walk = walk_tree(source, IMAGE_EXTENSIONS, exclude=[destination] if destination is not None else [])
+        images = walk.files + [link for link in walk.broken_links if link.suffix.lower() in IMAGE_EXTENSIONS]
+        relative = sorted(str(p.relative_to(base)) for p in images)
         if not relative:
             raise AlignError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {source}")
         return base, relative
@@ -279,6 +292,8 @@ def _already_done(rows: Iterable[dict], destination: Path) -> set[str]:
 
     done = set()
     for row in rows:
+        if row.get("status") == MISSING:  # looked at again: the file may be back (a remounted disk)
+            continue
         outputs = [face["output"] for face in row.get("faces", [])] or ([row["output"]] if row.get("output") else [])
         if all(intact(name) for name in outputs):
             done.add(row["path"])
@@ -323,7 +338,7 @@ def align_images(source: str | Path, destination: str | Path, config: AlignConfi
     """
     config = config or AlignConfig()
     destination = Path(destination)
-    base, relative = list_inputs(source, root)
+    base, relative = list_inputs(source, root, destination)
     if shard[1] > 1:
         relative = [rel for rel in relative if in_shard(rel, shard)]
     destination.mkdir(parents=True, exist_ok=True)

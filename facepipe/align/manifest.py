@@ -5,6 +5,8 @@ import json
 import logging
 from pathlib import Path
 
+from facepipe.errors import FacepipeUserError
+
 log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
@@ -12,7 +14,7 @@ MANIFEST_VERSION = 1
 USABLE_STATUSES = ("aligned", "fallback")
 
 
-class AlignError(ValueError):
+class AlignError(ValueError, FacepipeUserError):
     """The alignment job cannot start (bad source, shard, or a DST made with another config)."""
 
 

@@ -14,11 +14,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from facepipe.errors import FacepipeUserError
+
 WEIGHTS_DISTRIBUTION = "facenet-pytorch"
 NETWORK_NAMES = ("pnet", "rnet", "onet")
 
 
-class MissingWeightsError(RuntimeError):
+class MissingWeightsError(RuntimeError, FacepipeUserError):
     """The pretrained MTCNN weights are not installed."""
 
 

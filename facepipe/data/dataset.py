@@ -13,13 +13,15 @@ from torch.utils.data import Dataset
 
 # UnreadableImageError is re-exported: it was defined here first and is caught by that name.
 from facepipe.data.image_io import UnreadableImageError, read_image  # noqa: F401
+from facepipe.errors import FacepipeUserError
+from facepipe.utils.names import check_identity_name
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm")
 
 
-class DatasetError(ValueError):
+class DatasetError(ValueError, FacepipeUserError):
     """The dataset cannot be used (missing root, empty, identity folders without images)."""
 
 
@@ -66,7 +68,7 @@ def scan_identity_folders(
             empty.append(folder.name)
             continue
         label = len(identities)
-        identities.append(folder.name)
+        identities.append(check_identity_name(folder.name, f"identity folder {folder}"))
         samples.extend(Sample(str(p), label) for p in files)
     if empty:
         shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")

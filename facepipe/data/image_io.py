@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from facepipe.errors import FacepipeUserError, UsageError
+
 __all__ = [
     "DECODE_FAILURES", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_SIDE", "MAX_PIXELS_ENV", "MAX_SIDE_ENV",
     "DecodedPixels", "ImageLimits", "UnreadableImageError", "image_limits", "read_image", "read_image_info",
@@ -49,7 +51,7 @@ _MESSAGE = re.compile(r"cannot read image (?P<source>.*) \((?P<status>%s)\): (?P
                       % "|".join(DECODE_FAILURES))
 
 
-class UnreadableImageError(OSError):
+class UnreadableImageError(OSError, FacepipeUserError):
     """An image that cannot be used: ``status`` (one of :data:`DECODE_FAILURES`), ``source``
     (the file, or what holds the bytes) and ``detail`` (the reason)."""
 
@@ -99,7 +101,7 @@ def _positive(name: str, text: str | None, default: int) -> int:
     except ValueError:
         value = 0
     if value < 1:
-        raise ValueError(f"environment variable {name}={text!r} must be a positive whole number of pixels")
+        raise UsageError(f"environment variable {name}={text!r} must be a positive whole number of pixels")
     return value
 
 

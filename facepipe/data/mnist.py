@@ -21,6 +21,7 @@ from facepipe.data.dataset import DatasetError
 
 # idx type codes (third byte of the magic number) -> numpy dtype, big-endian as stored.
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+NUM_CLASSES = 10  # the digits 0..9
 SPLIT_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -66,6 +67,12 @@ def load_mnist(root: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     labels = read_idx(_find(root, SPLIT_FILES[split][1])).astype(np.int64)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DatasetError(f"MNIST {split} files in {root} disagree: images {images.shape}, labels {labels.shape}")
+    # The classes are counted from the labels (max + 1): one label of 10 would add an eleventh
+    # class with a single image and change every class-averaged metric.
+    outside = np.flatnonzero((labels < 0) | (labels >= NUM_CLASSES))
+    if len(outside):
+        raise DatasetError(f"{_find(root, SPLIT_FILES[split][1])}: {len(outside)} label(s) outside the MNIST digits "
+                           f"0..{NUM_CLASSES - 1} (first: image {int(outside[0])}, label {int(labels[outside[0]])})")
     return images, labels
 
 

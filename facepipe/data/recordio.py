@@ -329,7 +329,10 @@ def write_record_file(rec_path: str | Path, records: Iterable[tuple[int, bytes]]
 def read_property(path: str | Path) -> tuple[int, int, int]:
     """``(num_classes, height, width)`` from an insightface ``property`` file."""
     path = Path(path)
-    line = path.read_text(encoding="utf-8").strip().splitlines()[:1]
+    try:
+        line = path.read_text(encoding="utf-8").strip().splitlines()[:1]
+    except UnicodeDecodeError:
+        line = [repr(path.read_bytes()[:60])]
     try:
         num_classes, height, width = (int(part) for part in line[0].split(","))
     except (IndexError, ValueError):
@@ -605,6 +608,13 @@ class RecordDataset(Dataset):
             keys, stored = keys[keep], stored[keep]
         if len(keys) == 0:
             raise DatasetError(f"{rec} holds no images")
+        # np.unique would make NaN (or each infinity) one more identity, trained as a class of
+        # its own: a damaged label is an error, not an identity.
+        broken = np.flatnonzero(~np.isfinite(stored))
+        if len(broken):
+            raise DatasetError(f"{len(broken)} of {len(keys)} records of {rec} have a NaN or infinite identity label "
+                               f"(first: record {int(keys[broken[0]])}, label {stored[broken[0]]}); repack the set "
+                               "or remove those records")
         values, codes = np.unique(stored, return_inverse=True)
         names = [_label_name(v) for v in values]
         if identities is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterable
 
 from facepipe.data.dataset import IMAGE_EXTENSIONS, DatasetError
+from facepipe.utils.names import check_identity_name
 
 
 def link_identity_subset(source: str | Path, destination: str | Path, exclude: Iterable[str] = (),
@@ -25,6 +26,7 @@ def link_identity_subset(source: str | Path, destination: str | Path, exclude: I
     destination.mkdir(parents=True, exist_ok=True)
     kept = images = skipped_small = skipped_excluded = 0
     for folder in sorted(p for p in source.iterdir() if p.is_dir()):
+        check_identity_name(folder.name, f"identity folder {folder}")
         count = sum(1 for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
         if folder.name in excluded:
             skipped_excluded += 1
@@ -34,7 +36,8 @@ def link_identity_subset(source: str | Path, destination: str | Path, exclude: I
             continue
         link = destination / folder.name
         if link.is_symlink() or link.exists():
-            if not (link.is_symlink() and link.resolve() == folder):
+            # resolve() on both sides: SRC may itself be a subset, its folders links.
+            if not (link.is_symlink() and link.resolve() == folder.resolve()):
                 raise DatasetError(f"{link} exists and is not a link to {folder}; use an empty destination")
         else:
             os.symlink(folder, link, target_is_directory=True)

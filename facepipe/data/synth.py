@@ -33,7 +33,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from facepipe.utils.io import write_bytes_atomic, write_json_atomic
+from facepipe.errors import UsageError
+from facepipe.utils.io import OutputError, write_bytes_atomic, write_json_atomic
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -97,19 +98,19 @@ def identity_counts(num_identities: int, distribution: str = "power", max_images
     (or non-finite) ``gamma``.
     """
     if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"unknown distribution {distribution!r}; valid: {', '.join(DISTRIBUTIONS)}")
+        raise UsageError(f"unknown distribution {distribution!r}; valid: {', '.join(DISTRIBUTIONS)}")
     for name, value in (("num_identities", num_identities), ("max_images", max_images),
                         ("min_images", min_images)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
+            raise UsageError(f"{name} must be an integer, got {value!r}")
         if value <= 0:
-            raise ValueError(f"{name} must be positive, got {value}")
+            raise UsageError(f"{name} must be positive, got {value}")
     if min_images > max_images:
-        raise ValueError(f"min_images ({min_images}) must not exceed max_images ({max_images})")
+        raise UsageError(f"min_images ({min_images}) must not exceed max_images ({max_images})")
     gamma = float(gamma)
     if not math.isfinite(gamma) or gamma < 0:
         # A negative exponent would make the tail *larger* than the head.
-        raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
+        raise UsageError(f"gamma must be a finite number >= 0, got {gamma}")
 
     c = np.arange(1, int(num_identities) + 1, dtype=np.float64)
     if distribution == "uniform":
@@ -758,7 +759,7 @@ def _encode_png(rgb: np.ndarray) -> bytes:
 def _check_int(name: str, value: Any, minimum: int) -> int:
     """``value`` as an int, or a ValueError naming ``name`` if it is not an integer >= minimum."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise UsageError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
@@ -788,9 +789,9 @@ def generate_dataset(out_dir, num_identities: int, seed: int = 0, distribution: 
     seed = _check_int("seed", seed, 0)
     first_identity = _check_int("first_identity", first_identity, 0)
     if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"unknown distribution {distribution!r}; valid: {', '.join(DISTRIBUTIONS)}")
+        raise UsageError(f"unknown distribution {distribution!r}; valid: {', '.join(DISTRIBUTIONS)}")
     if len(size) != 2:
-        raise ValueError(f"size must be (height, width), got {size!r}")
+        raise UsageError(f"size must be (height, width), got {size!r}")
     size_hw = (_check_int("size[0] (height)", size[0], 16), _check_int("size[1] (width)", size[1], 16))
     if images_per_identity is None:
         counts = identity_counts(num_identities, distribution, max_images, min_images, gamma).tolist()
@@ -824,27 +825,27 @@ def generate_dataset(out_dir, num_identities: int, seed: int = 0, distribution: 
     root = Path(out_dir).expanduser().resolve()
     meta_path = root / META_NAME
     if root.exists() and not root.is_dir():
-        raise ValueError(f"out_dir {str(root)!r} exists and is not a directory")
+        raise OutputError(f"out_dir {str(root)!r} exists and is not a directory")
     if root.is_dir() and any(root.iterdir()):
         try:
             existing = json.loads(meta_path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ValueError(
+            raise OutputError(
                 f"out_dir {str(root)!r} is not empty and has no {META_NAME}: refusing to write a "
                 "synthetic dataset into a foreign folder; pick an empty or new folder") from None
         except (OSError, ValueError) as exc:
-            raise ValueError(f"out_dir {str(root)!r} has an unreadable {META_NAME} ({exc}); refusing to "
+            raise OutputError(f"out_dir {str(root)!r} has an unreadable {META_NAME} ({exc}); refusing to "
                              "overwrite it") from None
         # Compare as JSON would store them (tuples become lists, ints stay ints).
         wanted = json.loads(json.dumps({"render_version": RENDER_VERSION, "arguments": arguments}))
         found = {"render_version": existing.get("render_version"), "arguments": existing.get("arguments")}
         if found["render_version"] != RENDER_VERSION and found["arguments"] == wanted["arguments"]:
-            raise ValueError(
+            raise OutputError(
                 f"out_dir {str(root)!r} was rendered by synth renderer version {found['render_version']}, "
                 f"this is version {RENDER_VERSION}; its images would not match, so use a new folder "
                 "(or delete this one)")
         if found != wanted:
-            raise ValueError(
+            raise OutputError(
                 f"out_dir {str(root)!r} holds a synthetic dataset made with different arguments "
                 f"(found {found}, wanted {wanted}); use another folder or the same arguments")
     else:

@@ -16,7 +16,13 @@ from facepipe.config import Config
 from facepipe.data.dataset import IMAGE_EXTENSIONS, DatasetError, ImageListDataset
 from facepipe.data.transforms import build_eval_transform
 from facepipe.models import build_backbone
-from facepipe.train.checkpoint import load_checkpoint, model_fingerprint
+from facepipe.train.checkpoint import (
+    CheckpointError,
+    checkpoint_config,
+    load_checkpoint,
+    load_weights,
+    model_fingerprint,
+)
 from facepipe.train.distributed import barrier, gather_rows, init_distributed, rank_slice
 from facepipe.utils.device import autocast, resolve_amp_dtype
 from facepipe.utils.io import (
@@ -27,6 +33,8 @@ from facepipe.utils.io import (
     write_csv_atomic,
     write_json_atomic,
 )
+from facepipe.utils.names import check_identity_name
+from facepipe.utils.walk import walk_tree
 
 log = logging.getLogger(__name__)
 
@@ -114,28 +122,42 @@ class LoadedModel:
     checkpoint_path: str
 
 
+def _check_finite_weights(weights: dict, checkpoint: str | Path) -> None:
+    # One NaN weight makes every embedding NaN: each later stage would write, index and score
+    # NaN vectors (cosine NaN ranks as neither match nor mismatch) with exit status 0.
+    bad = [(name, int((~torch.isfinite(tensor)).sum())) for name, tensor in weights.items()
+           if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        shown = ", ".join(f"{name} ({count})" for name, count in bad[:3])
+        raise CheckpointError(f"checkpoint {checkpoint}: {len(bad)} weight tensor(s) hold NaN or infinite values "
+                              f"({shown}{' ...' if len(bad) > 3 else ''}); the run diverged before it was saved: "
+                              "use an earlier checkpoint")
+
+
 def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
     """Backbone from a training checkpoint (the head is not needed for embeddings)."""
     state = load_checkpoint(checkpoint)
-    config = Config.model_validate(state["config"])
+    config = checkpoint_config(state, checkpoint)
     model = build_backbone(config.model, config.data.image_size)
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"], checkpoint)
+    _check_finite_weights(state["model"], checkpoint)
     model.to(device).eval()
     return LoadedModel(model, config, list(state["identities"]), model_fingerprint(state["model"]), str(checkpoint))
 
 
 def list_images(root: str | Path) -> list[tuple[str, str]]:
     """``(path, identity)`` for every image under ``root``, sorted; identity = parent folder
-    relative to root ('' for images directly in root)."""
+    relative to root ('' for images directly in root). Linked folders are followed, as training
+    follows them (:func:`facepipe.utils.walk.walk_tree`)."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"image folder {root} does not exist")
     suffixes = set(IMAGE_EXTENSIONS)
     items = []
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and path.suffix.lower() in suffixes:
-            parent = path.parent.relative_to(root)
-            items.append((str(path), "" if str(parent) == "." else parent.as_posix()))
+    for path in walk_tree(root, suffixes).files:
+        parent = path.parent.relative_to(root)
+        identity = "" if str(parent) == "." else parent.as_posix()
+        items.append((str(path), check_identity_name(identity, f"image folder {path.parent}")))
     if not items:
         raise DatasetError(f"no images under {root} (extensions: {', '.join(sorted(suffixes))})")
     return items
@@ -202,6 +224,12 @@ def embed_folder(
         batch_size=batch_size or loaded.config.embed.batch_size, flip=flip, num_workers=num_workers,
         amp_dtype=resolve_amp_dtype(loaded.config.train.amp, torch_device), progress=progress and ctx.is_main,
     ))
+    # On every rank (all hold every row), so that no rank waits at the barrier for one that stopped.
+    broken = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
+    if len(broken):
+        raise OutputError(f"{len(broken)} of {len(paths)} embeddings hold NaN or infinite values (first: "
+                          f"{paths[broken[0]]}); nothing was written to {out}: check the checkpoint and the "
+                          "mixed-precision setting (train.amp) of its config")
     out = Path(out)
     summary = {
         "checkpoint": str(checkpoint),

@@ -11,7 +11,10 @@ third-party mirrors, so they are read by :class:`RestrictedUnpickler`: the only 
 resolves are the two needed to rebuild ``bytes`` from a protocol-2 pickle written by Python 3
 (``_codecs.encode`` with the latin-1 codec, and ``bytes()``/``bytearray()`` with no argument),
 each replaced by a checked wrapper. Any other global, or a persistent id, raises
-:class:`UnsafePickleError` before anything is called.
+:class:`UnsafePickleError` before anything is called. The unpickler also allocates whatever
+size a string, a frame or a memo index announces before reading it, so the opcodes are first
+walked once with each announced size checked against the file's (:func:`_check_announced_sizes`):
+a file of a few bytes cannot ask for gigabytes.
 
 Protocol: the same 10-fold cross-validation as LFW, over 10 contiguous folds of the pairs in
 file order (insightface's ``KFold(n_splits=10, shuffle=False)``; for ``lfw.bin`` these are the
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +96,56 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise UnsafePickleError("refusing to load a persistent id: not a .bin verification file")
 
 
+# Opcodes whose argument is a memo index: the C unpickler grows its memo table to twice the
+# largest index before storing into it, so a few bytes naming index 2**32 make it fill tens of GB.
+# A real pickle numbers its objects from 0, each at least one byte of the file.
+_MEMO_OPCODES = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+
+
+class _SizeCheckedReader:
+    """The file as :func:`pickletools.genops` reads it, refusing any read longer than what is left
+    of the file: a length a pickle announces is checked before anything of that size exists."""
+
+    def __init__(self, handle: Any, size: int, path: Path) -> None:
+        self._handle, self._size, self._path = handle, size, path
+
+    def tell(self) -> int:
+        return self._handle.tell()
+
+    def readline(self) -> bytes:
+        return self._handle.readline()
+
+    def read(self, n: int = -1) -> bytes:
+        left = self._size - self._handle.tell()
+        if n is None or n < 0:
+            n = left
+        if n > left:
+            raise EvalInputError(f"{self._path}: not a readable pickle: at byte {self._handle.tell()} it announces {n} "
+                                 f"bytes, but only {left} follow (a truncated file, or not a .bin set)")
+        return self._handle.read(n)
+
+
+def _check_announced_sizes(handle: Any, path: Path) -> None:
+    """Walk the pickle's opcodes (without building anything) and refuse lengths, frames and memo
+    indices larger than the file: unpickling allocates what they announce before reading it."""
+    size = os.fstat(handle.fileno()).st_size
+    reader = _SizeCheckedReader(handle, size, path)
+    try:
+        for opcode, arg, position in pickletools.genops(reader):
+            if opcode.name == "FRAME" and arg > size - reader.tell():
+                raise EvalInputError(f"{path}: not a readable pickle: at byte {position} it announces a frame of {arg} "
+                                     f"bytes, but only {size - reader.tell()} follow (a truncated file, or not a .bin "
+                                     "set)")
+            if opcode.name in _MEMO_OPCODES and arg > size:
+                raise EvalInputError(f"{path}: not a readable pickle: at byte {position} it stores object number "
+                                     f"{arg} in a file of {size} bytes (not a .bin set)")
+    except EvalInputError:
+        raise
+    except (ValueError, EOFError, UnicodeDecodeError) as exc:
+        raise EvalInputError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc})") from None
+    handle.seek(0)
+
+
 @dataclass(eq=False)
 class BinPairs:
     """An insightface verification set: encoded images, pair i = images 2i and 2i+1."""
@@ -110,6 +164,7 @@ def load_bin(path: str | os.PathLike) -> BinPairs:
     if not path.is_file():
         raise EvalInputError(f".bin file {path} does not exist")
     with open(path, "rb") as handle:
+        _check_announced_sizes(handle, path)
         try:
             loaded = RestrictedUnpickler(handle, encoding="bytes").load()
         except UnsafePickleError as exc:

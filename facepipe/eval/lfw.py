@@ -185,10 +185,9 @@ def align_raw_images(checkpoint: str | os.PathLike, raw_root: str | os.PathLike,
     """Align the raw photos ``raw_root/key`` the way the checkpoint's model expects them (its
     config's ``align`` settings at its input size) into ``destination``; resumable."""
     from facepipe.align.job import align_images
-    from facepipe.config import Config
-    from facepipe.train.checkpoint import load_checkpoint
+    from facepipe.train.checkpoint import checkpoint_config, load_checkpoint
 
-    config = Config.model_validate(load_checkpoint(checkpoint)["config"])
+    config = checkpoint_config(load_checkpoint(checkpoint), checkpoint)
     align_config = config.align.model_copy(update={"image_size": config.data.image_size})
     destination = Path(destination)
     listing = destination / "images.txt"

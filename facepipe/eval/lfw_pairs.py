@@ -12,6 +12,11 @@ The parser is tolerant of CRLF line endings, trailing whitespace and trailing bl
 strict about everything else: a wrong field count, a non-positive or non-integer image number, a
 matched line in the mismatched block (or the reverse), a blank line inside the file, or a line
 count that disagrees with the header raise :class:`EvalInputError` naming the file and line.
+
+A pair listed twice (the same two images, in either order, anywhere in the file) is an error
+that counts the repeats and names the first: a repeat would count twice toward the accuracy
+(one matched pair repeated 10 times moved 60 % to 70 %), and dropping it instead would leave
+a set with fewer pairs than its header announces. The official files never repeat a pair.
 """
 from __future__ import annotations
 
@@ -131,6 +136,8 @@ def parse_lfw_pairs(path: str | os.PathLike) -> LFWPairs:
     numbers_b = np.empty(expected, dtype=np.int64)
     is_same = np.empty(expected, dtype=bool)
     folds = np.empty(expected, dtype=np.int64)
+    seen: dict[frozenset, int] = {}  # the two images of a pair -> its first line
+    repeats: list[tuple[int, int]] = []  # (line, the line it repeats)
     for k, line in enumerate(body[:expected]):
         line_no = k + 2
         fold, offset = divmod(k, 2 * per_class)
@@ -165,11 +172,22 @@ def parse_lfw_pairs(path: str | os.PathLike) -> LFWPairs:
         for person in (pa, pb):
             if "/" in person or "\\" in person or person in (".", ".."):
                 raise EvalInputError(f"{name}: line {line_no}: invalid person name {person!r}")
+        images = frozenset({(pa, na), (pb, nb)})
+        if images in seen:
+            repeats.append((line_no, seen[images]))
+        else:
+            seen[images] = line_no
         persons_a.append(pa)
         persons_b.append(pb)
         numbers_a[k], numbers_b[k] = na, nb
         is_same[k] = matched
         folds[k] = fold
+    if repeats:
+        line_no, original = repeats[0]
+        raise EvalInputError(
+            f"{name}: {len(repeats)} pair(s) repeat an earlier one (first: line {line_no} repeats line {original}: "
+            f"{body[line_no - 2]!r}); a repeated pair would count twice: list each pair once"
+        )
     if len(body) != expected:
         where = (f"line {expected + 2} is one more pair line" if len(body) > expected
                  else f"the file ends after line {len(body) + 1}")

@@ -1,6 +1,19 @@
-"""``facepipe eval pairs``: verification of a checkpoint on a CSV of image pairs."""
+"""``facepipe eval pairs``: verification of a checkpoint on a CSV of image pairs.
+
+A pairs CSV is read strictly where a silent change would move the accuracy:
+
+- a pair listed twice (either order of its two images) would count twice: the repeats are
+  dropped with a warning, and the number dropped is reported (``duplicate_pairs_removed`` in
+  ``metrics.json``, the summary line); the same pair listed once as same and once as not is an
+  error, as no answer can be right for both;
+- a path must stay under the root (no absolute path, no ``..`` climbing out of it), unless
+  ``allow_outside_root``: a shared pairs file must not read whatever files it names. Links
+  inside the root are followed like any file (a ``facepipe subset`` tree is links).
+"""
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +26,8 @@ from facepipe.eval.verification import cosine_scores, evaluate_verification, rea
 from facepipe.utils.device import resolve_device
 from facepipe.utils.io import staged_files, write_csv_atomic, write_json_atomic
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class PairsOnDisk:
@@ -24,19 +39,55 @@ class PairsOnDisk:
     is_same: np.ndarray
     names_a: list[str]  # the paths as the CSV wrote them
     names_b: list[str]
+    duplicates: int = 0  # repeated pairs dropped (each pair is scored once)
 
 
-def load_pairs(pairs: str | Path, root: str | Path | None = None) -> PairsOnDisk:
+def _leaves_root(name: str) -> bool:
+    normal = os.path.normpath(name)
+    return os.path.isabs(normal) or normal == ".." or normal.startswith(".." + os.sep)
+
+
+def _drop_duplicate_pairs(pairs: Path, names_a: list[str], names_b: list[str],
+                          is_same: np.ndarray) -> tuple[list[str], list[str], np.ndarray, int]:
+    first: dict[tuple[str, ...], int] = {}
+    keep: list[int] = []
+    dropped: list[tuple[int, int]] = []  # (row, the row it repeats)
+    for row, (a, b) in enumerate(zip(names_a, names_b)):
+        # Cosine similarity is symmetric: b,a is the same comparison as a,b.
+        key = tuple(sorted((os.path.normpath(a), os.path.normpath(b))))
+        if key not in first:
+            first[key] = row
+            keep.append(row)
+        elif is_same[first[key]] != is_same[row]:
+            raise DatasetError(f"{pairs}: rows {first[key] + 1} and {row + 1} (after the header) list the pair "
+                               f"{a}, {b} once as the same person and once as different people; fix the file")
+        else:
+            dropped.append((row, first[key]))
+    if dropped:
+        log.warning("%s: dropped %d repeated pair(s) (first: row %d, a repeat of row %d); each pair is scored once",
+                    pairs, len(dropped), dropped[0][0] + 1, dropped[0][1] + 1)
+    return [names_a[k] for k in keep], [names_b[k] for k in keep], is_same[keep], len(dropped)
+
+
+def load_pairs(pairs: str | Path, root: str | Path | None = None, allow_outside_root: bool = False) -> PairsOnDisk:
     """Read a pairs CSV; paths are relative to ``root`` (default: the CSV's folder).
 
     A missing image is an error listing the missing files: dropping pairs silently would change
-    the protocol.
+    the protocol. Repeated pairs are dropped (counted in ``duplicates``); a path outside the
+    root is an error unless ``allow_outside_root`` (see the module docstring).
     """
     pairs = Path(pairs)
     if not pairs.is_file():
         raise DatasetError(f"pairs file {pairs} does not exist")
     root = Path(root) if root else pairs.parent
     names_a, names_b, is_same = read_pairs_csv(pairs)
+    if not allow_outside_root:
+        outside = [name for name in dict.fromkeys(names_a + names_b) if _leaves_root(name)]
+        if outside:
+            raise DatasetError(f"{len(outside)} path(s) in {pairs} are absolute or climb out of the root {root} "
+                               f"(e.g. {outside[0]}); pair images must lie under the root (--root), or pass "
+                               "--allow-outside-root to read them anyway")
+    names_a, names_b, is_same, duplicates = _drop_duplicate_pairs(pairs, names_a, names_b, is_same)
     unique = sorted(set(names_a) | set(names_b))
     missing = [p for p in unique if not (root / p).is_file()]
     if missing:
@@ -46,17 +97,18 @@ def load_pairs(pairs: str | Path, root: str | Path | None = None) -> PairsOnDisk
         paths=[str(root / p) for p in unique],
         idx_a=np.array([position[p] for p in names_a], dtype=np.int64),
         idx_b=np.array([position[p] for p in names_b], dtype=np.int64),
-        is_same=is_same, names_a=names_a, names_b=names_b,
+        is_same=is_same, names_a=names_a, names_b=names_b, duplicates=duplicates,
     )
 
 
 def evaluate_pairs_file(checkpoint: str | Path, pairs: str | Path, root: str | Path | None, out: str | Path,
-                        device: str = "auto", progress: bool = True) -> dict:
+                        device: str = "auto", progress: bool = True, allow_outside_root: bool = False) -> dict:
     """Embed every image the pairs name, score pairs by cosine similarity, run the 10-fold protocol.
 
-    Writes ``metrics.json``, ``scores.csv`` (one row per pair) and ``roc.png``.
+    Writes ``metrics.json`` (with ``duplicate_pairs_removed``), ``scores.csv`` (one row per
+    distinct pair) and ``roc.png``. ``allow_outside_root``: see :func:`load_pairs`.
     """
-    resolved = load_pairs(pairs, root)
+    resolved = load_pairs(pairs, root, allow_outside_root)
     torch_device = resolve_device(device)
     loaded = load_model(checkpoint, torch_device)
     embeddings = extract_embeddings(loaded.model, resolved.paths, loaded.config.data.image_size,
@@ -66,11 +118,13 @@ def evaluate_pairs_file(checkpoint: str | Path, pairs: str | Path, root: str | P
     result = evaluate_verification(scores, resolved.is_same)
     out = Path(out)
     metrics = {"checkpoint": str(checkpoint), "model_fingerprint": loaded.fingerprint, "pairs": str(pairs),
-               "root": str(Path(root) if root else Path(pairs).parent), "flip": loaded.config.embed.flip, **result.to_dict()}
+               "root": str(Path(root) if root else Path(pairs).parent), "flip": loaded.config.embed.flip,
+               "duplicate_pairs_removed": resolved.duplicates, **result.to_dict()}
     # Together, metrics.json last: a failed plot never leaves new scores beside old metrics.
     with staged_files(out, last="metrics.json") as staging:
         write_csv_atomic(staging / "scores.csv", ["path_a", "path_b", "is_same", "score"],
                          zip(resolved.names_a, resolved.names_b, resolved.is_same.astype(int), np.round(scores, 6)))
         plot_roc({f"{Path(checkpoint).name} (AUC {result.auc:.3f})": (result.fpr, result.tpr)}, staging / "roc.png")
         write_json_atomic(staging / "metrics.json", metrics)
-    return {"metrics": metrics, "summary": f"{result.num_pairs} pairs: {result.summary()} -> {out}"}
+    dropped = f" ({resolved.duplicates} repeated pair(s) dropped)" if resolved.duplicates else ""
+    return {"metrics": metrics, "summary": f"{result.num_pairs} pairs{dropped}: {result.summary()} -> {out}"}

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from facepipe.errors import FacepipeUserError
 from facepipe.utils.io import atomic_write
 
 __all__ = [
@@ -52,7 +53,7 @@ SEPARATE_THRESHOLD = "separate"
 _SCORE_CHUNK = 65536
 
 
-class EvalInputError(ValueError):
+class EvalInputError(ValueError, FacepipeUserError):
     """Evaluation input that cannot be used: a malformed pairs/splits file, a pair naming a
     missing image, an unsafe or malformed .bin file, embeddings that do not match a manifest."""
 
@@ -109,7 +110,7 @@ def cosine_scores(embeddings: np.ndarray, idx_a: np.ndarray, idx_b: np.ndarray) 
 
     Rows are L2-normalised here (inputs need not be normalised); computation is in float64 and
     the result is clipped to [-1, 1]. Rows with zero norm or non-finite values have no defined
-    direction and raise ValueError instead of producing NaN scores.
+    direction and raise :class:`EvalInputError` (a ValueError) instead of producing NaN scores.
     """
     emb = np.asarray(embeddings)
     if emb.ndim != 2:
@@ -137,7 +138,8 @@ def cosine_scores(embeddings: np.ndarray, idx_a: np.ndarray, idx_b: np.ndarray) 
         nb = np.sqrt(np.einsum("ij,ij->i", eb, eb))
         bad = ~(np.isfinite(na) & np.isfinite(nb) & (na > 0) & (nb > 0))
         if bad.any():
-            raise ValueError(
+            # The embeddings' fault (a damaged .npy, a diverged checkpoint), not the caller's.
+            raise EvalInputError(
                 f"{int(bad.sum())} pair(s) reference embedding rows with zero norm or non-finite "
                 "values; cosine similarity is undefined for them"
             )
@@ -704,8 +706,9 @@ def read_pairs_csv(path: str | os.PathLike) -> tuple[list[str], list[str], np.nd
     """Read a pair list written by :func:`write_pairs_csv` (header ``path_a,path_b,is_same``).
 
     Strict: a missing/different header, a row without exactly 3 columns, an empty path, an
-    ``is_same`` other than 0/1, or a blank line between rows raises ValueError naming the file
-    and the line number. CRLF line endings, a UTF-8 BOM and trailing blank lines are accepted.
+    ``is_same`` other than 0/1, a blank line between rows or text that is not UTF-8 raises
+    :class:`EvalInputError` (a ValueError) naming the file and the line number. CRLF line
+    endings, a UTF-8 BOM and trailing blank lines are accepted.
 
     Returns ``(paths_a, paths_b, is_same)`` with is_same as a bool array.
     """
@@ -724,28 +727,30 @@ def read_pairs_csv(path: str | os.PathLike) -> tuple[list[str], list[str], np.nd
                         blank_line = line
                     continue
                 if blank_line is not None:
-                    raise ValueError(f"{path}: line {blank_line}: blank line before more rows")
+                    raise EvalInputError(f"{path}: line {blank_line}: blank line before more rows")
                 if not header_seen:
                     if tuple(c.strip() for c in row) != PAIRS_CSV_HEADER:
-                        raise ValueError(
+                        raise EvalInputError(
                             f"{path}: line {line}: expected header {','.join(PAIRS_CSV_HEADER)!r}, "
                             f"got {','.join(row)!r}"
                         )
                     header_seen = True
                     continue
                 if len(row) != 3:
-                    raise ValueError(f"{path}: line {line}: expected 3 columns, got {len(row)}: {row!r}")
+                    raise EvalInputError(f"{path}: line {line}: expected 3 columns, got {len(row)}: {row!r}")
                 pa, pb, flag = row
                 if not pa or not pb:
-                    raise ValueError(f"{path}: line {line}: empty path")
+                    raise EvalInputError(f"{path}: line {line}: empty path")
                 flag = flag.strip()
                 if flag not in ("0", "1"):
-                    raise ValueError(f"{path}: line {line}: is_same must be 0 or 1, got {flag!r}")
+                    raise EvalInputError(f"{path}: line {line}: is_same must be 0 or 1, got {flag!r}")
                 paths_a.append(pa)
                 paths_b.append(pb)
                 flags.append(flag == "1")
         except csv.Error as exc:
-            raise ValueError(f"{path}: line {reader.line_num}: malformed CSV: {exc}") from exc
+            raise EvalInputError(f"{path}: line {reader.line_num}: malformed CSV: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise EvalInputError(f"{path}: not UTF-8 text ({exc})") from None
     if not header_seen:
-        raise ValueError(f"{path}: empty file, expected header {','.join(PAIRS_CSV_HEADER)!r}")
+        raise EvalInputError(f"{path}: empty file, expected header {','.join(PAIRS_CSV_HEADER)!r}")
     return paths_a, paths_b, np.asarray(flags, dtype=bool)

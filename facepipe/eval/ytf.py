@@ -74,7 +74,10 @@ def parse_ytf_splits(path: str | os.PathLike) -> YTFSplits:
     if not path.is_file():
         raise EvalInputError(f"YTF splits file {path} does not exist")
     name = str(path)
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise EvalInputError(f"{name}: not UTF-8 text ({exc})") from None
     videos_a: list[str] = []
     videos_b: list[str] = []
     flags: list[bool] = []

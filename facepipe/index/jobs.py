@@ -21,10 +21,13 @@ from facepipe.index.store import (
     ClusterIndex,
     ClusterIndexError,
     EmptyGalleryError,
+    FingerprintMismatchError,
     _check_names,
     _unit_rows,
 )
 from facepipe.utils.io import MixedOutputError, check_parts
+from facepipe.utils.names import check_identity_names
+from facepipe.utils.walk import walk_tree
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +66,22 @@ def read_labels(path: str | os.PathLike) -> list[str]:
         if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or labels.dtype.kind == "U"):
             raise ClusterIndexError(f"{path}: labels must be a 1-D array of integers or strings, got shape "
                                     f"{list(labels.shape)} dtype {labels.dtype}")
-        return [str(x) for x in labels.tolist()]
-    text = path.read_text(encoding="utf-8")
+        return check_identity_names([str(x) for x in labels.tolist()], f"labels file {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ClusterIndexError(f"labels file {path} is not UTF-8 text ({exc})") from None
     if path.suffix.lower() == ".csv":
         rows = list(csv.reader(text.splitlines()))
         if not rows or [h.strip() for h in rows[0]] != ["row", "path", "identity"]:
             raise ClusterIndexError(f"{path}: a .csv of labels must be a 'facepipe embed' manifest "
                                     "(header row,path,identity)")
-        return [row[2].strip().replace("\\", "/").strip("/") for row in rows[1:] if row]
+        return check_identity_names([row[2].strip().replace("\\", "/").strip("/") for row in rows[1:] if row],
+                                    f"labels file {path}")
     lines = text.splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
-    return [line.strip() for line in lines]
+    return check_identity_names([line.strip() for line in lines], f"labels file {path}")
 
 
 def load_embedding_source(embeddings: str | os.PathLike | np.ndarray,
@@ -123,6 +130,19 @@ def load_embedding_source(embeddings: str | os.PathLike | np.ndarray,
         raise ClusterIndexError(f"{len(names)} labels for {len(array)} embeddings (one label per row)")
     return {"embeddings": array, "names": names, "fingerprint": info.get("model_fingerprint") or "",
             "flip": info.get("flip")}
+
+
+def check_source_fingerprint(index: ClusterIndex, source: dict, what: str, allow_unfingerprinted: bool) -> None:
+    """The model check of embeddings entering ``index``: their fingerprint must match the
+    index's, and embeddings without one (a bare ``.npy`` or array) are refused by an index that
+    records its model, unless ``allow_unfingerprinted`` (the user vouches for their model)."""
+    if not source["fingerprint"] and index.fingerprint and not allow_unfingerprinted:
+        raise FingerprintMismatchError(
+            f"{what} record no model fingerprint, and the index {index.folder} holds embeddings of model "
+            f"{index.fingerprint}: embeddings of another model would be mixed in unnoticed; give a 'facepipe "
+            "embed' output folder (its embed.json names the model), or --allow-unfingerprinted if they come "
+            "from that model")
+    index.check_fingerprint(source["fingerprint"] or None)
 
 
 def tune_num_neighbours_on_holdout(
@@ -342,10 +362,12 @@ def enrol_images(
     device: str = "auto",
     batch_size: int | None = None,
     progress: bool = True,
+    allow_unfingerprinted: bool = False,
 ) -> dict:
     """Add identities (or more images of enrolled ones) to the index in ``folder``: either an
     aligned identity-folder tree ``images`` embedded with ``checkpoint`` (whose fingerprint must
-    match the index's), or precomputed ``embeddings`` with ``labels``. See
+    match the index's), or precomputed ``embeddings`` with ``labels`` (a bare array without a
+    fingerprint only with ``allow_unfingerprinted`` when the index records its model). See
     :meth:`ClusterIndex.add` for how existing identities are extended."""
     index = ClusterIndex.open(folder)
     if (images is None) == (embeddings is None):
@@ -359,6 +381,7 @@ def enrol_images(
         source = load_embedding_source(embeddings, labels)
         if source["names"] is None:
             raise ClusterIndexError("enrolling embeddings needs labels: one identity name per row")
+        check_source_fingerprint(index, source, f"the embeddings {_describe(embeddings)}", allow_unfingerprinted)
     return index.add(source["embeddings"], source["names"], cluster_size=cluster_size,
                      fingerprint=source["fingerprint"] or None, seed=seed, niter=niter, progress=progress)
 
@@ -377,6 +400,7 @@ def calibrate_index(
     device: str = "auto",
     batch_size: int | None = None,
     progress: bool = True,
+    allow_unfingerprinted: bool = False,
 ) -> dict:
     """``facepipe index calibrate``: choose N of Eq. 10 (Huang et al. Sec. 5) on validation data of
     enrolled identities and, with impostors, the open-set threshold at ``target_far``; both are
@@ -387,8 +411,12 @@ def calibrate_index(
     Impostors (optional): ``impostor_images`` (a folder of aligned crops, identity subfolders
     optional; needs ``checkpoint``) or ``impostor_embeddings`` (an array, ``.npy`` or
     ``facepipe embed`` folder). Impostor identities that are named (subfolders, or the embed
-    manifest) must not be in the index. Returns the calibration report plus the folder.
+    manifest) must not be in the index. Embeddings without a model fingerprint need
+    ``allow_unfingerprinted`` when the index records its model (as for :func:`enrol_images`).
+    Returns the calibration report plus the folder.
     """
+    if isinstance(target_far, bool) or not 0.0 <= float(target_far) <= 1.0:  # NaN fails too
+        raise ClusterIndexError(f"target FAR {target_far!r} must lie in [0, 1] (a fraction of impostors accepted)")
     index = ClusterIndex.open(folder)
     if (images is None) == (embeddings is None):
         raise ClusterIndexError("give the validation data either as images (with a checkpoint) or as embeddings "
@@ -405,7 +433,8 @@ def calibrate_index(
         genuine = load_embedding_source(embeddings, labels)
         if genuine["names"] is None:
             raise ClusterIndexError("validation embeddings need labels: one enrolled identity name per row")
-    index.check_fingerprint(genuine["fingerprint"] or None)
+    check_source_fingerprint(index, genuine, f"the validation embeddings {_describe(embeddings)}",
+                             allow_unfingerprinted)
     impostor = None
     if impostor_images is not None:
         impostor = _embed_identity_folder(checkpoint, impostor_images, flip, device, batch_size, progress,
@@ -413,7 +442,8 @@ def calibrate_index(
     elif impostor_embeddings is not None:
         impostor = load_embedding_source(impostor_embeddings)
     if impostor is not None:
-        index.check_fingerprint(impostor["fingerprint"] or None)
+        check_source_fingerprint(index, impostor, f"the impostor embeddings {_describe(impostor_embeddings)}",
+                                 allow_unfingerprinted)
         # An enrolled identity among the impostors would be "falsely" accepted when it is right,
         # inflating the FAR and so the threshold.
         enrolled = set(index.identities()) & {name for name in impostor["names"] or () if name}
@@ -428,6 +458,10 @@ def calibrate_index(
             **report}
 
 
+def _describe(source: Any) -> str:
+    return "(an array)" if isinstance(source, np.ndarray) else str(source)
+
+
 def _expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     from facepipe.data.dataset import IMAGE_EXTENSIONS
 
@@ -435,7 +469,7 @@ def _expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            found = walk_tree(path, IMAGE_EXTENSIONS).files
             if not found:
                 raise ClusterIndexError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
             paths.extend(found)
@@ -487,9 +521,12 @@ def search_images(
     device: str = "auto",
     batch_size: int | None = None,
     progress: bool = True,
+    allow_unfingerprinted: bool = False,
 ) -> list[dict]:
     """Search the index in ``folder`` for every input: image files, folders of images (walked
-    recursively), or ``.npy`` arrays of embeddings (one query per row; no checkpoint needed).
+    recursively, links followed), or ``.npy`` arrays of embeddings (one query per row; no
+    checkpoint needed; without a model fingerprint only with ``allow_unfingerprinted`` when the
+    index records its model).
 
     Images are embedded with ``checkpoint`` (its fingerprint must match the index's) and the
     index's flip fusion. ``align``: True = every image is a raw photo, detected and aligned
@@ -516,7 +553,7 @@ def search_images(
         if Path(item).suffix.lower() == ".npy":
             source = load_embedding_source(item)
             rows = np.atleast_2d(source["embeddings"])
-            index.check_fingerprint(source["fingerprint"] or None)
+            check_source_fingerprint(index, source, f"the query embeddings {item}", allow_unfingerprinted)
             for row in range(len(rows)):
                 entries.append({"input": f"{item}[{row}]", "status": "ok", "alignment": "embedding",
                                 "query": len(queries)})

@@ -55,6 +55,7 @@ from typing import Any, Callable, Iterable, Sequence
 import faiss
 import numpy as np
 
+from facepipe.errors import FacepipeUserError
 from facepipe.index.knc import (
     DEFAULT_NUM_NEIGHBOURS_GRID,
     KNCResult,
@@ -66,6 +67,7 @@ from facepipe.index.knc import (
 )
 from facepipe.utils.faiss_device import GPU_MAX_K, gpu_count, to_device
 from facepipe.utils.io import write_bytes_atomic
+from facepipe.utils.names import check_identity_names
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +125,7 @@ _REQUIRED_META = ("format_version", "dim", "fingerprint", "kind", "config", "gen
 # --------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------
-class ClusterIndexError(ValueError):
+class ClusterIndexError(ValueError, FacepipeUserError):
     """A cluster index that cannot be used as asked: missing or damaged files, wrong dimension,
     wrong model, empty gallery, unknown identity. The CLI prints it as one line (exit 2)."""
 
@@ -756,7 +758,8 @@ class ClusterIndex:
     def knc(self, queries: np.ndarray, num_neighbours: int | None = None) -> KNCResult:
         """Eq. 10 of Huang et al. over each query's N nearest clusters (N: ``num_neighbours`` or the
         index's setting); identities as internal ids (:meth:`identity_names` maps them)."""
-        sims, owner = self.retrieve(queries, num_neighbours or self.num_neighbours)
+        # "is None", not "or": an explicit 0 is refused by retrieve, never swapped for the default.
+        sims, owner = self.retrieve(queries, self.num_neighbours if num_neighbours is None else num_neighbours)
         return knc_scores(sims, owner)
 
     def search(self, queries: np.ndarray, top_k: int = 5, num_neighbours: int | None = None) -> list[SearchResult]:
@@ -993,10 +996,11 @@ class ClusterIndex:
 
 
 def _check_names(names: Sequence[str]) -> None:
-    bad = [name for name in names if not name or name != name.strip() or "\n" in name]
+    bad = [name for name in names if not name or name != name.strip()]
     if bad:
         raise ClusterIndexError(f"identity names must be non-empty and without surrounding spaces; got "
                                 f"{', '.join(repr(n) for n in bad[:5])}")
+    check_identity_names(names, "identity names")
 
 
 def _cluster_sizes(cluster_sizes: Sequence[int] | np.ndarray | None, num_clusters: int) -> np.ndarray:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from facepipe.errors import FacepipeUserError
 from facepipe.utils.io import atomic_write
 
 FORMAT_VERSION = 1
@@ -23,7 +24,7 @@ BEST = "best.pt"
 REQUIRED_KEYS = ("format_version", "model", "config", "identities", "epoch", "step")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RuntimeError, FacepipeUserError):
     """A checkpoint that is missing, unreadable, or not a facepipe checkpoint."""
 
 
@@ -62,6 +63,35 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"({FORMAT_VERSION}); upgrade facepipe"
         )
     return state
+
+
+def checkpoint_config(state: dict[str, Any], path: str | os.PathLike) -> Any:
+    """The run's :class:`facepipe.config.Config` saved in a checkpoint (``state`` from
+    :func:`load_checkpoint`); a config this facepipe cannot use is a :class:`CheckpointError`."""
+    from pydantic import ValidationError
+
+    from facepipe.config import Config
+
+    try:
+        return Config.model_validate(state["config"])
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(part) for part in item['loc']) or '<root>'}: {item['msg']}"
+                             for item in exc.errors()[:3])
+        raise CheckpointError(f"checkpoint {path} holds a config this facepipe cannot use ({problems}); use a "
+                              "checkpoint written by 'facepipe train' of this version") from None
+
+
+def load_weights(model: torch.nn.Module, weights: Any, path: str | os.PathLike) -> None:
+    """Load a checkpoint's ``model`` weights into the model its own config describes; weights of
+    another shape (a checkpoint whose config was edited, or mixed from two runs) are a
+    :class:`CheckpointError`."""
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        mismatch = " ".join(str(exc).split())
+        raise CheckpointError(f"checkpoint {path}: its weights do not fit the model its own config describes "
+                              f"({mismatch[:300]}{' ...' if len(mismatch) > 300 else ''}); the file was altered or "
+                              "mixed from two runs: use a checkpoint as 'facepipe train' wrote it") from None
 
 
 def copy_checkpoint(source: str | os.PathLike, target: str | os.PathLike) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from facepipe.errors import UsageError
 from facepipe.utils.device import resolve_device
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def runloop_drain_seconds() -> float:
     except ValueError:
         seconds = -1.0
     if not 0.0 <= seconds < 60.0:
-        raise ValueError(f"{DRAIN_VARIABLE}={text!r}: expected seconds in [0, 60)")
+        raise UsageError(f"environment variable {DRAIN_VARIABLE}={text!r}: expected seconds in [0, 60)")
     return seconds
 
 

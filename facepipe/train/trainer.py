@@ -13,7 +13,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from facepipe.data.samplers import build_sampler
 from facepipe.data.stats import class_statistics
 from facepipe.data.transforms import build_train_transform
 from facepipe.embed.extract import embed_dataset, extract_embeddings
+from facepipe.errors import FacepipeUserError
 from facepipe.eval.pairs_job import PairsOnDisk, load_pairs
 from facepipe.eval.verification import cosine_scores, evaluate_verification
 from facepipe.losses import ARConvLHead, LSoftmaxHead, MarginHead, build_head
@@ -52,7 +53,7 @@ from facepipe.train.run_log import NullRunLog, RunLog
 from facepipe.train.stage_loss import build_stage_loss
 from facepipe.train.uncertainty_margins import refresh_margins
 from facepipe.utils.device import autocast, resolve_amp_dtype
-from facepipe.utils.io import write_json_atomic, write_text_atomic
+from facepipe.utils.io import write_json_atomic, write_text_atomic, writing_output
 from facepipe.utils.seed import rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,44 @@ RUN_FILES = (LATEST, BEST, "metrics.jsonl", "tensorboard", "config.yaml", "class
              "uncertainty.json", "uncertainty.png", "results.json")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RuntimeError, FacepipeUserError):
     """Training cannot continue (diverged, inconsistent resume)."""
+
+
+# Settings that fix the shapes of a run's saved tensors; a resumed run must keep them (the saved
+# config and the current one are compared key by key, so the message can name the key).
+RESUME_FIXED_SETTINGS = ("data.image_size", "model")
+RESUME_ADVICE = ("restore the setting to resume this run, or start a new one (--overwrite, or another "
+                 "output_dir)")
+
+
+def changed_settings(saved: dict[str, Any], current: dict[str, Any], keys: Sequence[str]) -> list[str]:
+    """``key: saved -> current`` for every setting under ``keys`` (dotted; a section stands for
+    all its keys) that differs between two config dicts (:meth:`Config.to_dict`)."""
+
+    def flat(value: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}.{key}").items()}
+        return {prefix: list(value) if isinstance(value, tuple) else value}
+
+    def lookup(config: Any, key: str) -> Any:
+        for part in key.split("."):
+            config = config.get(part) if isinstance(config, dict) else None
+        return config
+
+    changes = []
+    for key in keys:
+        before, after = flat(lookup(saved, key), key), flat(lookup(current, key), key)
+        for name in sorted(set(before) | set(after)):
+            if before.get(name) != after.get(name):
+                changes.append(f"{name}: {before.get(name)} in the checkpoint, {after.get(name)} now")
+    return changes
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    # torch's load_state_dict lists every mismatch on its own line.
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def check_run_folder(run_dir: str | Path, resume: bool, overwrite: bool) -> None:
@@ -444,7 +481,8 @@ class Trainer:
 
     def _pairs_validator(self) -> PairsValidator | None:
         spec = self.config.train.validation
-        return None if spec is None else PairsValidator(load_pairs(spec.pairs, spec.root), spec.every_epochs)
+        return None if spec is None else PairsValidator(load_pairs(spec.pairs, spec.root, spec.allow_outside_root),
+                                                        spec.every_epochs)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -502,15 +540,25 @@ class Trainer:
                 f"cannot resume from {path}: it was trained on {len(state['identities'])} identities, "
                 f"the dataset at {self.config.data.root} has {self.dataset.num_classes} (or a different list)"
             )
-        self.model.load_state_dict(state["model"])
-        # Replaying the stage switches rebuilds the optimizer's parameter groups exactly as the
-        # interrupted run had them, so its state loads one-to-one.
-        for stage_index in range(self.stage_index + 1, int(state["head_stage"]) + 1):
-            self._switch_stage(stage_index, announce=False)
-        self.head.load_state_dict(state["head"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        changed = changed_settings(state["config"], self.config.to_dict(), RESUME_FIXED_SETTINGS)
+        if changed:
+            raise TrainingError(f"cannot resume from {path}: the checkpoint no longer fits the config "
+                                f"({'; '.join(changed)}); {RESUME_ADVICE}")
+        try:
+            self.model.load_state_dict(state["model"])
+            # Replaying the stage switches rebuilds the optimizer's parameter groups exactly as the
+            # interrupted run had them, so its state loads one-to-one.
+            for stage_index in range(self.stage_index + 1, int(state["head_stage"]) + 1):
+                self._switch_stage(stage_index, announce=False)
+            self.head.load_state_dict(state["head"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, ValueError, KeyError, IndexError) as exc:
+            # The named settings above are checked first; this catches any other setting that
+            # changes the saved tensors or parameter groups (e.g. the heads of train.stages).
+            raise TrainingError(f"cannot resume from {path}: the checkpoint no longer fits the config "
+                                f"({_one_line(exc)}); {RESUME_ADVICE}") from exc
         self.epoch = int(state["epoch"])
         self.global_step = int(state["step"])
         self.step_in_epoch = int(state["step_in_epoch"])
@@ -742,12 +790,13 @@ class Trainer:
         boundary from which ``resume`` continues); return the last epoch's metrics."""
         cfg = self.config
         if self.dist.is_main:
-            if self._clear_run_dir:
-                self._remove_run_files()
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.run_dir / "config.yaml", cfg.to_yaml())
-            write_json_atomic(self.run_dir / "class_stats.json", self.stats.to_dict())
-            self.run_log = RunLog(self.run_dir)
+            with writing_output(self.run_dir):
+                if self._clear_run_dir:
+                    self._remove_run_files()
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(self.run_dir / "config.yaml", cfg.to_yaml())
+                write_json_atomic(self.run_dir / "class_stats.json", self.stats.to_dict())
+                self.run_log = RunLog(self.run_dir)
         else:
             self.run_log = NullRunLog()
         self._clear_run_dir = False  # a second fit() continues this run

@@ -6,16 +6,28 @@ import logging
 
 import torch
 
+from facepipe.errors import FacepipeUserError
+
 log = logging.getLogger(__name__)
+
+
+class DeviceError(RuntimeError, FacepipeUserError):
+    """A device (``--device``, ``train.device``) that this machine does not have."""
 
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA when a GPU is visible; asking for CUDA without one is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"device '{name}' is not a device name; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device '{name}' was requested but no CUDA GPU is visible; use device=auto or cpu")
+        raise DeviceError(f"device '{name}' was requested but no CUDA GPU is visible; use device=auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceError(f"device '{name}' was requested but only {torch.cuda.device_count()} CUDA GPU(s) are "
+                          "visible (cuda:0 ...)")
     return device
 
 

@@ -26,6 +26,8 @@ from typing import IO, Any, Iterable, Iterator, Sequence
 import numpy as np
 from filelock import FileLock, Timeout
 
+from facepipe.errors import FacepipeUserError
+
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", durable: bool = True, **open_kwargs: Any) -> Iterator[IO]:
@@ -35,15 +37,17 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", durable: bool = True
     crash may leave an empty file; for many small outputs that are cheap to redo (image crops).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with writing_output(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode, **open_kwargs) as handle:
             yield handle
             handle.flush()
             if durable:
                 os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
+        with writing_output(path):
+            os.replace(tmp_name, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
@@ -77,7 +81,7 @@ def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
         np.save(handle, array)
 
 
-class OutputError(ValueError):
+class OutputError(ValueError, FacepipeUserError):
     """An output cannot be written or read as asked (it would replace something else, another
     process is writing it, its parts disagree): a problem for the user to resolve, not a bug."""
 
@@ -88,6 +92,26 @@ class OutputLockedError(OutputError):
 
 class MixedOutputError(OutputError):
     """An output folder's files are not the ones written together."""
+
+
+class UnwritableOutputError(OutputError, PermissionError):
+    """The operating system refused to write an output (permission denied, read-only folder)."""
+
+
+@contextlib.contextmanager
+def writing_output(output: str | os.PathLike) -> Iterator[None]:
+    """Around the steps that create ``output`` (folders, temporary files, renames, locks): the
+    operating system's refusal becomes an :class:`UnwritableOutputError` naming the output and
+    the folder that refused, not the temporary file that happened to be created first."""
+    try:
+        yield
+    except PermissionError as exc:
+        if isinstance(exc, OutputError):
+            raise
+        output = Path(output)
+        folder = Path(exc.filename).parent if exc.filename else output.parent
+        raise UnwritableOutputError(f"cannot write {output}: permission denied in the folder {folder}; choose an "
+                                    f"output you may write to, or change that folder's permissions") from exc
 
 
 def _is_empty_dir(path: Path) -> bool:
@@ -117,10 +141,11 @@ def atomic_folder(path: str | os.PathLike, replace: bool = False) -> Iterator[Pa
         raise OutputError(f"{path} exists and is not a folder")
     if path.is_dir() and not replace and not _is_empty_dir(path):
         raise OutputError(f"{path} is not empty; choose a new output folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Not mkdtemp: its mode 0700 would become the output's; mkdir honours the umask.
     staging = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    staging.mkdir()
+    with writing_output(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
     try:
         yield staging
         _fsync_dir(staging)
@@ -149,9 +174,10 @@ def staged_files(folder: str | os.PathLike, last: str | None = None) -> Iterator
     after the others, e.g. the record that describes them). An error in the block leaves
     ``folder`` as it was; only a kill during the renames (microseconds) can mix old and new."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     staging = folder / f".staging.{secrets.token_hex(6)}.tmp"
-    staging.mkdir()
+    with writing_output(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
     try:
         yield staging
         names = sorted(entry.name for entry in staging.iterdir())
@@ -200,10 +226,11 @@ def exclusive_lock(lock_path: str | os.PathLike, what: str) -> Iterator[None]:
     :class:`OutputLockedError` at once when another process holds it. ``what`` names the guarded
     output in the message. The lock is the operating system's, so a killed holder releases it."""
     lock_path = Path(lock_path)
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(lock_path, timeout=0)
     try:
-        lock.acquire()
+        with writing_output(lock_path.parent):
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
     except Timeout:
         raise OutputLockedError(f"{what} is in use by another process (lock {lock_path}); wait for it to "
                                 "finish, or choose another output") from None
