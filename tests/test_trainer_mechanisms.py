@@ -21,31 +21,29 @@ def train_records(run_dir):
     return [r for r in map(json.loads, lines) if r["event"] == "train"]
 
 
-def test_lambda_continues_across_margin_product_stages(tiny_dataset, tmp_path):
+def two_lsoftmax_stages(tiny_dataset, tmp_path, **second):
+    """Train two L-Softmax epochs, the second stage's head with ``second``; (trainer, steps per
+    epoch, lambda of every step)."""
     config = tiny_config(tiny_dataset, tmp_path / "run",
-                         train={"stages": [lsoftmax(1), lsoftmax(1, margin_source="uncertainty")],
-                                "log_every_steps": 1})
+                         train={"stages": [lsoftmax(1), lsoftmax(1, **second)], "log_every_steps": 1})
     trainer = Trainer(config, progress=False)
-    steps = trainer.steps_per_epoch
     trainer.fit()
+    return trainer, trainer.steps_per_epoch, [r["lambda"] for r in train_records(tmp_path / "run")]
+
+
+def test_lambda_continues_across_margin_product_stages(tiny_dataset, tmp_path):
+    trainer, steps, lambdas = two_lsoftmax_stages(tiny_dataset, tmp_path, margin_source="uncertainty")
     # One schedule over both stages: the second head went on from the first head's count.
     assert trainer.anneal_step == 2 * steps
     assert int(trainer.head.it) == 2 * steps
-    lambdas = [r["lambda"] for r in train_records(tmp_path / "run")]
     assert len(lambdas) == 2 * steps
     assert all(later < earlier for earlier, later in zip(lambdas, lambdas[1:])), lambdas  # never restarts
     assert load_checkpoint(tmp_path / "run" / "latest.pt")["anneal_step"] == 2 * steps
 
 
 def test_lambda_restart_is_explicit(tiny_dataset, tmp_path):
-    config = tiny_config(tiny_dataset, tmp_path / "run",
-                         train={"stages": [lsoftmax(1), lsoftmax(1, lambda_schedule="restart")],
-                                "log_every_steps": 1})
-    trainer = Trainer(config, progress=False)
-    steps = trainer.steps_per_epoch
-    trainer.fit()
+    trainer, steps, lambdas = two_lsoftmax_stages(tiny_dataset, tmp_path, lambda_schedule="restart")
     assert trainer.anneal_step == steps
-    lambdas = [r["lambda"] for r in train_records(tmp_path / "run")]
     assert lambdas[steps] > lambdas[steps - 1]  # back up at the switch
 
 
