@@ -92,7 +92,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from facepipe.config import find_config, load_config
     from facepipe.train import train
     from facepipe.train.distributed import launched_by_torchrun
-    from facepipe.train.trainer import check_run_folder
+    from facepipe.train.trainer import check_run_folder, format_run_summary
 
     if args.nproc > 1 and not launched_by_torchrun():
         # Checked here too: one line now instead of one per process and torchrun's traceback.
@@ -109,8 +109,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     metrics = train(config, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 speaks for the run
         return 0
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-    print(f"training finished: {shown}; checkpoints in {config.output_dir}")
+    # The whole run (stages, epochs, steps, wall time, final loss, best.pt or why there is none).
+    first, *rest = format_run_summary(metrics["run"])
+    print("\n".join([f"training finished: {first}", *(f"  {line}" for line in rest)]))
     return 0
 
 
@@ -141,7 +142,8 @@ def cmd_eval_pairs(args: argparse.Namespace) -> int:
     from facepipe.eval.pairs_job import evaluate_pairs_file
 
     result = evaluate_pairs_file(args.checkpoint, args.pairs, args.root, args.out, device=args.device,
-                                 progress=not args.quiet, allow_outside_root=args.allow_outside_root)
+                                 progress=not args.quiet, allow_outside_root=args.allow_outside_root,
+                                 align_check=not args.no_align_check)
     print(result["summary"])
     return 0
 
@@ -166,7 +168,7 @@ def cmd_eval_lfw(args: argparse.Namespace) -> int:
                           embeddings=args.embeddings, threshold_pairs=args.threshold_pairs,
                           allow_missing=args.allow_missing, missing=_read_missing_list(args.missing_list),
                           align=args.align, flip=args.flip, extension=args.ext, device=args.device, batch_size=args.batch_size,
-                          progress=not args.quiet)
+                          progress=not args.quiet, align_check=not args.no_align_check)
     print(result["summary"])
     return 0
 
@@ -230,7 +232,8 @@ def cmd_subset(args: argparse.Namespace) -> int:
 def cmd_pack(args: argparse.Namespace) -> int:
     from facepipe.data.recordio import pack_identity_folder
 
-    info = pack_identity_folder(args.source, args.out_dir, prefix=args.prefix, progress=not args.quiet)
+    info = pack_identity_folder(args.source, args.out_dir, prefix=args.prefix, progress=not args.quiet,
+                                overwrite=args.overwrite)
     height, width = info["image_size"]
     print(f"packed {info['num_images']} images of {info['num_classes']} identities ({height}x{width}, "
           f"{info['reencoded']} re-encoded) into {info['rec']} ({info['bytes'] / 2**20:.1f} MiB), "
@@ -266,12 +269,14 @@ def _index_options(args: argparse.Namespace) -> dict:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from facepipe.index.store import ClusterIndexError
+    from facepipe.index.store import ClusterIndexError, check_index_destination
     from facepipe.index.jobs import build_index_from_checkpoint, build_index_from_embeddings, load_embedding_source
 
     options = dict(kind=args.kind, config=_index_options(args), seed=args.seed, overwrite=args.overwrite,
                    progress=not args.quiet)
-    if _index_source(args) == "images":
+    source_kind = _index_source(args)
+    check_index_destination(args.dir, args.overwrite)  # before loading, embedding or clustering anything
+    if source_kind == "images":
         index = build_index_from_checkpoint(args.dir, args.checkpoint, args.images, args.cluster_size,
                                             device=args.device, batch_size=args.batch_size, **options)
     else:
@@ -418,6 +423,14 @@ def cmd_index_margins(args: argparse.Namespace) -> int:
     return 0
 
 
+# The SCORE column of 'facepipe search' (facepipe.index.knc): the log of Huang et al.'s Eq. 10.
+SEARCH_SCORE_EXPLANATION = (
+    "SCORE: log of the k-nearest-cluster score of Huang et al. Eq. 10: the identity's lowest cosine similarity "
+    "to the query among the retrieved clusters minus the log-sum-exp of the cosine similarities of the other "
+    "identities' retrieved clusters (taken as one cluster at -1 when none was retrieved); higher is better, and "
+    "it can be negative")
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from facepipe.index.jobs import search_images
     from facepipe.utils.io import write_json_atomic
@@ -447,13 +460,109 @@ def cmd_search(args: argparse.Namespace) -> int:
         fewer = ("; a query lists only the identities owning those clusters (--num-neighbours for more)"
                  if searched["num_neighbours"] < args.top_k else "")
         print(f"clusters retrieved per query (Eq. 10): {searched['num_neighbours_source']}{fewer}")
+        print(SEARCH_SCORE_EXPLANATION)
+    # One index, one threshold (every result carries it, also one without a query).
+    threshold = results[0].get("unknown_threshold") if results else None
+    if threshold is not None:
+        print(f"unknown: the best SCORE of the query is below the index's unknown threshold {threshold:.4f} (the "
+              "row shows that score and its identity)")
+    else:
+        # On stderr: a script reading the table from stdout gets the table only.
+        print(f"facepipe search: note: the index {args.index} has no unknown threshold, so every query is given "
+              "its best-scoring enrolled identity and none is 'unknown'; set one with 'facepipe index calibrate "
+              f"{args.index} --embeddings VAL.npy --labels VAL_NAMES.txt --impostor-embeddings IMPOSTORS.npy' (or "
+              "--checkpoint MODEL.pt --images VAL_DIR --impostor-images IMPOSTOR_DIR; validation images of "
+              "enrolled identities, impostors of identities not enrolled; --target-far, default 0.01)",
+              file=sys.stderr)
     if args.json:
         write_json_atomic(args.json, {"index": args.index, "top_k": args.top_k,
                                       "score": "log of Eq. 10 of Huang et al. (TPAMI 2019)",
                                       "num_neighbours": searched and searched["num_neighbours"],
                                       "num_neighbours_source": searched and searched["num_neighbours_source"],
+                                      "unknown_threshold": threshold,
                                       "results": results})
     return 0
+
+
+# ----------------------------------------------------------------------------- help
+def shows_default(action: argparse.Action) -> bool:
+    """Whether ``action`` has a default worth printing in its help: not None, False, SUPPRESS or
+    an empty list (a flag that is off, an option that is unset, a repeatable one not given)."""
+    default = action.default
+    return not (default is None or default is False or default is argparse.SUPPRESS
+                or (isinstance(default, (list, tuple)) and not default))
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """The help of every facepipe parser (the top level and each subcommand).
+
+    As ``argparse.ArgumentDefaultsHelpFormatter``, an option's help ends with its default, but
+    only where :func:`shows_default` and its text does not already speak of the default (so a
+    default is never printed twice). Descriptions and epilogs are filled paragraph by paragraph,
+    except paragraphs with indented lines (the command overview), which stay as written.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if shows_default(action) and "default" not in text.lower():
+            text += " (default: %(default)s)"
+        return text
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = text.split("\n\n")
+        return "\n\n".join(
+            "\n".join(indent + line for line in paragraph.splitlines())
+            if any(line.startswith(" ") for line in paragraph.splitlines())
+            else super(HelpFormatter, self)._fill_text(paragraph, width, indent)
+            for paragraph in paragraphs)
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, str, argparse.ArgumentParser]]:
+    """(name, one-line help, parser) of each subcommand of ``parser``, in help order."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found += [(choice.dest, choice.help or "", action.choices[choice.dest])
+                      for choice in action._choices_actions]
+    return found
+
+
+def _commands(parser: argparse.ArgumentParser, words: tuple[str, ...] = ()):
+    """(command words, one-line help, parser) of every command below ``parser``, depth first."""
+    for name, text, child in _subcommands(parser):
+        yield (*words, name), text, child
+        yield from _commands(child, (*words, name))
+
+
+def _finish_help(parser: argparse.ArgumentParser) -> None:
+    """Give ``parser`` and every parser below it :class:`HelpFormatter`, each command its
+    one-line help as the description of its own ``--help``, and ``parser`` an overview of the
+    commands inside its command groups (``eval lfw``, ``index build``, ...)."""
+    parser.formatter_class = HelpFormatter
+    for _, text, child in _commands(parser):
+        child.formatter_class = HelpFormatter
+        child.description = child.description or text
+    nested = [(" ".join(words), text) for words, text, _ in _commands(parser) if len(words) > 1]
+    if nested:
+        parser.epilog = _command_overview(nested)
+
+
+def _command_overview(commands: list[tuple[str, str]], width: int = 78) -> str:
+    import textwrap
+
+    column = max(len(name) for name, _ in commands) + 4
+    lines = ["commands in the groups ('facepipe GROUP COMMAND --help' for their options):"]
+    for name, text in commands:
+        wrapped = textwrap.wrap(text, max(20, width - column), break_on_hyphens=False) or [""]
+        lines.append(f"  {name:<{column - 2}}{wrapped[0]}")
+        lines += [" " * column + more for more in wrapped[1:]]
+    return "\n".join(lines)
+
+
+# Options that several commands share.
+DEVICE_HELP = "torch device of the model: auto (a CUDA GPU when one is visible, else the CPU), cpu, cuda or cuda:N"
+BATCH_SIZE_HELP = "images per embedding batch (default: the checkpoint config's embed.batch_size)"
+QUIET_HELP = "no progress bars"
 
 
 # ----------------------------------------------------------------------------- parser
@@ -461,7 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="facepipe",
         description="Face-recognition embeddings for long-tailed identity data: synthetic data, "
-        "IR-SE training with margin heads, embedding extraction and verification.",
+        "IR-SE training with margin heads, embedding extraction, verification and cluster-index identity search.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -476,16 +586,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="render a synthetic long-tailed identity dataset")
     p.add_argument("--out", required=True, help="output folder: OUT/<identity>/<n>.png")
     p.add_argument("--identities", type=_whole(1), required=True, help="number of identities")
-    p.add_argument("--seed", type=_whole(0), default=0)
+    p.add_argument("--seed", type=_whole(0), default=0,
+                   help="random seed: the same seed (and --first-identity) renders the same images")
     p.add_argument("--distribution", choices=["power", "zipf", "uniform"], default="power",
                    help="images per identity: power law of Huang et al. Sec. 5.5, Zipf, or uniform")
     p.add_argument("--max-images", type=_whole(1), default=60, help="images of the largest identity")
     p.add_argument("--min-images", type=_whole(1), default=2, help="images of the smallest identity")
     p.add_argument("--gamma", type=_number(0), default=1.0, help="power-law exponent (smaller = more balanced)")
-    p.add_argument("--size", type=_size, default=(112, 112), help="image size N or HxW (default 112x112)")
+    p.add_argument("--size", type=_size, default="112x112", help="image size in pixels, N (square) or HxW")
     p.add_argument("--first-identity", type=_whole(0), default=0, help="global index of the first identity")
     p.add_argument("--images-per-identity", type=_whole(1), default=None, help="same count for every identity")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("align", help="MTCNN detection and 5-point alignment of an image tree or list file")
@@ -498,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_whole(0), default=None,
                    help="processes that decode, detect and write (default: one per two cores; 0: no subprocess)")
     p.add_argument("--restart", action="store_true", help="ignore earlier progress in DST and redo every image")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="align overrides, e.g. image_size=[112,96] select=central no_face=skip")
     p.set_defaults(func=cmd_align)
@@ -516,6 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="IDENTITY_FOLDER", help="identity-folder tree: IDENTITY_FOLDER/<identity>/<image>")
     p.add_argument("out_dir", metavar="OUT_DIR", help="output folder (outside IDENTITY_FOLDER)")
     p.add_argument("--prefix", default="train", help="name of the .rec and .idx files (default: train)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT_DIR/<prefix>.rec and .idx if they exist (refused otherwise)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pack)
 
@@ -531,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
         # Without either flag a run folder holding a checkpoint is refused, never silently replaced.
         again.add_argument("--overwrite", action="store_true",
                            help="delete the run already in OUTPUT_DIR (checkpoints, metrics) and start afresh")
-        p.add_argument("--quiet", action="store_true")
+        p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
         p.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}")
         p.set_defaults(func=func)
         if name == "train":
@@ -539,33 +652,36 @@ def build_parser() -> argparse.ArgumentParser:
                            help="processes on this machine (torchrun with DistributedDataParallel; one per GPU)")
 
     p = sub.add_parser("embed", help="embed every image of a folder with a trained checkpoint")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="trained model checkpoint (.pt, e.g. RUN/latest.pt)")
     p.add_argument("--images", required=True, help="folder of images (identity subfolders optional)")
     p.add_argument("--out", required=True, help="folder for embeddings.npy, manifest.csv, embed.json")
     p.add_argument("--flip", choices=["sum", "concat", "none"], default=None, help="flip fusion (default: config)")
-    p.add_argument("--batch-size", type=_whole(1), default=None)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=_whole(1), default=None, help=BATCH_SIZE_HELP)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--workers", type=_whole(0), default=2, help="decoding worker processes")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint")
     eval_sub = p.add_subparsers(dest="protocol", metavar="PROTOCOL", required=True)
     q = eval_sub.add_parser("pairs", help="verification on a CSV of pairs (path_a,path_b,is_same)")
-    q.add_argument("--checkpoint", required=True)
+    q.add_argument("--checkpoint", required=True, help="model checkpoint (.pt) that embeds the pair images")
     q.add_argument("--pairs", required=True, help="CSV with header path_a,path_b,is_same")
     q.add_argument("--root", default=None, help="folder the pair paths are relative to (default: the CSV's)")
     q.add_argument("--allow-outside-root", action="store_true",
                    help="accept pair paths that are absolute or climb out of the root with '..'")
+    q.add_argument("--no-align-check", action="store_true",
+                   help="evaluate images that are not of the model's input size, outside any 'facepipe align' "
+                        "output, as they are (resized whole); refused otherwise as raw photos")
     q.add_argument("--out", required=True, help="report folder")
-    q.add_argument("--device", default="auto")
-    q.add_argument("--quiet", action="store_true")
+    q.add_argument("--device", default="auto", help=DEVICE_HELP)
+    q.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     q.set_defaults(func=cmd_eval_pairs)
 
     def model_options(q: argparse.ArgumentParser) -> None:
         q.add_argument("--flip", choices=["sum", "concat", "none"], default=None, help="flip fusion (default: config)")
-        q.add_argument("--batch-size", type=_whole(1), default=None)
-        q.add_argument("--device", default="auto")
+        q.add_argument("--batch-size", type=_whole(1), default=None, help=BATCH_SIZE_HELP)
+        q.add_argument("--device", default="auto", help=DEVICE_HELP)
         q.add_argument("--quiet", action="store_true", help="no progress bars")
 
     q = eval_sub.add_parser("lfw", help="LFW verification on an official pairs file (View 1 or View 2)")
@@ -575,7 +691,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "folder also tells which images had no face")
     q.add_argument("--align", action="store_true",
                    help="--images are raw photos: align them first (into OUT/aligned) as the checkpoint's config says")
-    q.add_argument("--checkpoint", default=None)
+    q.add_argument("--no-align-check", action="store_true",
+                   help="without --align, evaluate --images that are not of the model's input size, outside any "
+                        "'facepipe align' output, as they are (resized whole); refused otherwise as raw photos")
+    q.add_argument("--checkpoint", default=None, help="model checkpoint (.pt) that embeds --images")
     q.add_argument("--embeddings", default=None, help="'facepipe embed' output folder of those images instead")
     q.add_argument("--threshold-pairs", default=None,
                    help="separate pairs file to choose the threshold on (View 1: pairsDevTrain.txt)")
@@ -590,7 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = eval_sub.add_parser("ytf", help="YouTube Faces video verification on a splits file")
     q.add_argument("--splits", required=True, help="splits.txt: split, first video, second video, ..., is same")
     q.add_argument("--videos", default=None, help="folder of person/n/<frames> (needs --checkpoint)")
-    q.add_argument("--checkpoint", default=None)
+    q.add_argument("--checkpoint", default=None, help="model checkpoint (.pt) that embeds the frames of --videos")
     q.add_argument("--embeddings", default=None, help="'facepipe embed' output folder of the video frames instead")
     q.add_argument("--max-frames", type=_whole(1), default=None, help="at most F evenly spaced frames per video")
     q.add_argument("--allow-missing", action="store_true", help="count pairs with a missing video as wrong")
@@ -615,7 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = eval_sub.add_parser("bin", help="verification on an insightface .bin set (lfw.bin, cfp_fp.bin, agedb_30.bin)")
     q.add_argument("--bin", required=True, help="the .bin file")
-    q.add_argument("--checkpoint", default=None)
+    q.add_argument("--checkpoint", default=None, help="model checkpoint (.pt) that embeds the images of the .bin")
     q.add_argument("--embeddings", default=None, help=".npy with one row per image of the .bin, in file order")
     q.add_argument("--out", required=True, help="report folder")
     model_options(q)
@@ -633,8 +752,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--labels", default=None,
                        help="identity of each row: a text file (one name per line), .npy, or manifest.csv")
         q.add_argument("--seed", type=_whole(0), default=0, help="k-means seed")
-        q.add_argument("--batch-size", type=_whole(1), default=None)
-        q.add_argument("--device", default="auto")
+        q.add_argument("--batch-size", type=_whole(1), default=None, help=BATCH_SIZE_HELP)
+        q.add_argument("--device", default="auto", help=DEVICE_HELP)
         q.add_argument("--quiet", action="store_true", help="no progress bars")
 
     def allow_unfingerprinted(q: argparse.ArgumentParser) -> None:
@@ -667,7 +786,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = index_sub.add_parser("remove", help="remove identities and their clusters")
     q.add_argument("dir", metavar="DIR", help="index folder")
-    q.add_argument("identities", nargs="+", metavar="IDENTITY")
+    q.add_argument("identities", nargs="+", metavar="IDENTITY",
+                   help="name of an identity to remove with all its clusters")
     q.set_defaults(func=cmd_index_remove)
 
     q = index_sub.add_parser("info", help="identities, clusters, kind and model of an index")
@@ -705,16 +825,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-neighbours", type=_whole(1), default=None,
                    help="N of Eq. 10 (default: the index's; the output says where it came from)")
     p.add_argument("--align", dest="align", action="store_const", const=True, default="auto",
-                   help="inputs are raw photos: detect and align them first")
+                   help="inputs are raw photos: detect and align them all first (default: auto, an image at the "
+                        "model's input size is taken as a crop and any other aligned)")
     p.add_argument("--no-align", dest="align", action="store_const", const=False,
-                   help="inputs are aligned crops (default: auto, by image size)")
+                   help="inputs are aligned crops: align none of them")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results to this JSON file")
-    p.add_argument("--batch-size", type=_whole(1), default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--batch-size", type=_whole(1), default=None, help=BATCH_SIZE_HELP)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders of images, or .npy embeddings")
     allow_unfingerprinted(p)
     p.set_defaults(func=cmd_search)
+    _finish_help(parser)
     return parser
 
 

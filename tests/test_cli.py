@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,15 @@ def test_train_embed_and_eval_pairs_through_the_cli(tiny_dataset, tmp_path, caps
     config_path = tmp_path / "c.yaml"
     config_path.write_text(config.to_yaml())
     assert main(["train", "--config", str(config_path), "--quiet", "optim.lr=0.01"]) == 0
+    # The summary describes the whole run; without validation there is no best.pt (issue 26).
+    printed = capsys.readouterr().out.strip().splitlines()
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if r["event"] == "epoch"][-1]
+    assert printed[0] == f"training finished: trained 1 stage (arcface 1 epoch): 1/1 epochs, {last['step']} steps"
+    assert re.fullmatch(r"  wall time \d+\.\d s", printed[1])
+    assert printed[2] == f"  final loss {last['loss']:.4f} (epoch 1, training accuracy {last['accuracy']:.4f})"
+    assert printed[3:] == ["  no validation set: only latest.pt written", f"  checkpoints in {tmp_path / 'run'}: latest.pt"]
+    assert not (tmp_path / "run" / "best.pt").exists()
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["optim"]["lr"] == 0.01
     checkpoint = tmp_path / "run" / "latest.pt"
@@ -60,6 +70,30 @@ def test_train_embed_and_eval_pairs_through_the_cli(tiny_dataset, tmp_path, caps
     assert len((tmp_path / "report" / "scores.csv").read_text().splitlines()) == 41
 
 
+def test_train_summary_names_the_best_epoch_with_validation(tiny_dataset, tmp_path, capsys):
+    dataset = IdentityFolderDataset(tiny_dataset)
+    idx_a, idx_b, is_same = make_pairs(dataset.labels, 40, seed=1)
+    rel = [Path(s.path).relative_to(tiny_dataset).as_posix() for s in dataset.samples]
+    pairs = tmp_path / "val.csv"
+    write_pairs_csv(pairs, [rel[i] for i in idx_a], [rel[i] for i in idx_b], is_same)
+    config = tiny_config(tiny_dataset, tmp_path / "run",
+                         train={"validation": {"pairs": str(pairs), "root": str(tiny_dataset)}})
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(config.to_yaml())
+    assert main(["train", "--config", str(config_path), "--quiet"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    epochs = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+              if r["event"] == "epoch"]
+    accuracies = [r["val_accuracy"] for r in epochs]
+    best_epoch = 1 + accuracies.index(max(accuracies))
+    assert printed[0] == ("training finished: trained 2 stages (softmax 1 epoch, cosface 1 epoch): 2/2 epochs, "
+                          f"{epochs[-1]['step']} steps")
+    assert printed[-2:] == [f"  best.pt: epoch {best_epoch}, val_accuracy {max(accuracies):.4f} "
+                            "(the highest of the validated epochs)",
+                            f"  checkpoints in {tmp_path / 'run'}: latest.pt, best.pt"]
+    assert (tmp_path / "run" / "best.pt").is_file()
+
+
 def test_user_errors_are_one_line_with_exit_status_2(tiny_dataset, tmp_path, capsys):
     assert main(["train", "--config", "demo", "data.batchsize=4"]) == 2
     err = capsys.readouterr().err
@@ -71,15 +105,24 @@ def test_user_errors_are_one_line_with_exit_status_2(tiny_dataset, tmp_path, cap
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_resume_flag_continues_a_run(tiny_dataset, tmp_path):
+def test_resume_flag_continues_a_run(tiny_dataset, tmp_path, capsys):
     config = tiny_config(tiny_dataset, tmp_path / "run")
     config_path = tmp_path / "c.yaml"
     config_path.write_text(config.to_yaml())
     assert main(["train", "--config", str(config_path), "--quiet", "train.stages=[{epochs: 1, head: {type: softmax}}]"]) == 0
+    assert "resumed" not in capsys.readouterr().out
     assert main(["train", "--config", str(config_path), "--quiet", "--resume",
                  "train.stages=[{epochs: 2, head: {type: softmax}}]"]) == 0
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if r["event"] == "epoch"] == [1, 2]
+    # The summary counts the whole run and says this session resumed it (and what it trained).
+    steps = records[-1]["step"]
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[0] == f"training finished: trained 1 stage (softmax 2 epochs): 2/2 epochs, {steps} steps"
+    assert re.fullmatch(rf"  resumed at epoch 1: this session trained 1 epoch \({steps // 2} steps\) in \d+\.\d s",
+                        printed[1])
+    assert printed[-2:] == ["  no validation set: only latest.pt written",
+                            f"  checkpoints in {tmp_path / 'run'}: latest.pt"]
     shutil.rmtree(tmp_path / "run")
 
 
@@ -90,3 +133,68 @@ def test_python_api_mirrors_the_commands():
     assert facepipe.train_model is train
     for name in ("run_demo", "generate_dataset", "embed_folder", "evaluate_pairs_file", "load_config"):
         assert callable(getattr(facepipe, name))
+
+
+def _commands(parser, words=()):
+    """(command words, one-line help, parser) of every subcommand below ``parser``, depth first."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                yield (*words, choice.dest), choice.help, action.choices[choice.dest]
+                yield from _commands(action.choices[choice.dest], (*words, choice.dest))
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())  # help wraps at the terminal width
+
+
+def test_help_describes_every_option_and_shows_its_default_once(monkeypatch):
+    import argparse
+
+    from facepipe.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping, so no word is broken at a hyphen
+    parser = build_parser()
+    commands = list(_commands(parser))
+    assert {words[0] for words, _, _ in commands} >= {
+        "demo", "synth", "align", "subset", "pack", "train", "classify", "embed", "eval", "index", "search"}
+    assert {" ".join(words) for words, _, _ in commands} >= {
+        "eval pairs", "eval lfw", "eval ytf", "eval megaface", "eval bin",
+        "index build", "index add", "index remove", "index info", "index calibrate", "index margins"}
+    top = _flat(parser.format_help())
+    checked = 0
+    for words, description, command in [((), "", parser), *commands]:
+        name = " ".join(("facepipe", *words))
+        text = _flat(command.format_help())
+        if words:
+            # One line on the level above, and the same line heads the command's own help.
+            assert description and description.strip(), f"{name} has no one-line help"
+            assert _flat(description) in text, name
+            # The top level names every command, those inside the groups too, with its line.
+            assert _flat(f"{' '.join(words)} {description}") in top, name
+        for child, child_help, _ in _commands(command):
+            if len(child) == 1:
+                assert _flat(f"{child[0]} {child_help}") in text, f"{name} --help does not list {child[0]}"
+        for action in command._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            label = f"{name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help and action.help.strip(), f"{label} has no help"
+            expanded = _flat(action.help % {**vars(action), "prog": command.prog})
+            assert expanded in text, label
+            default = action.default
+            meaningful = not (default is None or default is False or default is argparse.SUPPRESS
+                              or (isinstance(default, (list, tuple)) and not default))
+            if "default" in expanded.lower():
+                # Written into the help by hand: the formatter adds no second one.
+                assert f"{expanded} (default:" not in text, f"{label} prints its default twice"
+                if meaningful:
+                    assert str(default) in expanded, f"{label}: its help speaks of a default but not of {default!r}"
+            elif meaningful:
+                assert f"{expanded} (default: {default})" in text, f"{label} does not show its default {default!r}"
+                checked += 1
+            else:
+                assert f"{expanded} (default:" not in text, f"{label} shows a default it does not have"
+    assert checked > 20  # the formatter, not only hand-written texts, shows the defaults

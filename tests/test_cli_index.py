@@ -44,11 +44,17 @@ def search(tmp_path, capsys, *inputs, top_k=2, options=(), index="idx"):
     return table, json.loads(out.read_text())["results"]
 
 
-def test_build_info_search_add_remove(synthetic, capsys):
-    tmp_path, names = synthetic
+def build_gallery_index(tmp_path, *extra: str) -> str:
+    """``facepipe index build`` of the synthetic gallery into ``tmp_path/idx`` (clusters of 10)."""
     index = str(tmp_path / "idx")
     assert main(["index", "build", index, "--embeddings", str(tmp_path / "gallery.npy"), "--labels",
-                 str(tmp_path / "labels.txt"), "--cluster-size", "10", "--quiet"]) == 0
+                 str(tmp_path / "labels.txt"), "--cluster-size", "10", "--quiet", *extra]) == 0
+    return index
+
+
+def test_build_info_search_add_remove(synthetic, capsys):
+    tmp_path, names = synthetic
+    index = build_gallery_index(tmp_path)
     assert "built index" in capsys.readouterr().out
 
     assert main(["index", "info", index]) == 0
@@ -158,9 +164,7 @@ def test_build_options_and_errors(synthetic, capsys):
 
 def test_calibrate_stores_n_and_threshold_and_search_marks_impostors_unknown(synthetic, capsys):
     tmp_path, names = synthetic
-    index = str(tmp_path / "idx")
-    assert main(["index", "build", index, "--embeddings", str(tmp_path / "gallery.npy"), "--labels",
-                 str(tmp_path / "labels.txt"), "--cluster-size", "10", "--quiet"]) == 0
+    index = build_gallery_index(tmp_path)
     capsys.readouterr()
     # Genuine validation queries of enrolled identities; impostors: person_6 (never enrolled)
     # and random directions.
@@ -273,3 +277,164 @@ def test_calibrate_from_images_with_a_checkpoint(tiny_dataset, tmp_path, capsys)
     assert main(["index", "calibrate", index, "--images", str(gallery), "--impostor-images", str(impostors),
                  *common]) == 2
     assert "impostor identities are in the index" in capsys.readouterr().err
+
+
+def test_build_checks_its_destination_before_any_work(synthetic, capsys, monkeypatch):
+    """A destination that the build would refuse at the end is refused first (issue 26): nothing
+    is loaded, embedded or clustered, and the message is the one the final write gives."""
+    import os
+    from pathlib import Path
+
+    import facepipe.index.clusters as clusters
+    import facepipe.index.jobs as jobs
+    from facepipe.index.store import ClusterIndex, ClusterIndexError
+    from facepipe.utils.io import UnwritableOutputError
+
+    tmp_path, _ = synthetic
+    x, labels = np.load(tmp_path / "gallery.npy"), (tmp_path / "labels.txt").read_text().split()
+    late = {}
+    for name, make in (("full", lambda p: (p.mkdir(), (p / "notes.txt").write_text("mine"))),
+                       ("file", lambda p: p.write_text("a file")),
+                       ("not_index", lambda p: (p.mkdir(), (p / "notes.txt").write_text("mine")))):
+        make(tmp_path / name)
+        # The message of the check at the end of a build (what every user saw after the work).
+        with pytest.raises(ClusterIndexError) as info:
+            ClusterIndex.build(tmp_path / name, x[:2], [0, 1], ["a", "b"], overwrite=name == "not_index")
+        late[name] = str(info.value)
+    assert "exists and is not empty; pass overwrite (--overwrite)" in late["full"]
+    assert "exists and is not a folder" in late["file"] and "is not a cluster index" in late["not_index"]
+
+    def never(*args, **kwargs):
+        raise AssertionError("work was done before the destination was checked")
+
+    monkeypatch.setattr(clusters, "balanced_spherical_kmeans", never)
+    monkeypatch.setattr(jobs, "load_embedding_source", never)
+    monkeypatch.setattr(jobs, "_embed_identity_folder", never)
+    source = ["--embeddings", str(tmp_path / "gallery.npy"), "--labels", str(tmp_path / "labels.txt"), "--quiet"]
+    for name, message in late.items():
+        extra = ["--overwrite"] if name == "not_index" else []
+        assert main(["index", "build", str(tmp_path / name), *source, *extra]) == 2
+        assert capsys.readouterr().err.strip() == f"facepipe index: error: {message}"
+        assert main(["index", "build", str(tmp_path / name), "--checkpoint", "model.pt", "--images", str(tmp_path),
+                     "--quiet", *extra]) == 2
+        assert capsys.readouterr().err.strip() == f"facepipe index: error: {message}"
+        with pytest.raises(ClusterIndexError) as info:
+            jobs.build_index_from_embeddings(tmp_path / name, x, labels, overwrite=bool(extra))
+        assert str(info.value) == message
+        with pytest.raises(ClusterIndexError) as info:
+            jobs.build_index_from_checkpoint(tmp_path / name, "model.pt", tmp_path, overwrite=bool(extra))
+        assert str(info.value) == message
+    assert (tmp_path / "full" / "notes.txt").read_text() == "mine"
+
+    # A parent folder the process may not write (os.access is faked: the tests may run as root).
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and real_access(path, mode, **kw))
+    assert main(["index", "build", str(locked / "new" / "idx"), *source]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {locked / 'new' / 'idx'}: permission denied in the folder {locked}" in err
+    with pytest.raises(UnwritableOutputError, match="permission denied in the folder"):
+        jobs.build_index_from_embeddings(locked / "idx", x, labels)
+    assert not any(locked.iterdir())
+
+
+def test_search_explains_its_score_and_unknown_and_notes_a_missing_threshold(synthetic, capsys):
+    from facepipe.cli import SEARCH_SCORE_EXPLANATION
+    from facepipe.index.store import ClusterIndex
+
+    tmp_path, names = synthetic
+    index = build_gallery_index(tmp_path)
+    capsys.readouterr()
+    query = ["search", "--index", index, "--top-k", "3", "--num-neighbours", "4", "--json",
+             str(tmp_path / "results.json"), str(tmp_path / "queries.npy")]
+
+    # Uncalibrated: the footer says what SCORE is, and stderr (not the table on stdout) that no
+    # query can be unknown and how to set a threshold.
+    assert main(query) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert SEARCH_SCORE_EXPLANATION in lines and "Eq. 10" in SEARCH_SCORE_EXPLANATION
+    assert "cosine similarity" in SEARCH_SCORE_EXPLANATION and "log-sum-exp" in SEARCH_SCORE_EXPLANATION
+    assert not any(line.startswith("unknown:") for line in lines) and "threshold" not in captured.out
+    notice = [line for line in captured.err.splitlines() if "no unknown threshold" in line]
+    assert len(notice) == 1
+    assert f"the index {index} has no unknown threshold" in notice[0] and "none is 'unknown'" in notice[0]
+    assert f"facepipe index calibrate {index} --embeddings" in notice[0]
+    for option in ("--labels", "--impostor-embeddings", "--checkpoint", "--images", "--impostor-images"):
+        assert option in notice[0]
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert summary["unknown_threshold"] is None and {r["unknown_threshold"] for r in summary["results"]} == {None}
+
+    # The SCORE is what the line says: min similarity of the identity's retrieved clusters minus
+    # the log-sum-exp of the other identities' retrieved similarities.
+    opened = ClusterIndex.open(index)
+    sims, owner = opened.retrieve(np.load(tmp_path / "queries.npy"), 4)
+    for row, result in enumerate(summary["results"]):
+        for match in result["matches"]:
+            own = owner[row] == opened.identity_ids([match["identity"]])[0]
+            others = sims[row][~own & (owner[row] >= 0)]
+            denominator = np.log(np.exp(others.astype(np.float64)).sum()) if others.size else -1.0
+            assert match["score"] == pytest.approx(float(sims[row][own].min()) - denominator, abs=1e-5)
+
+    # Calibrated with impostors: no notice, and the footer names the threshold below which a
+    # query is unknown.
+    (tmp_path / "query_labels.txt").write_text("".join(f"{names[i]}\n" for i in range(6) for _ in range(2)))
+    rng = np.random.default_rng(3)
+    np.save(tmp_path / "impostors.npy", np.concatenate([np.load(tmp_path / "newcomer.npy"),
+                                                        unit(rng.normal(size=(20, DIM)))]))
+    assert main(["index", "calibrate", index, "--embeddings", str(tmp_path / "queries.npy"), "--labels",
+                 str(tmp_path / "query_labels.txt"), "--impostor-embeddings", str(tmp_path / "impostors.npy"),
+                 "--target-far", "0", "--grid", "1:9:2", "--quiet"]) == 0
+    capsys.readouterr()
+    threshold = ClusterIndex.open(index).unknown_threshold
+    assert threshold is not None
+    assert main([*query[:-1], str(tmp_path / "newcomer_query.npy"), str(tmp_path / "queries.npy")]) == 0
+    captured = capsys.readouterr()
+    assert "no unknown threshold" not in captured.err and "index calibrate" not in captured.err
+    lines = captured.out.splitlines()
+    assert SEARCH_SCORE_EXPLANATION in lines
+    assert (f"unknown: the best SCORE of the query is below the index's unknown threshold {threshold:.4f} (the row "
+            "shows that score and its identity)") in lines
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert summary["unknown_threshold"] == threshold
+    unknown = [r for r in summary["results"] if r["unknown"]]
+    assert unknown and all(r["matches"][0]["score"] < threshold for r in unknown)
+    assert all(r["matches"][0]["score"] >= threshold for r in summary["results"] if not r["unknown"])
+    assert any(line.split()[1:3] == ["-", "unknown"] for line in lines if line.startswith(str(tmp_path)))
+
+    # A threshold given at build time counts as set too.
+    assert main(["index", "build", index, "--embeddings", str(tmp_path / "gallery.npy"), "--labels",
+                 str(tmp_path / "labels.txt"), "--threshold", "-0.5", "--overwrite", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(query) == 0
+    captured = capsys.readouterr()
+    assert "no unknown threshold" not in captured.err and "unknown threshold -0.5000" in captured.out
+
+
+def test_only_searching_commands_log_the_faiss_search_device(synthetic, capsys, caplog):
+    """'faiss: identity index search on ...' says where searches run: commands that open an
+    index without searching it (info, add, remove, a build that tunes nothing) do not print it."""
+    import logging
+
+    from facepipe.utils import faiss_device
+
+    tmp_path, names = synthetic
+    index = str(tmp_path / "idx")
+
+    def device_lines(command: list[str]) -> list[str]:
+        faiss_device._reset_log_once()  # logged once per process: every command starts afresh
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            assert main(command) == 0
+        capsys.readouterr()
+        return [r.getMessage() for r in caplog.records if "identity index search on" in r.getMessage()]
+
+    source = ["--embeddings", str(tmp_path / "gallery.npy"), "--labels", str(tmp_path / "labels.txt"), "--quiet"]
+    assert device_lines(["index", "build", index, *source, "--num-neighbours", "2"]) == []
+    assert device_lines(["index", "info", index]) == []
+    assert device_lines(["index", "add", index, "--embeddings", str(tmp_path / "newcomer.npy"), "--labels",
+                         str(tmp_path / "newcomer_labels.npy"), "--quiet"]) == []
+    assert device_lines(["index", "remove", index, names[6]]) == []
+    searched = device_lines(["search", "--index", index, str(tmp_path / "queries.npy")])
+    assert len(searched) == 1 and searched[0].startswith("faiss: identity index search on ")

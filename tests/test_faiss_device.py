@@ -199,13 +199,19 @@ def test_identity_index_replicated_on_gpus_but_hnsw_stays_on_cpu(two_gpus, tmp_p
     owner = np.repeat(np.arange(4), 3)
     names = ["a", "b", "c", "d"]
     flat = ClusterIndex.build(tmp_path / "flat", centroids, owner, names)
-    assert flat._on_gpu and two_gpus and two_gpus[-1]["shard"] is False
+    # Placed at the first search, not when built or opened (info, add, remove never search).
+    assert not flat._on_gpu and two_gpus == [] and flat.info()["gpu"] is True
+    assert messages(caplog) == []
     on_cpu = ClusterIndex.open(tmp_path / "flat", use_gpu=False)
-    assert not on_cpu._on_gpu
+    assert not on_cpu._on_gpu and on_cpu.info()["gpu"] is False
     queries = _unit(rng.normal(size=(5, 8)))
     assert [r.to_dict() for r in flat.search(queries, top_k=2)] == [r.to_dict() for r in on_cpu.search(queries, top_k=2)]
+    assert flat._on_gpu and len(two_gpus) == 1 and two_gpus[-1]["shard"] is False
+    flat.search(queries, top_k=2)
+    assert len(two_gpus) == 1  # moved once, not at every search
     calls = len(two_gpus)
     hnsw = ClusterIndex.build(tmp_path / "hnsw", centroids, owner, names, kind="hnsw")
+    hnsw.search(queries, top_k=2)
     assert not hnsw._on_gpu and len(two_gpus) == calls
     logged = messages(caplog)
     assert "faiss: identity index search on 2 GPUs, replicated" in logged

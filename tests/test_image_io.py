@@ -278,6 +278,51 @@ def test_training_substitutes_a_header_bomb_and_a_truncated_jpeg(tiny_dataset, t
     assert any("bomb.png (too_large)" in m for m in skipped) and any("cut.jpg (truncated)" in m for m in skipped)
 
 
+# The three feature-extraction passes inside training: UMM's uncertainty refresh, CLMLE's
+# clustering and ARConvL's class-mean centres; each reads every training image once more.
+EXTRACTION_PASSES = {
+    "umm": {"stages": [{"epochs": 1, "head": {"type": "lsoftmax", "m": 2, "margin_source": "uncertainty",
+                                              "lambda_base": 1.0, "lambda_min": 1.0}}],
+            "uncertainty": {"passes": 2, "max_per_class": 8}},
+    "clmle": {"stages": [{"epochs": 1, "head": {"type": "cosface", "s": 16.0, "m": 0.2},
+                          "loss": {"type": "clmle", "inter_margin": 0.3, "intra_margin": 0.1}}],
+              "clusters": {"cluster_size": 3, "refresh_every_steps": 3, "clusters_per_batch": 4,
+                           "images_per_cluster": 3, "batch_size": 16}},
+    "arconvl": {"stages": [{"epochs": 1, "head": {"type": "arconvl", "init_centers": "class_means"}}]},
+}
+
+
+@pytest.mark.parametrize("method", sorted(EXTRACTION_PASSES))
+def test_feature_extraction_inside_training_substitutes_like_training(method, tiny_dataset, tmp_path, caplog):
+    from facepipe.train import Trainer
+
+    root = tmp_path / "train"
+    shutil.copytree(tiny_dataset, root)
+    first = sorted(p for p in root.iterdir() if p.is_dir())[0]
+    bomb = first / "bomb.png"
+    bomb.write_bytes(header_bomb_png())
+    extracted = []
+    original = IdentityFolderDataset.eval_view
+
+    def recording_eval_view(self, indices, image_size):
+        view = original(self, indices, image_size)
+        extracted.append([self.samples[i].path for i in indices])
+        return view
+
+    config = tiny_config(root, tmp_path / "run", model={"dropout": 0.2},
+                         train={**EXTRACTION_PASSES[method], "log_every_steps": 2})
+    with pytest.MonkeyPatch.context() as patch, caplog.at_level(logging.WARNING, logger="facepipe.data.dataset"):
+        patch.setattr(IdentityFolderDataset, "eval_view", recording_eval_view)
+        trainer = Trainer(config, progress=False)  # ARConvL's class means are taken here
+        trainer.fit()
+    assert (tmp_path / "run" / "latest.pt").is_file()
+    # The pass did read the bad file, and it was substituted rather than stopping the run.
+    assert any(str(bomb) in paths for paths in extracted), method
+    assert str(bomb) in trainer.dataset.bad_files
+    skipped = [r.getMessage() for r in caplog.records if "skipping unreadable image" in r.getMessage()]
+    assert len(skipped) == 1 and "bomb.png (too_large)" in skipped[0]
+
+
 def test_embed_reports_an_unreadable_file_in_one_line(tmp_path, capsys):
     from facepipe.cli import main
     from facepipe.embed import embed_folder

@@ -328,7 +328,7 @@ def test_removed_identity_is_never_returned_and_unknown_names_change_nothing(bui
     reopened.remove(["ann", "cyd", "dan", "eve"])
     with pytest.raises(EmptyGalleryError, match="holds no identity"):
         ClusterIndex.open(index.folder).search(queries)
-    reopened.add(queries[:4], ["ann"] * 4, cluster_size=2)  # an emptied index takes new identities
+    reopened.add(queries[:4], ["ann"] * 4, cluster_size=2, fingerprint="fp-model-a")  # an emptied index takes new identities
     assert [r.identity for r in reopened.search(queries[:1])] == ["ann"]
 
 
@@ -351,7 +351,7 @@ def test_update_interrupted_before_commit_leaves_the_old_index(built, monkeypatc
     with pytest.raises(RuntimeError, match="simulated crash"):
         index.remove(["ann"])
     with pytest.raises(RuntimeError, match="simulated crash"):
-        index.add(queries[:6], ["new"] * 6, cluster_size=3)
+        index.add(queries[:6], ["new"] * 6, cluster_size=3, fingerprint="fp-model-a")
     assert written and all(path.name == "centroids.2.faiss" for path in written)
     monkeypatch.undo()
     reopened = ClusterIndex.open(index.folder)
@@ -396,7 +396,7 @@ def test_dimension_mismatch_on_search_and_add(built):
     with pytest.raises(DimensionMismatchError, match=f"dimension 8 but the index .* holds {DIM}-d"):
         index.search(np.ones((2, 8), dtype=np.float32))
     with pytest.raises(DimensionMismatchError, match="embeddings have dimension 3"):
-        index.add(np.ones((4, 3)), ["x"] * 4)
+        index.add(np.ones((4, 3)), ["x"] * 4, fingerprint="fp-model-a")
     assert index.generation == 1
 
 
@@ -407,7 +407,11 @@ def test_fingerprint_mismatch(built):
         ClusterIndex.open(index.folder, fingerprint="fp-model-b")
     with pytest.raises(FingerprintMismatchError):
         index.add(np.ones((2, DIM)), ["x", "x"], fingerprint="fp-model-b")
+    # The Python API refuses vectors that name no model, as the CLI does, unless the caller vouches.
+    with pytest.raises(FingerprintMismatchError, match="record no model fingerprint.*fp-model-a.*allow_unfingerprinted"):
+        index.add(np.ones((2, DIM)), ["x", "x"])
     assert "x" not in ClusterIndex.open(index.folder).identities()
+    assert index.add(np.ones((2, DIM)), ["x", "x"], allow_unfingerprinted=True)["new_identities"] == ["x"]
 
 
 def test_missing_and_corrupt_files(built, tmp_path):

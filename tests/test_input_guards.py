@@ -8,6 +8,7 @@ import csv
 import json
 import logging
 import os
+import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -484,3 +485,15 @@ def test_every_reader_of_names_refuses_control_characters(tmp_path, capsys):
     with pytest.raises(IdentityNameError):
         ClusterIndex.build(tmp_path / "idx", np.eye(2, 4, dtype=np.float32), [0, 1], ["p", "q\x1b[0m"])
     assert not os.path.exists(tmp_path / "idx" / "meta.json")
+
+    # An index written before names were checked is refused on opening, its name shown escaped.
+    from facepipe.index.store import META_FILE, ClusterIndexError
+
+    ClusterIndex.build(tmp_path / "old", np.eye(2, 4, dtype=np.float32), [0, 1], ["p", "q"])
+    with sqlite3.connect(tmp_path / "old" / META_FILE) as conn:
+        conn.execute("UPDATE identities SET name = ? WHERE name = 'q'", ("q\x1b[2J",))
+    with pytest.raises(ClusterIndexError, match=r"identity name 'q\\x1b\[2J' with a control character"):
+        ClusterIndex.open(tmp_path / "old")
+    assert main(["index", "info", str(tmp_path / "old")]) == 2
+    err = one_line_error(capsys)
+    assert "\x1b" not in err and "rebuild the index" in err

@@ -52,7 +52,8 @@ def copied_run(finished_run: Path, tiny_dataset: Path, tmp_path: Path) -> tuple[
 # ----------------------------------------------------------------------------- train
 def test_train_into_a_run_folder_is_refused_without_a_flag(finished_run, tiny_dataset, tmp_path, capsys):
     run, config_path = copied_run(finished_run, tiny_dataset, tmp_path)
-    before = {name: (run / name).read_bytes() for name in ("latest.pt", "best.pt", "metrics.jsonl")}
+    assert not (run / "best.pt").exists()  # trained without validation: latest.pt only (issue 26)
+    before = {name: (run / name).read_bytes() for name in ("latest.pt", "metrics.jsonl")}
     assert main(["train", "--config", str(config_path), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert str(run) in err and "--resume" in err and "--overwrite" in err and "Traceback" not in err
@@ -61,11 +62,11 @@ def test_train_into_a_run_folder_is_refused_without_a_flag(finished_run, tiny_da
     # --nproc: refused before torchrun starts, in one line.
     assert main(["train", "--config", str(config_path), "--quiet", "--nproc", "2"]) == 2
     assert "already holds a training run" in capsys.readouterr().err
-    # The Python API refuses the same way, also when only best.pt is left.
+    # The Python API refuses the same way, also when only best.pt is left (of a run with validation).
     config = tiny_config(tiny_dataset, run, train=ONE_EPOCH)
     with pytest.raises(TrainingError, match="already holds a training run"):
         facepipe.train_model(config, progress=False)
-    (run / "latest.pt").unlink()
+    (run / "latest.pt").rename(run / "best.pt")
     with pytest.raises(TrainingError, match=r"best\.pt"):
         Trainer(config, progress=False)
     with pytest.raises(TrainingError, match="contradict"):
@@ -86,6 +87,7 @@ def test_train_resume_continues_the_run(finished_run, tiny_dataset, tmp_path):
 def test_train_overwrite_starts_afresh_with_clean_files(finished_run, tiny_dataset, tmp_path):
     run, config_path = copied_run(finished_run, tiny_dataset, tmp_path)
     (run / "clusters.npz").write_bytes(b"from the old run")
+    shutil.copyfile(run / "latest.pt", run / "best.pt")  # as a run with validation leaves it
     (run / "notes.txt").write_text("the user's own file")
     old_start = events(run)[0]["time"]
     assert main(["train", "--config", str(config_path), "--quiet", "--overwrite"]) == 0
@@ -94,7 +96,8 @@ def test_train_overwrite_starts_afresh_with_clean_files(finished_run, tiny_datas
     assert [r["epoch"] for r in records if r["event"] == "epoch"] == [1]
     assert not (run / "clusters.npz").exists()  # a file of the old run that this one does not write
     assert (run / "notes.txt").read_text() == "the user's own file"
-    assert (run / "latest.pt").is_file() and (run / "best.pt").is_file()
+    # The new run has no validation set: latest.pt only, the old run's best.pt is gone with it.
+    assert (run / "latest.pt").is_file() and not (run / "best.pt").exists()
 
 
 def test_a_fresh_run_does_not_append_to_a_log_left_without_checkpoint(tiny_dataset, tmp_path):

@@ -1,6 +1,7 @@
 """insightface / MXNet RecordIO: packing identity folders, reading them back, corruption handling."""
 import logging
 import pickle
+import shutil
 import struct
 from pathlib import Path
 
@@ -246,9 +247,12 @@ def test_training_substitutes_an_unreadable_record_of_the_same_identity(source, 
     assert any(np.array_equal(image.numpy(), decode_image(samples[i].path)) for i in same)
     warnings = [r.getMessage() for r in caplog.records if "unreadable record" in r.getMessage()]
     assert len(warnings) == 1 and f"undecodable image in {folder / 'train.rec'} at offset {offset}" in warnings[0]
-    # Feature extraction does not substitute: it raises.
-    with pytest.raises(RecordIOError, match="undecodable image"):
-        dataset.eval_view([index], (32, 32))[0]
+    # The feature-extraction passes inside training substitute the same image, without a second warning.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="facepipe.data.recordio"):
+        extracted, where = dataset.eval_view([index], (32, 32))[0]
+    assert where == 0 and "unreadable record" not in caplog.text
+    np.testing.assert_allclose(extracted.numpy(), build_eval_transform((32, 32))(image.numpy()).numpy())
 
     # A record whose header is broken at load time is left out with a warning (when rare enough).
     with open(folder / "train.rec", "r+b") as handle:
@@ -285,6 +289,19 @@ def test_pack_command(source, tmp_path, capsys):
     assert len(RecordDataset(out / "faces.rec")) == count
     assert main(["pack", str(tmp_path / "absent"), str(out), "--quiet"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+    # A packed set is never replaced without --overwrite, and the refusal comes before any work.
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    grown = tmp_path / "grown"
+    shutil.copytree(source, grown)
+    (grown / "zz_new").mkdir()
+    (grown / "zz_new" / "0.png").write_bytes(png(77))
+    assert main(["pack", str(grown), str(out), "--prefix", "faces", "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert f"{out / 'faces.rec'}" in error and "--overwrite" in error and len(error.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main(["pack", str(grown), str(out), "--prefix", "faces", "--quiet", "--overwrite"]) == 0
+    assert f"packed {count + 1} images of 6 identities" in capsys.readouterr().out
 
 
 def test_pack_reencodes_other_formats_and_keeps_unreadable_files(tmp_path, caplog):

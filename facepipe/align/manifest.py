@@ -51,6 +51,12 @@ def latest_rows(rows: list[dict]) -> list[dict]:
     return list(latest.values())
 
 
+def has_alignment_manifest(folder: str | Path) -> bool:
+    """Whether ``folder`` is (the root of) a ``facepipe align`` output: it holds a manifest
+    (``manifest.jsonl``, or the ``manifest.shard-*.jsonl`` of a sharded run)."""
+    return any(path.is_file() for path in Path(folder).glob("manifest*.jsonl"))
+
+
 def alignment_statuses(folder: str | Path) -> dict[str, str]:
     """Relative input path -> status (aligned, fallback, no_face, too_small, unreadable, ...) from
     every manifest of an alignment output ``folder``; empty when it holds none (it was not made

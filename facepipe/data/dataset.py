@@ -153,12 +153,36 @@ class IdentityFolderDataset(Dataset):
         tensor = self.transform(image, seed=seed) if self.transform is not None else torch.from_numpy(image)
         return tensor, int(self.samples[index].label), index
 
-    def eval_view(self, indices: Sequence[int], image_size: tuple[int, int]) -> "ImageListDataset":
+    def eval_view(self, indices: Sequence[int], image_size: tuple[int, int]) -> "TrainingEvalView":
         """The images ``indices`` without augmentation, as ``(image, position)`` items (feature
-        extraction during training: uncertainty estimates, clustering)."""
+        extraction during training: uncertainty estimates, clustering, class means)."""
+        return TrainingEvalView(self, indices, image_size)
+
+
+class TrainingEvalView(Dataset):
+    """Images ``indices`` of a training dataset without augmentation, as ``(image, position)``
+    items: the feature-extraction passes inside training (UMM's uncertainty refresh, CLMLE's
+    clustering, ARConvL's class means).
+
+    An unreadable image is substituted exactly as the training loader substitutes it (the
+    dataset's own ``_load``: another image of the same identity, logged once), because the
+    features are used for training statistics of that identity; one bad file never stops a run.
+    Extraction outside training (``embed``, verification pairs) uses ``ImageListDataset``, which
+    raises instead: there a substitute would be reported as that file's embedding.
+    """
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int], image_size: tuple[int, int]) -> None:
         from facepipe.data.transforms import build_eval_transform
 
-        return ImageListDataset([self.samples[i].path for i in indices], build_eval_transform(image_size))
+        self.dataset = dataset
+        self.indices = np.asarray(list(indices), dtype=np.int64)
+        self.transform = build_eval_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int):
+        return self.transform(self.dataset._load(int(self.indices[position]))), position
 
 
 class ImageListDataset(Dataset):

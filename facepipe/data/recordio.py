@@ -60,12 +60,13 @@ from torch.utils.data import Dataset
 from facepipe.data.dataset import (
     DatasetError,
     IdentityFolderDataset,
+    TrainingEvalView,
     UnreadableImageError,
     decode_encoded_image,
     decode_image,
     scan_identity_folders,
 )
-from facepipe.utils.io import atomic_write
+from facepipe.utils.io import OutputError, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -705,30 +706,10 @@ class RecordDataset(Dataset):
         tensor = self.transform(image, seed=seed) if self.transform is not None else torch.from_numpy(image)
         return tensor, int(self.labels[index]), index
 
-    def eval_view(self, indices: Sequence[int], image_size: tuple[int, int]) -> "RecordImageListDataset":
+    def eval_view(self, indices: Sequence[int], image_size: tuple[int, int]) -> TrainingEvalView:
         """The images ``indices`` without augmentation, as ``(image, position)`` items (feature
-        extraction during training: uncertainty estimates, clustering)."""
-        from facepipe.data.transforms import build_eval_transform
-
-        keys = self.keys[np.asarray(indices, dtype=np.int64)]
-        return RecordImageListDataset(self.records, keys, build_eval_transform(image_size))
-
-
-class RecordImageListDataset(Dataset):
-    """Records listed by key, as ``(transform(image), position)`` items. A record that cannot be
-    read is an error here (as in ``ImageListDataset``): a substitute would corrupt its embedding."""
-
-    def __init__(self, records: RecordFile, keys: Sequence[int] | np.ndarray,
-                 transform: Callable[..., torch.Tensor]) -> None:
-        self.records = records
-        self.keys = np.asarray(keys, dtype=np.int64)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __getitem__(self, position: int):
-        return self.transform(self.records.read_image(int(self.keys[position]))), position
+        extraction during training; an unreadable record is substituted as in training)."""
+        return TrainingEvalView(self, indices, image_size)
 
 
 def open_training_dataset(root: str | Path, transform: Callable[..., torch.Tensor] | None = None,
@@ -763,7 +744,7 @@ def _stored_bytes(path: str, quality: int | None) -> tuple[bytes, bool]:
 
 
 def pack_identity_folder(root: str | Path, out_dir: str | Path, prefix: str = "train", quality: int | None = 95,
-                         progress: bool = True) -> dict[str, Any]:
+                         progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Write an identity-folder tree (``root/<identity>/<image>``) as insightface RecordIO:
     ``OUT_DIR/<prefix>.rec``, ``<prefix>.idx`` and ``property``.
 
@@ -773,6 +754,8 @@ def pack_identity_folder(root: str | Path, out_dir: str | Path, prefix: str = "t
     PNG files are stored byte for byte (lossless, no decoding); other formats are re-encoded as
     JPEG at ``quality`` (PNG when ``quality`` is None). ``property`` gets the size of the first
     readable image. Each file is written to a temporary name and renamed when all are complete.
+    A set already at ``OUT_DIR/<prefix>.rec`` or ``.idx`` is refused before any work (packing a
+    large set takes hours) unless ``overwrite``.
 
     Returns the paths, ``num_images``, ``num_classes``, ``image_size``, ``identities`` (folder
     name of each label), ``reencoded`` and ``bytes`` (size of the .rec).
@@ -790,6 +773,10 @@ def pack_identity_folder(root: str | Path, out_dir: str | Path, prefix: str = "t
     # scan_identity_folders lists samples grouped by label in label order: image keys are contiguous.
     starts = np.searchsorted([s.label for s in samples], np.arange(num_classes + 1)) + 1
     paths = {"rec": out_dir / f"{prefix}.rec", "idx": out_dir / f"{prefix}.idx", "property": out_dir / "property"}
+    existing = [str(paths[kind]) for kind in ("rec", "idx") if paths[kind].exists()]
+    if existing and not overwrite:
+        raise OutputError(f"{' and '.join(existing)} already exist(s); give --overwrite to replace the packed set, "
+                          "or choose another OUT_DIR or --prefix")
     image_size: tuple[int, int] | None = None
     reencoded = 0
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -157,9 +157,12 @@ def embed_files(
     device: str = "auto",
     batch_size: int | None = None,
     progress: bool = True,
+    crop_check: str | None = None,
 ) -> EmbeddingTable:
     """Embed ``root/key`` for every key with the checkpoint's model; flip fusion from its
-    config (``embed.flip``) unless ``flip`` is given."""
+    config (``embed.flip``) unless ``flip`` is given. ``crop_check``: first check that the
+    images are aligned crops of the model's input size (:func:`facepipe.eval.crops.check_aligned_crops`),
+    this text ending the error (what to do instead)."""
     # torch is imported only here, so metric-only evaluation (precomputed embeddings) never
     # pays for it.
     from facepipe.embed.extract import extract_embeddings, load_model
@@ -169,6 +172,10 @@ def embed_files(
     loaded = load_model(checkpoint, torch_device)
     flip = flip or loaded.config.embed.flip
     keys = list(keys)
+    if crop_check is not None:
+        from facepipe.eval.crops import check_aligned_crops
+
+        check_aligned_crops(root, [Path(root) / key for key in keys], loaded.config.data.image_size, crop_check)
     vectors = extract_embeddings(
         loaded.model, [str(Path(root) / key) for key in keys], loaded.config.data.image_size, torch_device,
         batch_size=batch_size or loaded.config.embed.batch_size, flip=flip,
@@ -259,6 +266,7 @@ def evaluate_lfw(
     allow_missing: bool = False,
     missing: Iterable[str] = (),
     align: bool = False,
+    align_check: bool = True,
     flip: str | None = None,
     extension: str = ".jpg",
     n_folds: int = 10,
@@ -275,7 +283,10 @@ def evaluate_lfw(
     DevTest). ``missing``: relative paths known to have had no face (from the alignment
     manifest; a ``facepipe align`` output folder given as ``images`` supplies these itself).
     ``align``: ``images`` holds raw photos, aligned first into ``out/aligned`` as the checkpoint's
-    config says. See the module docstring for the protocol.
+    config says. Without it, images not of the model's input size in a folder without an align
+    manifest are refused as raw photos (:class:`facepipe.eval.crops.NotAlignedCropsError`) unless
+    ``align_check`` is False (evaluate them as they are, resized). See the module docstring for
+    the protocol.
 
     Writes ``metrics.json``, ``report.md``, ``roc.png``, ``scores.csv`` (one row per pair; also
     ``threshold_scores.csv`` for ``threshold_pairs``). Returns ``{"metrics", "summary"}``.
@@ -310,8 +321,11 @@ def evaluate_lfw(
         if len(absent) == len(wanted):
             raise EvalInputError(f"none of the {len(wanted)} images named in {pairs} exists under {root} "
                                  f"(expected files like {root / wanted[0]})")
+        crop_check = None if align or not align_check else (
+            "give --align (align=True) to detect and align the faces first, or point --images at aligned crops "
+            "('facepipe align' output), or give --no-align-check (align_check=False) to evaluate them as they are")
         table = embed_files(checkpoint, root, [k for k in wanted if k not in absent], flip=flip, device=device,
-                            batch_size=batch_size, progress=progress)
+                            batch_size=batch_size, progress=progress, crop_check=crop_check)
 
     scored = [_score(s, extension, table, absent) for s in sets]
     num_missing_pairs = [int(sc.missing.sum()) for sc in scored]

@@ -102,15 +102,25 @@ def load_pairs(pairs: str | Path, root: str | Path | None = None, allow_outside_
 
 
 def evaluate_pairs_file(checkpoint: str | Path, pairs: str | Path, root: str | Path | None, out: str | Path,
-                        device: str = "auto", progress: bool = True, allow_outside_root: bool = False) -> dict:
+                        device: str = "auto", progress: bool = True, allow_outside_root: bool = False,
+                        align_check: bool = True) -> dict:
     """Embed every image the pairs name, score pairs by cosine similarity, run the 10-fold protocol.
 
     Writes ``metrics.json`` (with ``duplicate_pairs_removed``), ``scores.csv`` (one row per
-    distinct pair) and ``roc.png``. ``allow_outside_root``: see :func:`load_pairs`.
+    distinct pair) and ``roc.png``. ``allow_outside_root``: see :func:`load_pairs`. The images
+    must be aligned crops: images not of the model's input size with no align manifest in their
+    folder (or above it, up to the root) are refused as raw photos before any embedding
+    (:class:`facepipe.eval.crops.NotAlignedCropsError`), unless ``align_check`` is False.
     """
     resolved = load_pairs(pairs, root, allow_outside_root)
     torch_device = resolve_device(device)
     loaded = load_model(checkpoint, torch_device)
+    if align_check:
+        from facepipe.eval.crops import check_aligned_crops
+
+        check_aligned_crops(Path(root) if root else Path(pairs).parent, resolved.paths, loaded.config.data.image_size,
+                            "align them with 'facepipe align' (at the model's input size) and point --root at its "
+                            "output, or give --no-align-check (align_check=False) to evaluate them as they are")
     embeddings = extract_embeddings(loaded.model, resolved.paths, loaded.config.data.image_size,
                                     torch_device, batch_size=loaded.config.embed.batch_size,
                                     flip=loaded.config.embed.flip, progress=progress)

@@ -21,9 +21,9 @@ from facepipe.index.store import (
     ClusterIndex,
     ClusterIndexError,
     EmptyGalleryError,
-    FingerprintMismatchError,
     _check_names,
     _unit_rows,
+    check_index_destination,
 )
 from facepipe.utils.io import MixedOutputError, check_parts
 from facepipe.utils.names import check_identity_names
@@ -133,16 +133,8 @@ def load_embedding_source(embeddings: str | os.PathLike | np.ndarray,
 
 
 def check_source_fingerprint(index: ClusterIndex, source: dict, what: str, allow_unfingerprinted: bool) -> None:
-    """The model check of embeddings entering ``index``: their fingerprint must match the
-    index's, and embeddings without one (a bare ``.npy`` or array) are refused by an index that
-    records its model, unless ``allow_unfingerprinted`` (the user vouches for their model)."""
-    if not source["fingerprint"] and index.fingerprint and not allow_unfingerprinted:
-        raise FingerprintMismatchError(
-            f"{what} record no model fingerprint, and the index {index.folder} holds embeddings of model "
-            f"{index.fingerprint}: embeddings of another model would be mixed in unnoticed; give a 'facepipe "
-            "embed' output folder (its embed.json names the model), or --allow-unfingerprinted if they come "
-            "from that model")
-    index.check_fingerprint(source["fingerprint"] or None)
+    """The model check of a loaded embedding ``source`` entering ``index`` (:meth:`ClusterIndex.check_fingerprint`)."""
+    index.check_fingerprint(source["fingerprint"] or None, what, allow_unfingerprinted)
 
 
 def tune_num_neighbours_on_holdout(
@@ -262,6 +254,7 @@ def build_index_from_embeddings(
     """
     from facepipe.index.clusters import balanced_spherical_kmeans
 
+    check_index_destination(folder, overwrite)  # before the clustering, not after it
     x = _unit_rows(embeddings, "embeddings")
     names = [str(label) for label in (labels.tolist() if isinstance(labels, np.ndarray) else labels)]
     if len(names) != len(x):
@@ -341,7 +334,8 @@ def build_index_from_checkpoint(
     """Embed an aligned identity-folder tree (``image_root/<identity>/<image>``) with the
     checkpoint's model and build an index of its clusters; the index records the model
     fingerprint and the flip fusion, which searches then reuse. N of Eq. 10 as in
-    :func:`build_index_from_embeddings`."""
+    :func:`build_index_from_embeddings`. The destination is checked before anything is embedded."""
+    check_index_destination(folder, overwrite)
     source = _embed_identity_folder(checkpoint, image_root, flip, device, batch_size, progress)
     return build_index_from_embeddings(
         folder, source["embeddings"], source["names"], cluster_size, kind=kind,
@@ -383,7 +377,8 @@ def enrol_images(
             raise ClusterIndexError("enrolling embeddings needs labels: one identity name per row")
         check_source_fingerprint(index, source, f"the embeddings {_describe(embeddings)}", allow_unfingerprinted)
     return index.add(source["embeddings"], source["names"], cluster_size=cluster_size,
-                     fingerprint=source["fingerprint"] or None, seed=seed, niter=niter, progress=progress)
+                     fingerprint=source["fingerprint"] or None, seed=seed, niter=niter, progress=progress,
+                     allow_unfingerprinted=allow_unfingerprinted)
 
 
 def calibrate_index(
@@ -536,7 +531,8 @@ def search_images(
     result, e.g. ``no_face``, or the image reader's ``too_large``, ``truncated``, ... with an
     ``error`` naming the file), alignment, identity (None when unknown), unknown, matches,
     num_neighbours (the N of Eq. 10 used) and num_neighbours_source (where it came from, in
-    words; both None for an input without a query).
+    words; both None for an input without a query) and unknown_threshold (the index's open-set
+    threshold on the best score; None when none is set, so that no query is unknown).
     """
     if align not in (True, False, "auto"):
         raise ClusterIndexError(f"align must be True, False or 'auto', got {align!r}")
@@ -573,7 +569,7 @@ def search_images(
         query = entry.pop("query")
         if query is None:
             results.append({**entry, "identity": None, "unknown": None, "matches": [], "num_neighbours": None,
-                            "num_neighbours_source": None})
+                            "num_neighbours_source": None, "unknown_threshold": index.unknown_threshold})
         else:
             results.append({**entry, **found[query].to_dict()})
     return results

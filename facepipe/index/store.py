@@ -46,7 +46,7 @@ import os
 import re
 import shutil
 import sqlite3
-import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,8 +66,8 @@ from facepipe.index.knc import (
     knc_scores,
 )
 from facepipe.utils.faiss_device import GPU_MAX_K, gpu_count, to_device
-from facepipe.utils.io import write_bytes_atomic
-from facepipe.utils.names import check_identity_names
+from facepipe.utils.io import check_writable_output, output_temp_folder, write_bytes_atomic, writing_output
+from facepipe.utils.names import check_identity_names, escape_controls
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ __all__ = [
     "INDEX_KINDS",
     "SearchResult",
     "UnknownIdentityError",
+    "check_index_destination",
 ]
 
 FORMAT_VERSION = 1
@@ -160,13 +161,16 @@ class SearchResult:
     ``num_neighbours``: the N of Eq. 10 this search retrieved (after clipping to the number of
     clusters); ``num_neighbours_source``: where it came from, in words
     (:meth:`ClusterIndex.describe_num_neighbours`). Only the identities owning one of those N
-    clusters are ranked, so with N = 1 a query lists a single identity.
+    clusters are ranked, so with N = 1 a query lists a single identity. ``unknown_threshold``:
+    the index's open-set threshold this search applied (None: none is set, so no query is
+    unknown).
     """
 
     matches: list[tuple[str, float]]
     unknown: bool = False
     num_neighbours: int | None = None
     num_neighbours_source: str | None = None
+    unknown_threshold: float | None = None
 
     @property
     def identity(self) -> str | None:
@@ -176,7 +180,8 @@ class SearchResult:
     def to_dict(self) -> dict:
         return {"identity": self.identity, "unknown": self.unknown,
                 "matches": [{"identity": name, "score": score} for name, score in self.matches],
-                "num_neighbours": self.num_neighbours, "num_neighbours_source": self.num_neighbours_source}
+                "num_neighbours": self.num_neighbours, "num_neighbours_source": self.num_neighbours_source,
+                "unknown_threshold": self.unknown_threshold}
 
 
 @dataclass
@@ -214,6 +219,10 @@ def _write_faiss_file(path: Path, data: bytes) -> None:
 def _connect(path: Path, create: bool = False) -> sqlite3.Connection:
     if not create and not path.is_file():
         raise ClusterIndexError(f"{path.parent} is not a cluster index: {path.name} is missing")
+    if create and not path.exists():
+        # An empty file is an empty database. Made here it gets a new file's mode (0666 less the
+        # umask, as every output), not SQLite's 0644 less it; its journals copy that mode.
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o666))
     # mode=rw: opening never creates an empty database in a folder that lacks one.
     uri = f"{path.resolve().as_uri()}?mode={'rwc' if create else 'rw'}"
     try:
@@ -256,6 +265,12 @@ def _read_snapshot(folder: Path) -> _Snapshot:
     if int(meta["format_version"]) > FORMAT_VERSION:
         raise ClusterIndexError(f"{folder} has index format {meta['format_version']}, newer than this facepipe "
                                 f"({FORMAT_VERSION}); upgrade facepipe")
+    bad = next((name for name in names.values() if escape_controls(name) != name), None)
+    if bad is not None:
+        # Only an index written before names were checked can hold one: refuse it here, as every
+        # other reader of names does, rather than print the name into the user's terminal.
+        raise ClusterIndexError(f"the index database {path} holds the identity name {bad!r} with a control "
+                                "character (written by an older facepipe); rebuild the index from renamed folders")
     table = np.array(rows, dtype=np.int64).reshape(-1, 3)
     return _Snapshot(meta, names, table[:, 0].copy(), table[:, 1].copy(), table[:, 2].copy())
 
@@ -396,6 +411,26 @@ def _unit_rows(x: np.ndarray, what: str) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # The index
 # --------------------------------------------------------------------------------------------
+def check_index_destination(folder: str | os.PathLike, overwrite: bool = False) -> None:
+    """Raise the error :meth:`ClusterIndex.build` would raise for the destination ``folder``: a
+    file there, a non-empty folder without ``overwrite``, a non-empty folder that is not an
+    index (never overwritten), or a folder the index cannot be written into. Jobs call it before
+    embedding and clustering a gallery, so a wrong destination fails in a second, not after
+    the whole build (:func:`facepipe.index.jobs.build_index_from_embeddings`)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ClusterIndexError(f"{folder} exists and is not a folder")
+    replacing = folder.is_dir() and any(folder.iterdir())
+    if replacing:
+        if not overwrite:
+            raise ClusterIndexError(f"{folder} exists and is not empty; pass overwrite (--overwrite) to replace "
+                                    "the index in it")
+        if not (folder / META_FILE).is_file():
+            raise ClusterIndexError(f"{folder} is not a cluster index (no {META_FILE}); refusing to overwrite it")
+    # Replaced in place (new files inside it), or made beside it and renamed into place.
+    check_writable_output(folder, into=replacing)
+
+
 class ClusterIndex:
     """A gallery folder: centroids of identity clusters, searched with Eq. 10 of Huang et al.
 
@@ -518,20 +553,16 @@ class ClusterIndex:
                       kind=kind, config=config, next_faiss_id=first + num_clusters,
                       created_at=time.strftime("%Y-%m-%dT%H:%M:%S"), **{NEIGHBOURS_SOURCE_KEY: record})
 
-        if folder.exists() and not folder.is_dir():
-            raise ClusterIndexError(f"{folder} exists and is not a folder")
-        if folder.is_dir() and any(folder.iterdir()):
-            if not overwrite:
-                raise ClusterIndexError(f"{folder} exists and is not empty; pass overwrite (--overwrite) to replace "
-                                        "the index in it")
-            if not (folder / META_FILE).is_file():
-                raise ClusterIndexError(f"{folder} is not a cluster index (no {META_FILE}); refusing to overwrite it")
+        check_index_destination(folder, overwrite)
+        if folder.is_dir() and any(folder.iterdir()):  # an index, and overwrite: checked above
             _commit(folder, write_all, rebuild=True)
             return cls(folder, use_gpu=use_gpu)
         # A fresh index is made in a hidden sibling folder and renamed into place: a crash
-        # never leaves a half-made index at ``folder``.
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.building-", dir=folder.parent))
+        # never leaves a half-made index at ``folder``. The folder's mode is a new folder's
+        # (the umask's), not mkdtemp's 0700.
+        with writing_output(folder):
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            staging = output_temp_folder(folder.parent, prefix=f".{folder.name}.building-", suffix="")
         try:
             _commit(staging, write_all, rebuild=True, create=True)
             os.replace(staging, folder)  # onto a missing or empty folder: atomic
@@ -572,24 +603,51 @@ class ClusterIndex:
                                     f"dimension {index.d} vs {len(snapshot.faiss_ids)} clusters of dimension {dim})")
         self._snapshot = snapshot
         self._cpu_index = index
-        self._search_index = index
+        # Where searches run is decided at the first search (:meth:`_searcher`), not here: opening
+        # an index to read its info, add or remove identities never moves it to a GPU, nor logs
+        # the FAISS search device. A GPU asked for where faiss sees none is still refused at once.
+        self._search_index: Any = None
         self._on_gpu = False
+        if not hasattr(self, "_placing"):
+            self._placing = threading.Lock()
+        if self._use_gpu and gpu_count() == 0 and self.kind != "hnsw" and index.ntotal > 0:
+            raise ClusterIndexError("GPU search requested, but this faiss build sees no GPU")
+
+    def _gpu_plan(self) -> tuple[bool, str]:
+        """Whether searches go to the GPU, else why not (for the log line)."""
         use_gpu = gpu_count() > 0 if self._use_gpu is None else self._use_gpu
-        if use_gpu and self.kind != "hnsw" and index.ntotal > 0:  # FAISS has no GPU HNSW
-            if gpu_count() == 0:
-                raise ClusterIndexError("GPU search requested, but this faiss build sees no GPU")
-            try:
-                # Replicated on every GPU (a centroid gallery fits on one); queries are split.
-                self._search_index = to_device(index, purpose=SEARCH_PURPOSE, use_gpu=True)
-                self._on_gpu = self._search_index is not index
-            except Exception as exc:  # an index type the GPU cloner does not support, out of memory
-                log.warning("searching %s on the CPU: moving it to the GPU failed (%s)", self.folder, exc)
-        elif self._use_gpu is None and not use_gpu:
-            to_device(index, purpose=SEARCH_PURPOSE)  # logs the CPU path: no GPU visible to faiss
-        else:
-            reason = ("GPU use turned off" if not use_gpu else
-                      "HNSW has no GPU version" if self.kind == "hnsw" else "empty gallery")
-            to_device(index, purpose=SEARCH_PURPOSE, use_gpu=False, cpu_reason=reason)
+        if not use_gpu:
+            return False, "no GPU visible to faiss" if self._use_gpu is None else "GPU use turned off"
+        if self.kind == "hnsw":  # FAISS has no GPU HNSW
+            return False, "HNSW has no GPU version"
+        if self._cpu_index.ntotal == 0:
+            return False, "empty gallery"
+        return True, ""
+
+    def _searcher(self) -> Any:
+        """The FAISS index searches use: placed (and its device logged) at the first search of
+        this generation, on every GPU faiss sees (replicated) when :meth:`_gpu_plan` says so."""
+        with self._placing:
+            if self._search_index is not None:
+                return self._search_index
+            index = self._cpu_index
+            on_gpu, reason = self._gpu_plan()
+            searcher = index
+            if on_gpu:
+                if gpu_count() == 0:
+                    raise ClusterIndexError("GPU search requested, but this faiss build sees no GPU")
+                try:
+                    # Replicated on every GPU (a centroid gallery fits on one); queries are split.
+                    searcher = to_device(index, purpose=SEARCH_PURPOSE, use_gpu=True)
+                except Exception as exc:  # an index type the GPU cloner does not support, out of memory
+                    log.warning("searching %s on the CPU: moving it to the GPU failed (%s)", self.folder, exc)
+            elif self._use_gpu is None and reason == "no GPU visible to faiss":
+                to_device(index, purpose=SEARCH_PURPOSE)  # logs the CPU path: no GPU visible to faiss
+            else:
+                to_device(index, purpose=SEARCH_PURPOSE, use_gpu=False, cpu_reason=reason)
+            self._on_gpu = searcher is not index
+            self._search_index = searcher
+            return searcher
 
     # ------------------------------------------------------------------ properties
     @property
@@ -695,7 +753,8 @@ class ClusterIndex:
             "num_clusters": self.num_clusters,
             "num_embeddings": int(self._snapshot.cluster_size.sum()),
             "generation": self.generation,
-            "gpu": self._on_gpu,
+            # Where searches run (or will: the index is placed at its first search).
+            "gpu": self._on_gpu if self._search_index is not None else self._gpu_plan()[0],
             "config": {**self.config, **effective},
             "num_neighbours_source": self.num_neighbours_source,
             "num_neighbours_description": self.describe_num_neighbours(),
@@ -704,10 +763,19 @@ class ClusterIndex:
             "identities": counts,
         }
 
-    def check_fingerprint(self, fingerprint: str | None) -> None:
+    def check_fingerprint(self, fingerprint: str | None, what: str = "these embeddings",
+                          allow_unfingerprinted: bool = False) -> None:
         """Raise :class:`FingerprintMismatchError` when embeddings of model ``fingerprint`` do not
-        belong in this index. An index built without a fingerprint accepts any (with a warning)."""
+        belong in this index: another model's, or ``what`` without a fingerprint (a bare array or
+        ``.npy``) in an index that records its model, unless ``allow_unfingerprinted`` (the caller
+        vouches for the model). An index built without a fingerprint accepts any (with a warning)."""
         if not fingerprint:
+            if self.fingerprint and not allow_unfingerprinted:
+                raise FingerprintMismatchError(
+                    f"{what} record no model fingerprint, and the index {self.folder} holds embeddings of model "
+                    f"{self.fingerprint}: embeddings of another model would be mixed in unnoticed; give a "
+                    "'facepipe embed' output folder (its embed.json names the model) or the fingerprint, or "
+                    "--allow-unfingerprinted (allow_unfingerprinted=True) if they come from that model")
             return
         if not self.fingerprint:
             log.warning("index %s records no model fingerprint: cannot check that model %s made its embeddings",
@@ -739,7 +807,8 @@ class ClusterIndex:
         if num_neighbours < 1:
             raise ClusterIndexError(f"num_neighbours must be >= 1, got {num_neighbours}")
         k = min(int(num_neighbours), self.num_clusters)
-        index = self._search_index if (not self._on_gpu or k <= GPU_MAX_K) else self._cpu_index
+        searcher = self._searcher()
+        index = searcher if (not self._on_gpu or k <= GPU_MAX_K) else self._cpu_index
         if self.kind == "hnsw":
             # HNSW returns at most efSearch results: keep the beam wider than N.
             inner = faiss.downcast_index(self._cpu_index.index)
@@ -778,7 +847,7 @@ class ClusterIndex:
         for identities, scores in zip(result.identities[:, :top_k].tolist(), result.log_scores[:, :top_k].tolist()):
             matches = [(names[i], float(s)) for i, s in zip(identities, scores) if i >= 0]
             unknown = threshold is not None and (not matches or matches[0][1] < threshold)
-            out.append(SearchResult(matches, unknown, used, note))
+            out.append(SearchResult(matches, unknown, used, note, threshold))
         return out
 
     # ------------------------------------------------------------------ tuning
@@ -918,8 +987,13 @@ class ClusterIndex:
         seed: int = 0,
         niter: int = 20,
         progress: bool = False,
+        allow_unfingerprinted: bool = False,
     ) -> dict:
         """Enrol ``embeddings`` [M, D] with one identity name per row.
+
+        ``fingerprint``: the model that made them; it must be the index's, and an index that
+        records its model refuses embeddings without one unless ``allow_unfingerprinted``
+        (:meth:`check_fingerprint`).
 
         The rows of each name are clustered with balanced spherical k-means (Huang et al. Eq. 6-7,
         :func:`facepipe.index.clusters.balanced_spherical_kmeans`, clusters of ``cluster_size``,
@@ -930,7 +1004,7 @@ class ClusterIndex:
         """
         from facepipe.index.clusters import balanced_spherical_kmeans
 
-        self.check_fingerprint(fingerprint)
+        self.check_fingerprint(fingerprint, allow_unfingerprinted=allow_unfingerprinted)
         x = np.asarray(embeddings)
         if x.ndim == 2 and x.shape[1] != self.dim:
             raise DimensionMismatchError(f"embeddings have dimension {x.shape[1]} but the index {self.folder} "

@@ -248,7 +248,10 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.global_step = 0
         self.step_in_epoch = 0  # batches of the current epoch already trained (mid-epoch resume)
+        # Model selection needs a validator: best.pt is the epoch of the highest validation metric
+        # (best_epoch, None until one); without a validator there is no best.pt, only latest.pt.
         self.best_metric = -math.inf
+        self.best_epoch: int | None = None
         self.nonfinite_steps = 0
         self.last_metrics: dict[str, Any] = {}
         self.head_stats: dict[str, float] = {}  # per-step diagnostics of heads that compute their loss
@@ -498,6 +501,10 @@ class Trainer:
             "step_in_epoch": self.step_in_epoch,
             "anneal_step": self.anneal_step,
             "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+            # What best_metric measures (None: no validator, so no best.pt): a resume with another
+            # validator does not compare its metric with this one.
+            "best_metric_name": self.validator.metric if self.validator is not None else None,
             "nonfinite_steps": self.nonfinite_steps,
             "rng": rng_state(),
             "config": self.config.to_dict(),
@@ -564,12 +571,48 @@ class Trainer:
         self.step_in_epoch = int(state["step_in_epoch"])
         # Checkpoints from before the count was run state: the margin head's own counter.
         self.anneal_step = int(state.get("anneal_step", int(self.head.it) if isinstance(self.head, LSoftmaxHead) else 0))
-        self.best_metric = float(state["best_metric"])
+        self._restore_best(state, path)
         self.nonfinite_steps = int(state["nonfinite_steps"])
         self.last_metrics = dict(state.get("metrics") or {})
         self._saved_cluster_stage = state.get("cluster_stage")
         set_rng_state(state["rng"])
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.global_step)
+
+    def _restore_best(self, state: dict[str, Any], path: str | Path) -> None:
+        """best_metric / best_epoch of a checkpoint, kept only when they measure what this run's
+        validator measures. Without a validator there is no best (checkpoints written before
+        issue 26 hold the negated training loss there, a rule no longer used)."""
+        metric = self.validator.metric if self.validator is not None else None
+        saved_metric = state.get("best_metric_name", metric)  # older checkpoints: assume the same
+        if metric is None or saved_metric != metric:
+            if metric is not None and saved_metric is not None:
+                log.info("%s selected best.pt by %s; this run selects by %s and starts its selection afresh",
+                         path, saved_metric, metric)
+            self.best_metric, self.best_epoch = -math.inf, None
+            return
+        self.best_metric = float(state["best_metric"])
+        best_epoch = state.get("best_epoch")
+        self.best_epoch = None if best_epoch is None else int(best_epoch)
+
+    def _select_best(self, metrics: dict[str, Any]) -> tuple[bool, str]:
+        """Whether the epoch just finished becomes best.pt, and why (logged when it does)."""
+        if self.validator is None:
+            return False, "no validation set: only latest.pt is written"
+        name = self.validator.metric
+        if name not in metrics:
+            return False, f"not validated this epoch (validation every {self.validator.every_epochs} epochs)"
+        score = float(metrics[name])
+        if not np.isfinite(score):
+            return False, f"{name} is {score}"
+        previous = (f"previous best {self.best_metric:.6g}" if self.best_epoch is None
+                    else f"previous best {self.best_metric:.6g} (epoch {self.best_epoch})")
+        if score > self.best_metric:
+            reason = (f"{name} {score:.6g} > {previous}" if np.isfinite(self.best_metric)
+                      else f"{name} {score:.6g}, the first validated epoch")
+            self.best_metric, self.best_epoch = score, self.epoch
+            log.info("epoch %d is the new best.pt: %s", self.epoch, reason)
+            return True, reason
+        return False, f"{name} {score:.6g} <= {previous}"
 
     # ------------------------------------------------------------------ training
     def _batch_loss(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> dict[str, Any]:
@@ -787,8 +830,12 @@ class Trainer:
 
     def fit(self, max_epochs: int | None = None) -> dict[str, Any]:
         """Train the remaining epochs of the schedule (or up to epoch ``max_epochs``, a checkpoint
-        boundary from which ``resume`` continues); return the last epoch's metrics."""
+        boundary from which ``resume`` continues); return the last epoch's metrics, with the
+        summary of the whole run under ``"run"`` (:meth:`run_summary`)."""
         cfg = self.config
+        session_started = time.perf_counter()
+        session_start = {"epoch": self.epoch, "step": self.global_step,
+                         "resumed": (self.epoch, self.step_in_epoch) != (0, 0)}
         if self.dist.is_main:
             with writing_output(self.run_dir):
                 if self._clear_run_dir:
@@ -803,7 +850,14 @@ class Trainer:
         log.info("dataset %s: %s", cfg.data.root or type(self.dataset).__name__, self.stats.summary())
         log.info("device %s, amp %s, %d steps/epoch x %d epochs", self.device,
                  self.amp_dtype or "off", self.steps_per_epoch, cfg.train.total_epochs)
-        if self.epoch == 0 and self.step_in_epoch == 0:
+        if self.validator is None:
+            log.info("no validation set (train.validation) is configured: only latest.pt is written, no best.pt")
+            if self.dist.is_main and (self.run_dir / BEST).exists():
+                log.warning("%s is left from before this run continued without a validation set; it is no "
+                            "longer updated: latest.pt is the model this run trains", self.run_dir / BEST)
+        else:
+            log.info("model selection: best.pt is the epoch of the highest %s", self.validator.metric)
+        if not session_start["resumed"]:
             self.run_log.write("start", 0, device=str(self.device), num_images=len(self.dataset),
                                num_classes=self.dataset.num_classes, steps_per_epoch=self.steps_per_epoch,
                                **{f"data_{k}": v for k, v in self.stats.to_dict().items()})
@@ -833,12 +887,12 @@ class Trainer:
                     self.epoch % self.validator.every_epochs == 0 or self.epoch == cfg.train.total_epochs
                 ):
                     metrics.update(self.validate())
-                # Model selection: the validator's metric when there is one, else the training loss.
-                score = metrics.get(self.validator.metric if self.validator else "", -metrics["loss"])
-                improved = bool(np.isfinite(score) and score > self.best_metric)
-                if improved:
-                    self.best_metric = float(score)
+                # Model selection by the validator's metric only (the training losses of stages
+                # with different heads are not comparable): no validator, no best.pt.
+                improved, metrics["best_reason"] = self._select_best(metrics)
                 metrics["best"] = improved
+                if self.validator is not None:
+                    metrics["best_epoch"] = self.best_epoch
                 self.last_metrics = metrics
                 self.run_log.write("epoch", self.global_step, **metrics)
                 log.info("epoch %d/%d: %s", self.epoch, cfg.train.total_epochs,
@@ -847,7 +901,78 @@ class Trainer:
             barrier(self.dist)  # end together: no rank is torn down while rank 0 still writes
         finally:
             self.run_log.close()
-        return self.last_metrics
+        return {**self.last_metrics, "run": self.run_summary(session_start, time.perf_counter() - session_started)}
+
+    def run_summary(self, session_start: dict[str, Any], seconds: float) -> dict[str, Any]:
+        """The whole run as it stands after a :meth:`fit`: stages and epochs trained, steps, final
+        loss, best.pt (epoch and metric; None without validation), and this session (the fit call):
+        where it started, whether it resumed the run, its wall time."""
+        stages = self.config.train.stages
+        stages_trained = self.config.train.stage_at(self.epoch - 1)[0] + 1 if self.epoch else 0
+        has_best = self.validator is not None and bool(np.isfinite(self.best_metric))
+        return {
+            "run_dir": str(self.run_dir),
+            "stages": len(stages),
+            "stages_trained": stages_trained,
+            "stage_epochs": [{"name": stage.name or stage.head.type, "epochs": stage.epochs} for stage in stages],
+            "epochs": self.epoch,
+            "total_epochs": self.config.train.total_epochs,
+            "steps": self.global_step,
+            "final_loss": self.last_metrics.get("loss"),
+            "final_accuracy": self.last_metrics.get("accuracy"),
+            "validation_metric": self.validator.metric if self.validator is not None else None,
+            "best": has_best,
+            "best_epoch": self.best_epoch if has_best else None,  # None also from checkpoints before issue 26
+            "best_metric": self.best_metric if has_best else None,
+            "checkpoints": [LATEST, BEST] if has_best else [LATEST],
+            "resumed": bool(session_start["resumed"]),
+            "session_start_epoch": int(session_start["epoch"]),
+            "session_epochs": self.epoch - int(session_start["epoch"]),
+            "session_steps": self.global_step - int(session_start["step"]),
+            "session_seconds": seconds,
+        }
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def format_run_summary(run: dict[str, Any]) -> list[str]:
+    """The lines ``facepipe train`` prints at the end (``run``: :meth:`Trainer.run_summary`)."""
+    schedule = ", ".join(f"{s['name']} {_count(s['epochs'], 'epoch')}" for s in run["stage_epochs"])
+    stages = (_count(run["stages"], "stage") if run["stages_trained"] == run["stages"]
+              else f"{run['stages_trained']} of {run['stages']} stages")
+    lines = [f"trained {stages} ({schedule}): {run['epochs']}/{run['total_epochs']} epochs, "
+             f"{_count(run['steps'], 'step')}"]
+    if run["resumed"]:
+        lines.append(f"resumed at epoch {run['session_start_epoch']}: this session trained "
+                     f"{_count(run['session_epochs'], 'epoch')} ({_count(run['session_steps'], 'step')}) "
+                     f"in {_duration(run['session_seconds'])}")
+    else:
+        lines.append(f"wall time {_duration(run['session_seconds'])}")
+    if run["final_loss"] is not None:
+        accuracy = "" if run["final_accuracy"] is None else f", training accuracy {run['final_accuracy']:.4f}"
+        lines.append(f"final loss {run['final_loss']:.4f} (epoch {run['epochs']}{accuracy})")
+    if run["validation_metric"] is None:
+        lines.append("no validation set: only latest.pt written")
+    elif not run["best"]:
+        lines.append(f"no epoch has a finite {run['validation_metric']}: no best.pt written")
+    else:
+        epoch = "" if run["best_epoch"] is None else f"epoch {run['best_epoch']}, "
+        lines.append(f"best.pt: {epoch}{run['validation_metric']} {run['best_metric']:.4f} "
+                     f"(the highest of the validated epochs)")
+    lines.append(f"checkpoints in {run['run_dir']}: {', '.join(run['checkpoints'])}")
+    return lines
 
 
 def train(config: Config, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:

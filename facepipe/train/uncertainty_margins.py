@@ -35,7 +35,7 @@ from facepipe.losses.uncertainty import (
 )
 from facepipe.train.distributed import DistributedContext, gather_rows, rank_slice
 from facepipe.utils.device import autocast
-from facepipe.utils.io import write_json_atomic
+from facepipe.utils.io import atomic_write, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -236,11 +236,11 @@ def plot_uncertainty_vs_frequency(class_u: np.ndarray, counts: np.ndarray, rho: 
     ax.set_title(f"MC-dropout class uncertainty vs frequency\n(Spearman rho {rho:+.3f})")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_write(path, "wb") as handle:  # whole or not at all, with the umask's mode
+            fig.savefig(handle, format="png", dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def refresh_margins(trainer) -> dict:

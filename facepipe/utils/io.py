@@ -20,6 +20,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Sequence
 
@@ -27,6 +28,64 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from facepipe.errors import FacepipeUserError
+
+# ----------------------------------------------------------------------------- permissions
+# Outputs get the modes a plain open() or mkdir() would give them: 0666 / 0777 less the umask.
+# tempfile's mkstemp and mkdtemp create 0600 / 0700 (private scratch space), which a renamed
+# temporary would otherwise pass on to the output, unreadable by the user's group whatever
+# their umask says. Every temporary that becomes an output is made by the helpers below.
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (``/proc/self/status``, Linux 4.7+); else
+    by setting and restoring it under a lock (os.umask cannot read without writing)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode open() gives a new file: 0666 less the umask."""
+    return 0o666 & ~current_umask()
+
+
+def folder_mode() -> int:
+    """The mode mkdir() gives a new folder: 0777 less the umask."""
+    return 0o777 & ~current_umask()
+
+
+def output_temp_file(folder: str | os.PathLike, prefix: str, suffix: str = ".tmp") -> tuple[int, str]:
+    """``tempfile.mkstemp`` in ``folder`` (a unique name, opened exclusively), with the mode a
+    new file of the user's gets instead of 0600: for temporaries renamed onto an output."""
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    try:
+        os.fchmod(fd, file_mode())
+    except BaseException:
+        os.close(fd)
+        os.unlink(name)
+        raise
+    return fd, name
+
+
+def output_temp_folder(folder: str | os.PathLike, prefix: str, suffix: str = ".tmp") -> Path:
+    """``tempfile.mkdtemp`` in ``folder``, with the mode a new folder of the user's gets instead
+    of 0700: for staging folders renamed into place as an output."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=folder))
+    try:
+        os.chmod(path, folder_mode())
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    return path
 
 
 @contextlib.contextmanager
@@ -39,7 +98,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", durable: bool = True
     path = Path(path)
     with writing_output(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp_name = output_temp_file(path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, mode, **open_kwargs) as handle:
             yield handle
@@ -109,9 +168,26 @@ def writing_output(output: str | os.PathLike) -> Iterator[None]:
         if isinstance(exc, OutputError):
             raise
         output = Path(output)
-        folder = Path(exc.filename).parent if exc.filename else output.parent
-        raise UnwritableOutputError(f"cannot write {output}: permission denied in the folder {folder}; choose an "
-                                    f"output you may write to, or change that folder's permissions") from exc
+        raise _unwritable(output, Path(exc.filename).parent if exc.filename else output.parent) from exc
+
+
+def _unwritable(output: Path, folder: Path) -> UnwritableOutputError:
+    return UnwritableOutputError(f"cannot write {output}: permission denied in the folder {folder}; choose an "
+                                 f"output you may write to, or change that folder's permissions")
+
+
+def check_writable_output(output: str | os.PathLike, into: bool = False) -> None:
+    """Raise :class:`UnwritableOutputError` (the message :func:`writing_output` gives) now,
+    before any work, when the operating system would refuse to create ``output``: the nearest
+    existing folder above it must let this process create entries. ``into``: files are written
+    into ``output`` itself when it is an existing folder (an index updated in place), so that
+    folder must be writable. A cheap early check; the writes themselves still report refusals."""
+    output = Path(output)
+    folder = output if into and output.is_dir() else output.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        raise _unwritable(output, folder)
 
 
 def _is_empty_dir(path: Path) -> bool:
