@@ -121,6 +121,10 @@ def test_check_reads_headers_and_finds_a_manifest_above_the_image(tmp_path):
     with pytest.raises(NotAlignedCropsError, match="are 40x30"):
         check_aligned_crops(root, paths, (32, 32), "advice")
     check_aligned_crops(root, paths, (40, 30), "advice")
+    # A facepipe synth set (synth.json in its root) is aligned by construction, at any size.
+    (tree / "synth.json").write_text("{}")
+    check_aligned_crops(root, paths, (32, 32), "advice")
+    (tree / "synth.json").unlink()
     # A manifest in a folder between the image and the root marks the images as align output.
     (tree / "manifest.shard-0-of-2.jsonl").write_text("")
     check_aligned_crops(root, paths, (32, 32), "advice")

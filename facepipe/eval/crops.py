@@ -20,6 +20,7 @@ from typing import Iterable, Sequence
 from PIL import Image
 
 from facepipe.align.manifest import has_alignment_manifest
+from facepipe.data.synth import META_NAME as SYNTH_RECORD
 from facepipe.eval.verification import EvalInputError
 
 __all__ = ["NotAlignedCropsError", "SAMPLE_SIZE", "check_aligned_crops", "read_image_size"]
@@ -52,6 +53,12 @@ def read_image_size(path: str | os.PathLike) -> tuple[int, int] | None:
     return height, width
 
 
+def _made_as_crops(folder: Path) -> bool:
+    """Whether ``folder`` is the root of a ``facepipe align`` output (a manifest) or of a
+    ``facepipe synth`` set (``synth.json``: faces rendered already aligned, at any size)."""
+    return has_alignment_manifest(folder) or (folder / SYNTH_RECORD).is_file()
+
+
 def _folders_up_to(path: Path, root: Path) -> Iterable[Path]:
     """The image's folder and each one above it, up to and including ``root`` when it lies under it."""
     folder = Path(os.path.normpath(path)).parent
@@ -70,7 +77,7 @@ def check_aligned_crops(root: str | os.PathLike, paths: Sequence[str | os.PathLi
     what the user can do (the command's flags). Unreadable or missing files are left to the
     embedding, which reports them."""
     root = Path(root)
-    if has_alignment_manifest(root):
+    if _made_as_crops(root):
         return
     height, width = (int(v) for v in image_size)
     checked = 0
@@ -82,7 +89,7 @@ def check_aligned_crops(root: str | os.PathLike, paths: Sequence[str | os.PathLi
         if found is None:
             continue
         checked += 1
-        if found == (height, width) or any(has_alignment_manifest(folder) for folder in _folders_up_to(path, root)):
+        if found == (height, width) or any(_made_as_crops(folder) for folder in _folders_up_to(path, root)):
             continue
         raise NotAlignedCropsError(
             f"images under {root} are {found[0]}x{found[1]} (e.g. {path}), not the model's {height}x{width} "
