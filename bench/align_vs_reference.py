@@ -278,6 +278,20 @@ def run_facepipe(detector, images: list[np.ndarray], batch_size: int) -> list:
     return found
 
 
+def run_facepipe_downscaled(detector, images: list[np.ndarray], batch_size: int, max_side: int) -> list:
+    """facepipe's fast mode (``max_detect_side``, as ``facepipe align`` runs it): each image
+    larger than ``max_side`` is searched on a downscaled copy, and the detections are mapped back
+    to full resolution. The downscaling is timed with the detection."""
+    from facepipe.align.job import detection_copy
+
+    found = []
+    for start in range(0, len(images), batch_size):
+        copies = [detection_copy(image, max_side) for image in images[start:start + batch_size]]
+        detected = detector.detect([small for small, _ in copies])
+        found.extend(faces.scaled(factor) if factor != 1.0 else faces for faces, (_, factor) in zip(detected, copies))
+    return found
+
+
 def facepipe_faces(found) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return (found.boxes.astype(np.float64), found.scores.astype(np.float64), found.landmarks.astype(np.float64))
 
@@ -315,7 +329,7 @@ def greedy_match(ious: np.ndarray) -> list[tuple[int, int]]:
 
 def parity(names: list[str], expected: list[tuple], got: list[tuple], label: str = "facepipe") -> dict:
     """Compare per-image detections (boxes, scores, landmarks) of ``got`` with ``expected``."""
-    ious, landmark_errors, score_errors, differ = [], [], [], []
+    ious, landmark_errors, relative_errors, score_errors, differ = [], [], [], [], []
     worst = {"iou": None, "landmarks": None}
     faces_expected = faces_got = 0
     for name, (eb, es, el), (gb, gs, gl) in zip(names, expected, got):
@@ -329,6 +343,9 @@ def parity(names: list[str], expected: list[tuple], got: list[tuple], label: str
         for i, j in greedy_match(matrix):
             ious.append(float(matrix[i, j]))
             landmark_errors.append(float(np.abs(el[i] - gl[j]).max()))
+            # The same error as a share of the face's size (the reference box's width): what it
+            # does to a crop, whose scale follows the face.
+            relative_errors.append(landmark_errors[-1] / max(float(eb[i, 2] - eb[i, 0]), 1e-6))
             score_errors.append(float(abs(es[i] - gs[j])))
             if worst["iou"] is None or ious[-1] < worst["iou"]["iou"]:
                 worst["iou"] = {"image": name, "iou": ious[-1]}
@@ -341,6 +358,8 @@ def parity(names: list[str], expected: list[tuple], got: list[tuple], label: str
         "iou_min": min(ious) if ious else None, "iou_median": statistics.median(ious) if ious else None,
         "landmark_err_px_max": max(landmark_errors) if landmark_errors else None,
         "landmark_err_px_median": statistics.median(landmark_errors) if landmark_errors else None,
+        "landmark_err_face_max": max(relative_errors) if relative_errors else None,
+        "landmark_err_face_median": statistics.median(relative_errors) if relative_errors else None,
         "score_diff_max": max(score_errors) if score_errors else None, "worst": worst,
     }
 
@@ -436,6 +455,26 @@ def markdown(result: dict) -> str:
             for d in s.get("parity", {}).get("different", []):
                 lines.append(f"\n- {name}: `{d['image']}`: reference {d['reference']} faces, facepipe {d['facepipe']}")
         lines.append("")
+    if any(s.get("fast") for s in result["sets"].values()):
+        lines += ["## Fast mode (`max_detect_side`: detect on a downscaled copy, crop at full resolution)", "",
+                  "Compared with the reference at full resolution; faces smaller than min face x (long side / N) "
+                  "at full resolution cannot be found on the copy.", "",
+                  "| set | N | images downscaled | images/s | / reference (median) | same face count | faces ref / fast | "
+                  "matched | IoU min | IoU median | landmark err max (px) | landmark err median (px) | "
+                  "landmark err max / median (% of face width) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, s in result["sets"].items():
+            for fast in s.get("fast", {}).values():
+                p = fast.get("parity") or {}
+                lines.append(f"| {name} | {fast['max_side']} | {fast['images_downscaled']} | "
+                             f"{fast['images_per_s_median']:.2f} | **{fast['ratio_median']:.2f}x** | "
+                             f"{p.get('same_count', '')} of {p.get('images', '')} | {p.get('faces_reference', '')} / "
+                             f"{p.get('faces_facepipe', '')} | {p.get('matched', '')} | {fmt(p.get('iou_min'), '.4f')} | "
+                             f"{fmt(p.get('iou_median'), '.4f')} | {fmt(p.get('landmark_err_px_max'), '.3g')} | "
+                             f"{fmt(p.get('landmark_err_px_median'), '.3g')} | "
+                             f"{fmt(100 * p['landmark_err_face_max'] if p.get('landmark_err_face_max') is not None else None, '.2f')} / "
+                             f"{fmt(100 * p['landmark_err_face_median'] if p.get('landmark_err_face_median') is not None else None, '.2f')} |")
+        lines.append("")
     check = result.get("fixture_check")
     if check:
         lines += ["## Stand-in check against the fixture (real torchvision)", ""]
@@ -465,6 +504,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=4, help="warm-up images per set (default 4)")
     parser.add_argument("--no-parity", action="store_true", help="skip the detection comparison")
+    parser.add_argument("--fast-side", type=int, nargs="*", default=[], metavar="N",
+                        help="also time facepipe's fast mode (max_detect_side=N: detect on a copy downscaled to "
+                             "N px on the long side, map back) and compare it with the full-resolution reference")
     parser.add_argument("--fixture-check", type=int, default=0, metavar="N",
                         help="also run the reference with the stand-in on N small fixture images (default 0: off)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for results.json and results.md")
@@ -510,15 +552,19 @@ def main() -> None:
                                keep_all=True, device="cpu")
     runners = {"reference": lambda images: run_reference(reference, images, args.batch_size),
                "facepipe": lambda images: run_facepipe(facepipe, images, args.batch_size)}
+    fast_names = [f"facepipe@{side}" for side in args.fast_side]
+    for side, who in zip(args.fast_side, fast_names):
+        runners[who] = lambda images, side=side: run_facepipe_downscaled(facepipe, images, args.batch_size, side)
 
     for name, (_, pixels) in sets.items():  # warm-up
         for runner in runners.values():
             runner(pixels[:args.warmup])
 
-    seconds = {name: {"reference": [], "facepipe": []} for name in sets}
+    seconds = {name: {who: [] for who in runners} for name in sets}
     detections: dict[str, dict[str, list]] = {}
     for round_index in range(args.rounds):
-        order = ["reference", "facepipe"] if round_index % 2 == 0 else ["facepipe", "reference"]
+        order = ["reference", "facepipe", *fast_names]
+        order = order if round_index % 2 == 0 else order[::-1]
         for name, (_, pixels) in sets.items():
             for who in order:
                 elapsed, out = timed(runners[who], pixels)
@@ -549,6 +595,16 @@ def main() -> None:
             expected = [reference_faces(raw) for raw in detections[name]["reference"]]
             got = [facepipe_faces(found) for found in detections[name]["facepipe"]]
             entry["parity"] = parity(names, expected, got)
+        entry["fast"] = {}
+        for who, side in zip(fast_names, args.fast_side):
+            fast_ips = [len(pixels) / s for s in seconds[name][who]]
+            fast = {"max_side": side, "images_downscaled": sum(max(p.shape[:2]) > side for p in pixels),
+                    "images_per_s": fast_ips, "images_per_s_median": statistics.median(fast_ips),
+                    "ratio_median": statistics.median([f / r for f, r in zip(fast_ips, ref_ips)])}
+            if not args.no_parity:
+                fast["parity"] = parity(names, [reference_faces(raw) for raw in detections[name]["reference"]],
+                                        [facepipe_faces(found) for found in detections[name][who]])
+            entry["fast"][who] = fast
         result["sets"][name] = entry
     if args.fixture_check:
         result["fixture_check"] = fixture_check(reference, args.fixture_check, args.batch_size)

@@ -171,6 +171,19 @@ def choose_faces(found: FaceDetections, select: str, height: int, width: int) ->
 
 
 # ----------------------------------------------------------------------------- the work
+
+def detection_copy(pixels: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    """The image to search for faces, downscaled (area resampling) when its long side exceeds
+    ``max_side``, and the factor that maps its coordinates back to full resolution
+    (``FaceDetections.scaled``). The crops are then cut from the full-resolution image."""
+    long_side = max(pixels.shape[:2])
+    if long_side <= max_side:
+        return pixels, 1.0
+    factor = max_side / long_side
+    size = (max(1, round(pixels.shape[1] * factor)), max(1, round(pixels.shape[0] * factor)))
+    small = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+    return small, pixels.shape[1] / size[0]
+
 class Aligner:
     """Decode, detect, choose, warp and write; one instance per process."""
 
@@ -179,16 +192,6 @@ class Aligner:
         self.root = root
         self.destination = destination
         self.detector = detector or MTCNN(config.detector, device=config.device)
-
-    def _detection_copy(self, pixels: np.ndarray) -> tuple[np.ndarray, float]:
-        """The image to search (downscaled when huge) and the factor back to full resolution."""
-        long_side = max(pixels.shape[:2])
-        if long_side <= self.config.max_detect_side:
-            return pixels, 1.0
-        factor = self.config.max_detect_side / long_side
-        size = (max(1, round(pixels.shape[1] * factor)), max(1, round(pixels.shape[0] * factor)))
-        small = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
-        return small, pixels.shape[1] / size[0]
 
     def _write(self, relative: str, crop: np.ndarray) -> None:
         suffix = Path(relative).suffix.lower()
@@ -207,7 +210,7 @@ class Aligner:
         searchable, factors, positions = [], [], []
         for position, image in enumerate(decoded):
             if image.status == "ok" and min(image.pixels.shape[:2]) >= cfg.min_image_side:
-                small, factor = self._detection_copy(image.pixels)
+                small, factor = detection_copy(image.pixels, cfg.max_detect_side)
                 searchable.append(small)
                 factors.append(factor)
                 positions.append(position)
