@@ -8,6 +8,7 @@ The Python API mirrors the CLI, one function per command:
     facepipe.embed_folder(ckpt, images, out)    # facepipe embed
     facepipe.align_images(src, dst)             # facepipe align
     facepipe.link_identity_subset(src, dst, exclude)  # facepipe subset
+    facepipe.merge_identity_sources([src1, src2], dst, exclude_pairs=[pairs])  # facepipe merge
     facepipe.evaluate_pairs_file(ckpt, pairs, root, out)  # facepipe eval pairs
     facepipe.evaluate_lfw(pairs, out, images=..., checkpoint=...)  # facepipe eval lfw
     facepipe.evaluate_ytf / evaluate_megaface / evaluate_bin    # facepipe eval ytf | megaface | bin
@@ -30,6 +31,7 @@ _API = {
     "align_images": "facepipe.align.job",
     "MTCNN": "facepipe.align.detector",
     "link_identity_subset": "facepipe.data.subset",
+    "merge_identity_sources": "facepipe.data.merge",
     "evaluate_lfw": "facepipe.eval.lfw",
     "evaluate_ytf": "facepipe.eval.ytf",
     "evaluate_megaface": "facepipe.eval.megaface",

@@ -229,6 +229,52 @@ def cmd_subset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from facepipe.data.merge import merge_identity_sources
+
+    record = merge_identity_sources(
+        args.sources, args.destination, exclude_pairs=args.exclude_pairs, exclude_names=args.exclude_names,
+        ignore_case=args.ignore_case, copy=args.copy, val_fraction=args.val_fraction, seed=args.seed,
+        val_pairs=args.val_pairs, val_out=args.val_out, overwrite=args.overwrite)
+    print(record["summary"])
+    return 0
+
+
+class _MergeSourceAction(argparse.Action):
+    """``--source DIR``: a new source; the renaming options after it apply to it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        sources = list(getattr(namespace, self.dest, None) or [])
+        sources.append({"path": values, "rename_map": None, "rename_pattern": None, "replace": []})
+        setattr(namespace, self.dest, sources)
+
+
+class _MergeRuleAction(argparse.Action):
+    """A renaming rule of the ``--source`` given last (``--rename-map``, ``--rename-pattern``, ``--replace``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        sources = getattr(namespace, "sources", None)
+        if not sources:
+            raise argparse.ArgumentError(self, "must follow the --source it applies to")
+        source = sources[-1]
+        if self.dest == "replace":
+            source["replace"].append(tuple(values))
+        elif source[self.dest] is not None:
+            raise argparse.ArgumentError(self, f"given twice for --source {source['path']}")
+        else:
+            source[self.dest] = values
+
+
+def _regex(text: str) -> str:
+    import re
+
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a regular expression: {exc}") from None
+    return text
+
+
 def cmd_pack(args: argparse.Namespace) -> int:
     from facepipe.data.recordio import pack_identity_folder
 
@@ -621,6 +667,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out every person named in this LFW pairs file (repeatable)")
     p.add_argument("--min-images", type=_whole(0), default=1, help="keep identities with at least this many images")
     p.set_defaults(func=cmd_subset)
+
+    p = sub.add_parser("merge", help="merge identity folders of several sources into one tree of links, by name "
+                       "(e.g. Pins + LFW), with exclusions and a seeded validation split")
+    p.add_argument("destination", metavar="DST", help="new folder: DST/<identity>/<identity>_NNNN.<ext> and merge.json")
+    p.add_argument("--source", dest="sources", action=_MergeSourceAction, required=True, metavar="DIR",
+                   help="identity-folder tree DIR/<identity>/<image> (repeatable; images are numbered in the order "
+                   "the sources are given); the renaming options after it apply to it")
+    p.add_argument("--rename-map", dest="rename_map", action=_MergeRuleAction, default=argparse.SUPPRESS,
+                   metavar="FILE", help="rename this source's folders by FILE's 'old<TAB>new' lines (further "
+                   "columns ignored, e.g. stage_pins.sh's names.tsv); applied first")
+    p.add_argument("--rename-pattern", dest="rename_pattern", action=_MergeRuleAction, type=_regex,
+                   default=argparse.SUPPRESS, metavar="REGEX",
+                   help="a folder name this regular expression matches entirely becomes its first group, e.g. "
+                   "'pins_(.*)'; others keep their names")
+    p.add_argument("--replace", dest="replace", action=_MergeRuleAction, nargs=2, default=argparse.SUPPRESS,
+                   metavar=("OLD", "NEW"), help="replace OLD by NEW in this source's names (repeatable, in "
+                   "order); whitespace runs always become '_' last")
+    p.add_argument("--ignore-case", action="store_true",
+                   help="names equal but for case are one identity (spelled as in the first source)")
+    p.add_argument("--exclude-pairs", action="append", default=[], metavar="FILE",
+                   help="leave out every person named in this LFW pairs file, from every source (repeatable)")
+    p.add_argument("--exclude-names", action="append", default=[], metavar="FILE",
+                   help="leave out the identities of this file, one name a line (repeatable)")
+    p.add_argument("--copy", action="store_true", help="copy the images instead of linking them")
+    p.add_argument("--val-fraction", type=_number(0, 0.99), default=0.0,
+                   help="hold out this fraction of the identities with 2+ images as validation people "
+                   "(identity-disjoint; 0: none)")
+    p.add_argument("--seed", type=_whole(0), default=0, help="seed of the validation people and their pairs")
+    p.add_argument("--val-pairs", type=_whole(0), default=500,
+                   help="matched and as many mismatched validation pairs to draw, at most (fewer when the "
+                   "validation people allow fewer; 0: no pairs file)")
+    p.add_argument("--val-out", default=None, metavar="DIR",
+                   help="folder of the validation identities and their pairs.txt (default: DST_val)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST (and validation folder)")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("pack", help="pack identity folders as an insightface RecordIO set (train.rec, train.idx, "
                        "property)")

@@ -98,7 +98,8 @@ def test_user_errors_are_one_line_with_exit_status_2(tiny_dataset, tmp_path, cap
     assert main(["train", "--config", "demo", "data.batchsize=4"]) == 2
     err = capsys.readouterr().err
     assert "batchsize" in err and "batch_size" in err and "Traceback" not in err
-    assert main(["train", "--config", "demo", f"data.root={tmp_path / 'absent'}"]) == 2
+    # output_dir in tmp_path: the demo config's own run folder may hold a user's `make demo` run.
+    assert main(["train", "--config", "demo", f"data.root={tmp_path / 'absent'}", f"output_dir={tmp_path / 'run'}"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["embed", "--checkpoint", str(tmp_path / "none.pt"), "--images", str(tiny_dataset),
                  "--out", str(tmp_path / "o")]) == 2

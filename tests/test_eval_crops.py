@@ -47,7 +47,6 @@ def no_embedding(monkeypatch):
         raise AssertionError("images were embedded before the raw-photo check")
 
     monkeypatch.setattr(extract, "extract_embeddings", refuse)
-    monkeypatch.setattr("facepipe.eval.pairs_job.extract_embeddings", refuse)
 
 
 def lfw_command(pairs: Path, images: Path, checkpoint: Path, out: Path, *extra: str) -> list[str]:
@@ -102,7 +101,7 @@ def test_eval_pairs_refuses_raw_photos_unless_told(tmp_path, capsys, monkeypatch
     command = ["eval", "pairs", "--checkpoint", str(checkpoint), "--pairs", str(pairs), "--root", str(raw),
                "--device", "cpu", "--quiet"]
     with monkeypatch.context() as patch:
-        patch.setattr("facepipe.eval.pairs_job.extract_embeddings",
+        patch.setattr("facepipe.embed.extract.extract_embeddings",
                       lambda *a, **k: pytest.fail("embedded before the raw-photo check"))
         assert main([*command, "--out", str(tmp_path / "stop")]) == 2
     err = capsys.readouterr().err.strip()

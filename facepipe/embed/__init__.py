@@ -1,4 +1,18 @@
-"""Embedding extraction from trained checkpoints."""
-from facepipe.embed.extract import embed_folder, extract_embeddings, list_images, load_model
+"""Embedding extraction from trained checkpoints (``extract``) and the embeddings folder format
+(``folder``). Loaded on first use: reading an embeddings folder does not import torch."""
+from facepipe.utils.lazy import lazy_exports
 
-__all__ = ["embed_folder", "extract_embeddings", "list_images", "load_model"]
+_LAZY = {
+    "EmbeddingsFolder": "facepipe.embed.folder",
+    "write_embeddings_folder": "facepipe.embed.extract",
+    "embed_folder": "facepipe.embed.extract",
+    "embed_paths": "facepipe.embed.extract",
+    "extract_embeddings": "facepipe.embed.extract",
+    "list_images": "facepipe.embed.extract",
+    "load_model": "facepipe.embed.extract",
+}
+
+__all__ = list(_LAZY)
+
+
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -23,8 +23,9 @@ from facepipe.train.checkpoint import (
     load_weights,
     model_fingerprint,
 )
+from facepipe.embed.folder import EMBED_RECORD, EMBEDDINGS_FILE, MANIFEST_FILE, MANIFEST_HEADER
 from facepipe.train.distributed import barrier, gather_rows, init_distributed, rank_slice
-from facepipe.utils.device import autocast, resolve_amp_dtype
+from facepipe.utils.device import autocast, resolve_amp_dtype, resolve_device
 from facepipe.utils.io import (
     OutputError,
     atomic_folder,
@@ -39,11 +40,6 @@ from facepipe.utils.walk import walk_tree
 log = logging.getLogger(__name__)
 
 FLIP_MODES = ("sum", "concat", "none")
-# The files of an embeddings folder; EMBED_RECORD, written last, lists the other two as its
-# "parts" (size and SHA-256), which readers check (facepipe.utils.io.check_parts).
-EMBEDDINGS_FILE = "embeddings.npy"
-MANIFEST_FILE = "manifest.csv"
-EMBED_RECORD = "embed.json"
 
 
 def extract_embeddings(
@@ -120,6 +116,7 @@ class LoadedModel:
     identities: list[str]
     fingerprint: str
     checkpoint_path: str
+    device: torch.device = torch.device("cpu")
 
 
 def _check_finite_weights(weights: dict, checkpoint: str | Path) -> None:
@@ -142,7 +139,41 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> Lo
     load_weights(model, state["model"], checkpoint)
     _check_finite_weights(state["model"], checkpoint)
     model.to(device).eval()
-    return LoadedModel(model, config, list(state["identities"]), model_fingerprint(state["model"]), str(checkpoint))
+    return LoadedModel(model, config, list(state["identities"]), model_fingerprint(state["model"]), str(checkpoint),
+                       torch.device(device))
+
+
+def embed_paths(
+    model: str | Path | LoadedModel,
+    paths: Sequence[str],
+    flip: str | None = None,
+    batch_size: int | None = None,
+    device: str | torch.device = "auto",
+    num_workers: int = 0,
+    progress: bool = False,
+) -> tuple[np.ndarray, dict]:
+    """Embeddings of the image files ``paths``, in order, with a checkpoint's model: the one
+    way every job (embed, eval, index, search) turns a checkpoint and images into embeddings.
+
+    ``model``: a checkpoint (loaded on ``device`` with :func:`load_model`'s checks) or a
+    :class:`LoadedModel` (already on its device; ``device`` is then not used). The images are
+    read at the checkpoint's input size; flip fusion is ``flip`` or else the config's
+    ``embed.flip``, the batch size ``batch_size`` or else ``embed.batch_size``, and the forward
+    runs under the config's mixed precision (``train.amp``, CUDA only).
+
+    Returns ``(embeddings, info)``: L2-normalised float32 rows (see :func:`extract_embeddings`)
+    and ``{"checkpoint", "model_fingerprint", "flip"}``.
+    """
+    loaded = model if isinstance(model, LoadedModel) else load_model(
+        model, device if isinstance(device, torch.device) else resolve_device(device))
+    config = loaded.config
+    flip = flip or config.embed.flip
+    embeddings = extract_embeddings(
+        loaded.model, list(paths), config.data.image_size, loaded.device,
+        batch_size=batch_size or config.embed.batch_size, flip=flip, num_workers=num_workers,
+        amp_dtype=resolve_amp_dtype(config.train.amp, loaded.device), progress=progress,
+    )
+    return embeddings, {"checkpoint": loaded.checkpoint_path, "model_fingerprint": loaded.fingerprint, "flip": flip}
 
 
 def list_images(root: str | Path) -> list[tuple[str, str]]:
@@ -185,7 +216,7 @@ def write_embeddings_folder(out: str | Path, embeddings: np.ndarray, items: Sequ
         raise ValueError(f"{len(items)} manifest rows for {len(embeddings)} embeddings")
     with atomic_folder(out, replace=True) as staging:
         save_npy_atomic(staging / EMBEDDINGS_FILE, embeddings)
-        write_csv_atomic(staging / MANIFEST_FILE, ["row", "path", "identity"],
+        write_csv_atomic(staging / MANIFEST_FILE, list(MANIFEST_HEADER),
                          ((row, path, identity) for row, (path, identity) in enumerate(items)))
         record = {**info, "parts": describe_parts(staging, [EMBEDDINGS_FILE, MANIFEST_FILE])}
         write_json_atomic(staging / EMBED_RECORD, record)
@@ -216,14 +247,12 @@ def embed_folder(
     check_embeddings_destination(out)
     ctx, torch_device = init_distributed(device)
     loaded = load_model(checkpoint, torch_device)
-    flip = flip or loaded.config.embed.flip
     items = list_images(images)
     paths = [path for path, _ in items]
-    embeddings = gather_rows(ctx, extract_embeddings(
-        loaded.model, paths[rank_slice(len(paths), ctx)], loaded.config.data.image_size, torch_device,
-        batch_size=batch_size or loaded.config.embed.batch_size, flip=flip, num_workers=num_workers,
-        amp_dtype=resolve_amp_dtype(loaded.config.train.amp, torch_device), progress=progress and ctx.is_main,
-    ))
+    share, embedded = embed_paths(loaded, paths[rank_slice(len(paths), ctx)], flip=flip, batch_size=batch_size,
+                                  num_workers=num_workers, progress=progress and ctx.is_main)
+    flip = embedded["flip"]
+    embeddings = gather_rows(ctx, share)
     # On every rank (all hold every row), so that no rank waits at the barrier for one that stopped.
     broken = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
     if len(broken):

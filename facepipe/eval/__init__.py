@@ -4,7 +4,7 @@
 The metric functions are imported eagerly; the jobs lazily (on first attribute access), so that
 code needing only the metrics (the trainer's validation) does not load FAISS or imbalanced-learn.
 """
-import importlib
+from facepipe.utils.lazy import lazy_exports
 
 from facepipe.eval.plots import plot_cmc, plot_roc, plot_training_curves
 from facepipe.eval.verification import (
@@ -71,7 +71,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'facepipe.eval' has no attribute '{name}'")
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -22,8 +22,6 @@ with the list, unless ``allow_missing``, which counts such pairs as wrong (see
 """
 from __future__ import annotations
 
-import csv
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -32,6 +30,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from facepipe.align.manifest import USABLE_STATUSES, alignment_statuses
+from facepipe.embed.folder import EmbeddingsFolder
 from facepipe.eval.lfw_pairs import LFWPairs, parse_lfw_pairs
 from facepipe.eval.report import EvalReport, Table, verification_rows, write_report
 from facepipe.eval.verification import (
@@ -40,7 +39,7 @@ from facepipe.eval.verification import (
     evaluate_verification,
     score_missing_as_wrong,
 )
-from facepipe.utils.io import MixedOutputError, check_parts, write_text_atomic
+from facepipe.utils.io import write_text_atomic
 
 __all__ = [
     "EmbeddingTable",
@@ -59,7 +58,6 @@ MISSING_FILE = "file missing"
 NO_FACE = "no face"
 NOT_EMBEDDED = "not in the embeddings manifest"
 
-MANIFEST_HEADER = ("row", "path", "identity")
 MAX_LISTED_MISSING = 20
 
 
@@ -105,48 +103,10 @@ def load_embeddings_folder(folder: str | os.PathLike, mmap: bool = False) -> Emb
     (``parts``), a folder whose array or manifest is another output's is refused. With ``mmap``
     the array is memory-mapped read-only instead of loaded, for distractor sets larger than memory.
     """
-    folder = Path(folder)
-    npy, manifest = folder / "embeddings.npy", folder / "manifest.csv"
-    for path in (npy, manifest):
-        if not path.is_file():
-            raise EvalInputError(f"embeddings folder {folder}: {path.name} is missing "
-                                 "(expected the output of 'facepipe embed')")
-    info: dict[str, Any] = {}
-    if (folder / "embed.json").is_file():
-        try:
-            info = json.loads((folder / "embed.json").read_text(encoding="utf-8"))
-            check_parts(folder, info.get("parts", {}), "embed.json")
-        except (json.JSONDecodeError, AttributeError, MixedOutputError) as exc:
-            raise EvalInputError(f"embeddings folder {folder}: {exc}") from None
-    try:
-        vectors = np.load(npy, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except ValueError as exc:
-        raise EvalInputError(f"{npy}: not a plain numeric .npy array ({exc})") from None
-    if vectors.ndim != 2 or not np.issubdtype(vectors.dtype, np.floating):
-        raise EvalInputError(f"{npy}: expected a 2-D float array, got shape {vectors.shape}, dtype {vectors.dtype}")
-    keys: list[str] = []
-    with open(manifest, newline="", encoding="utf-8") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None or tuple(h.strip() for h in header) != MANIFEST_HEADER:
-            raise EvalInputError(f"{manifest}: line 1: expected header {','.join(MANIFEST_HEADER)}, got {header}")
-        for row in reader:
-            if len(row) != 3 or row[0].strip() != str(len(keys)):
-                raise EvalInputError(f"{manifest}: line {reader.line_num}: expected row {len(keys)},path,identity; "
-                                     f"got {row}")
-            # Plain string operations: a distractor manifest can hold a million rows.
-            identity = row[2].replace("\\", "/").strip("/")
-            name = row[1].replace("\\", "/").rpartition("/")[2]
-            keys.append(f"{identity}/{name}" if identity else name)
-    if len(keys) != vectors.shape[0]:
-        raise EvalInputError(f"{folder}: manifest.csv lists {len(keys)} images but embeddings.npy has "
-                             f"{vectors.shape[0]} rows")
-    if info.get("num_images", len(keys)) != len(keys):
-        raise EvalInputError(f"{folder}: embed.json records {info['num_images']} images but manifest.csv lists "
-                             f"{len(keys)}: the folder mixes two outputs")
-    return EmbeddingTable(vectors=vectors, keys=keys, model_fingerprint=info.get("model_fingerprint"),
-                          flip=info.get("flip"), source={"embeddings": str(folder),
-                                                         "checkpoint": info.get("checkpoint")})
+    opened = EmbeddingsFolder.open(folder, mmap=mmap, require_manifest=True, error=EvalInputError)
+    return EmbeddingTable(vectors=opened.embeddings, keys=opened.keys(), model_fingerprint=opened.fingerprint,
+                          flip=opened.flip,
+                          source={"embeddings": str(folder), "checkpoint": opened.info.get("checkpoint")})
 
 
 def embed_files(
@@ -165,25 +125,20 @@ def embed_files(
     this text ending the error (what to do instead)."""
     # torch is imported only here, so metric-only evaluation (precomputed embeddings) never
     # pays for it.
-    from facepipe.embed.extract import extract_embeddings, load_model
-    from facepipe.utils.device import resolve_amp_dtype, resolve_device
+    from facepipe.embed.extract import embed_paths, load_model
+    from facepipe.utils.device import resolve_device
 
-    torch_device = resolve_device(device)
-    loaded = load_model(checkpoint, torch_device)
-    flip = flip or loaded.config.embed.flip
+    loaded = load_model(checkpoint, resolve_device(device))
     keys = list(keys)
     if crop_check is not None:
         from facepipe.eval.crops import check_aligned_crops
 
         check_aligned_crops(root, [Path(root) / key for key in keys], loaded.config.data.image_size, crop_check)
-    vectors = extract_embeddings(
-        loaded.model, [str(Path(root) / key) for key in keys], loaded.config.data.image_size, torch_device,
-        batch_size=batch_size or loaded.config.embed.batch_size, flip=flip,
-        amp_dtype=resolve_amp_dtype(loaded.config.train.amp, torch_device), progress=progress,
-    )
+    vectors, info = embed_paths(loaded, [str(Path(root) / key) for key in keys], flip=flip, batch_size=batch_size,
+                                progress=progress)
     if not keys:
         vectors = np.zeros((0, 1), dtype=np.float32)
-    return EmbeddingTable(vectors=vectors, keys=keys, model_fingerprint=loaded.fingerprint, flip=flip,
+    return EmbeddingTable(vectors=vectors, keys=keys, model_fingerprint=info["model_fingerprint"], flip=info["flip"],
                           source={"checkpoint": str(checkpoint), "images": str(root)})
 
 

@@ -39,6 +39,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from facepipe.embed.folder import is_embeddings_folder, load_npy
 from facepipe.eval.lfw import EmbeddingTable, embed_files, load_embeddings_folder
 from facepipe.eval.lfw_pairs import parse_lfw_pairs
 from facepipe.eval.report import EvalReport, Table, format_percent, write_report
@@ -386,11 +387,7 @@ def _load_distractors(path: Path) -> tuple[np.ndarray, list[str] | None, Embeddi
     if path.is_file():
         if path.suffix != ".npy":
             raise EvalInputError(f"distractor file {path}: expected a .npy embeddings array")
-        try:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except ValueError as exc:
-            raise EvalInputError(f"{path}: not a plain numeric .npy array ({exc})") from None
-        return array, None, None
+        return load_npy(path, mmap=True, error=EvalInputError), None, None
     table = load_embeddings_folder(path, mmap=True)
     return table.vectors, table.keys, table
 
@@ -437,7 +434,7 @@ def evaluate_megaface(
         if lfw_images is None or lfw_dev_pairs is None or probes is not None or distractors is not None:
             raise EvalInputError("the LFW mini protocol takes lfw_images and lfw_dev_pairs, and no probes/distractors")
         lfw_path = Path(lfw_images)
-        if (lfw_path / "embeddings.npy").is_file():
+        if is_embeddings_folder(lfw_path):
             table = load_embeddings_folder(lfw_path)
             sets = _split_lfw_keys(table.keys, lfw_dev_pairs, str(lfw_path))
         else:
@@ -460,7 +457,7 @@ def evaluate_megaface(
         for what, path in (("probe", probe_path), ("distractor", distractor_path)):
             if not path.exists():
                 raise EvalInputError(f"{what} set {path} does not exist")
-        if (probe_path / "embeddings.npy").is_file():
+        if is_embeddings_folder(probe_path):
             table = load_embeddings_folder(probe_path)
         else:
             if checkpoint is None:
@@ -474,7 +471,7 @@ def evaluate_megaface(
         probe_vectors = np.asarray(table.vectors)
         probe_labels = [_identity_of(k) for k in probe_keys]
         fingerprint, flip_used = table.model_fingerprint, table.flip
-        if distractor_path.is_dir() and not (distractor_path / "embeddings.npy").is_file():
+        if distractor_path.is_dir() and not is_embeddings_folder(distractor_path):
             if checkpoint is None:
                 raise EvalInputError(f"distractor folder {distractor_path} holds images; embedding them needs a checkpoint")
             from facepipe.embed.extract import list_images

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from facepipe.data.dataset import DatasetError
-from facepipe.embed.extract import extract_embeddings, load_model
+from facepipe.embed.extract import embed_paths, load_model
 from facepipe.eval.plots import plot_roc
 from facepipe.eval.verification import cosine_scores, evaluate_verification, read_pairs_csv
 from facepipe.utils.device import resolve_device
@@ -113,22 +113,21 @@ def evaluate_pairs_file(checkpoint: str | Path, pairs: str | Path, root: str | P
     (:class:`facepipe.eval.crops.NotAlignedCropsError`), unless ``align_check`` is False.
     """
     resolved = load_pairs(pairs, root, allow_outside_root)
-    torch_device = resolve_device(device)
-    loaded = load_model(checkpoint, torch_device)
+    loaded = load_model(checkpoint, resolve_device(device))
     if align_check:
         from facepipe.eval.crops import check_aligned_crops
 
         check_aligned_crops(Path(root) if root else Path(pairs).parent, resolved.paths, loaded.config.data.image_size,
                             "align them with 'facepipe align' (at the model's input size) and point --root at its "
                             "output, or give --no-align-check (align_check=False) to evaluate them as they are")
-    embeddings = extract_embeddings(loaded.model, resolved.paths, loaded.config.data.image_size,
-                                    torch_device, batch_size=loaded.config.embed.batch_size,
-                                    flip=loaded.config.embed.flip, progress=progress)
+    # The checkpoint's input size, flip fusion, batch size and mixed precision (train.amp), as
+    # every other job embeds.
+    embeddings, embedded = embed_paths(loaded, resolved.paths, progress=progress)
     scores = cosine_scores(embeddings, resolved.idx_a, resolved.idx_b)
     result = evaluate_verification(scores, resolved.is_same)
     out = Path(out)
     metrics = {"checkpoint": str(checkpoint), "model_fingerprint": loaded.fingerprint, "pairs": str(pairs),
-               "root": str(Path(root) if root else Path(pairs).parent), "flip": loaded.config.embed.flip,
+               "root": str(Path(root) if root else Path(pairs).parent), "flip": embedded["flip"],
                "duplicate_pairs_removed": resolved.duplicates, **result.to_dict()}
     # Together, metrics.json last: a failed plot never leaves new scores beside old metrics.
     with staged_files(out, last="metrics.json") as staging:

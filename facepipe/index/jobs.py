@@ -4,7 +4,6 @@ through the alignment stage) turned into :class:`facepipe.index.store.ClusterInd
 from __future__ import annotations
 
 import csv
-import json
 import os
 import shutil
 import tempfile
@@ -14,6 +13,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from facepipe.embed.folder import MANIFEST_FILE, EmbeddingsFolder
 from facepipe.index.knc import DEFAULT_NUM_NEIGHBOURS_GRID, choose_num_neighbours
 from facepipe.index.store import (
     DEFAULT_CLUSTER_SIZE,
@@ -25,7 +25,6 @@ from facepipe.index.store import (
     _unit_rows,
     check_index_destination,
 )
-from facepipe.utils.io import MixedOutputError, check_parts
 from facepipe.utils.names import check_identity_names
 from facepipe.utils.walk import walk_tree
 
@@ -95,37 +94,18 @@ def load_embedding_source(embeddings: str | os.PathLike | np.ndarray,
     Returns ``{"embeddings", "names" (None if unknown), "fingerprint", "flip"}``.
     """
     info: dict[str, Any] = {}
-    manifest = None
+    names: list[str] | None = None
     if isinstance(embeddings, np.ndarray):
         array = embeddings
     else:
-        path = Path(embeddings)
-        if path.is_dir():
-            path = path / "embeddings.npy"
-        if not path.is_file():
-            raise ClusterIndexError(f"embeddings file {path} does not exist")
-        try:
-            array = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise ClusterIndexError(f"{path}: not a plain numeric .npy array ({exc})") from None
-        if (path.parent / "embed.json").is_file():
-            try:
-                info = json.loads((path.parent / "embed.json").read_text(encoding="utf-8"))
-                if path.name == "embeddings.npy":
-                    check_parts(path.parent, info.get("parts", {}), "embed.json")
-            except (json.JSONDecodeError, AttributeError, MixedOutputError) as exc:
-                raise ClusterIndexError(f"embeddings folder {path.parent}: {exc}") from None
-            if path.name == "embeddings.npy" and info.get("num_images", len(array)) != len(array):
-                raise ClusterIndexError(f"{path} has {len(array)} rows but {path.parent / 'embed.json'} records "
-                                        f"{info['num_images']} images: the folder mixes two outputs")
-        if (path.parent / "manifest.csv").is_file() and path.name == "embeddings.npy":
-            manifest = path.parent / "manifest.csv"
-    if labels is None and manifest is not None:
-        labels = manifest
+        opened = EmbeddingsFolder.open(embeddings, error=ClusterIndexError)
+        array, info = opened.embeddings, opened.info
+        if labels is None and opened.identities is not None:
+            names = check_identity_names(opened.identities, f"labels file {opened.folder / MANIFEST_FILE}")
     if isinstance(labels, (str, os.PathLike)):
-        names: list[str] | None = read_labels(labels)
-    else:
-        names = None if labels is None else [str(x) for x in labels]
+        names = read_labels(labels)
+    elif labels is not None:
+        names = [str(x) for x in labels]
     if names is not None and len(names) != len(array):
         raise ClusterIndexError(f"{len(names)} labels for {len(array)} embeddings (one label per row)")
     return {"embeddings": array, "names": names, "fingerprint": info.get("model_fingerprint") or "",
@@ -282,36 +262,22 @@ def build_index_from_embeddings(
                               num_neighbours_source=source)
 
 
-def _embed_paths(loaded: Any, paths: Sequence[str], flip: str, device: Any, batch_size: int | None,
-                 progress: bool) -> np.ndarray:
-    from facepipe.embed.extract import extract_embeddings
-    from facepipe.utils.device import resolve_amp_dtype
-
-    return extract_embeddings(
-        loaded.model, list(paths), loaded.config.data.image_size, device,
-        batch_size=batch_size or loaded.config.embed.batch_size, flip=flip,
-        amp_dtype=resolve_amp_dtype(loaded.config.train.amp, device), progress=progress)
-
-
 def _embed_identity_folder(checkpoint: str | os.PathLike, images: str | os.PathLike, flip: str | None,
                            device: str, batch_size: int | None, progress: bool,
                            require_identities: bool = True) -> dict:
     """Embeddings of every image under ``images`` and the identity subfolder of each ('' for
     images directly in it, which only impostor sets, ``require_identities=False``, may have)."""
-    from facepipe.embed.extract import list_images, load_model
-    from facepipe.utils.device import resolve_device
+    from facepipe.embed.extract import embed_paths, list_images
 
     items = list_images(images)
     loose = [path for path, identity in items if not identity]
     if loose and require_identities:
         raise ClusterIndexError(f"{images} must hold one subfolder per identity; {len(loose)} image(s) lie directly "
                                 f"in it (e.g. {loose[0]})")
-    torch_device = resolve_device(device)
-    loaded = load_model(checkpoint, torch_device)
-    flip = flip or loaded.config.embed.flip
-    vectors = _embed_paths(loaded, [path for path, _ in items], flip, torch_device, batch_size, progress)
-    return {"embeddings": vectors, "names": [identity for _, identity in items], "fingerprint": loaded.fingerprint,
-            "flip": flip}
+    vectors, info = embed_paths(checkpoint, [path for path, _ in items], flip=flip, batch_size=batch_size,
+                                device=device, progress=progress)
+    return {"embeddings": vectors, "names": [identity for _, identity in items],
+            "fingerprint": info["model_fingerprint"], "flip": info["flip"]}
 
 
 def build_index_from_checkpoint(
@@ -579,11 +545,10 @@ def _embed_search_images(index: ClusterIndex, checkpoint: str | os.PathLike, ima
                          queries: list[np.ndarray], align: bool | str, device: str, batch_size: int | None,
                          progress: bool) -> None:
     from facepipe.data.dataset import UnreadableImageError, decode_image
-    from facepipe.embed.extract import load_model
+    from facepipe.embed.extract import embed_paths, load_model
     from facepipe.utils.device import resolve_device
 
-    torch_device = resolve_device(device)
-    loaded = load_model(checkpoint, torch_device)
+    loaded = load_model(checkpoint, resolve_device(device))
     index.check_fingerprint(loaded.fingerprint)
     height, width = loaded.config.data.image_size
     crops: list[tuple[dict, Path]] = []
@@ -612,8 +577,8 @@ def _embed_search_images(index: ClusterIndex, checkpoint: str | os.PathLike, ima
                 else:
                     crops.append((entry, crop))
         if crops:
-            flip = index.config.get("flip") or loaded.config.embed.flip
-            vectors = _embed_paths(loaded, [str(path) for _, path in crops], flip, torch_device, batch_size, progress)
+            vectors, _ = embed_paths(loaded, [str(path) for _, path in crops], flip=index.config.get("flip"),
+                                     batch_size=batch_size, progress=progress)
             for (entry, _), vector in zip(crops, vectors):
                 entry["query"] = len(queries)
                 queries.append(vector)

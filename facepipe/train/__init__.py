@@ -1,7 +1,7 @@
 """Training: the staged trainer, checkpoints, LR schedule and run logs."""
 from __future__ import annotations
 
-import importlib
+from facepipe.utils.lazy import lazy_exports
 
 _EXPORTS = {
     "Trainer": "facepipe.train.trainer",
@@ -15,9 +15,6 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str):
-    # Lazy, because facepipe.embed needs facepipe.train.checkpoint while the trainer needs
-    # facepipe.embed: importing the package must not import the trainer eagerly.
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'facepipe.train' has no attribute '{name}'")
+# Lazy, because facepipe.embed needs facepipe.train.checkpoint while the trainer needs
+# facepipe.embed: importing the package must not import the trainer eagerly.
+__getattr__ = lazy_exports(__name__, _EXPORTS)
