@@ -235,7 +235,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     record = merge_identity_sources(
         args.sources, args.destination, exclude_pairs=args.exclude_pairs, exclude_names=args.exclude_names,
         ignore_case=args.ignore_case, copy=args.copy, val_fraction=args.val_fraction, seed=args.seed,
-        val_pairs=args.val_pairs, val_out=args.val_out, overwrite=args.overwrite)
+        val_pairs=args.val_pairs, val_out=args.val_out, max_images=args.max_images, overwrite=args.overwrite)
     print(record["summary"])
     return 0
 
@@ -700,6 +700,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "validation people allow fewer; 0: no pairs file)")
     p.add_argument("--val-out", default=None, metavar="DIR",
                    help="folder of the validation identities and their pairs.txt (default: DST_val)")
+    p.add_argument("--max-images", type=_whole(1), default=None, metavar="N",
+                   help="keep at most N images of each training identity (a seeded choice; the images left out "
+                        "are counted in merge.json), to fit a training budget")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST (and validation folder)")
     p.set_defaults(func=cmd_merge)
 

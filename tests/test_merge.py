@@ -207,3 +207,34 @@ def test_copy_mode_and_api_export(sources, tmp_path):
     assert record["link"] == "copy" and not any(p.is_symlink() for p in files)
     assert [p.read_bytes() for p in files] == [p.read_bytes() for p in sorted((lfw / "Di_Fox").iterdir())]
     assert issubclass(DatasetError, FacepipeUserError)
+
+
+def test_max_images_caps_training_identities_with_a_seeded_choice(sources, tmp_path, capsys):
+    pins, lfw = sources
+    record = merge_identity_sources([pins_source(pins), lfw], tmp_path / "a", max_images=3, seed=0)
+    # Ben_Affleck (4 + 1), Zoe_Saldana (5), Adriana_Lima (3 + 2) and Di_Fox (4) hold more than 3.
+    assert record["counts"]["capped_identities"] == 4
+    assert record["counts"]["capped_images_left_out"] == 2 + 2 + 2 + 1
+    assert record["max_images"] == 3 and "4 identities capped at 3 images (7 images left out)" in record["summary"]
+    names, samples = scan_identity_folders(tmp_path / "a")
+    per_identity = np.bincount([s.label for s in samples], minlength=len(names))
+    assert per_identity.max() == 3 and dict(zip(names, per_identity))["Al_Gore"] == 3
+    assert dict(zip(names, per_identity))["Bo_Derek"] == 1  # small identities untouched
+    # Numbered from 1 without gaps; the kept files are a seeded choice among the identity's images.
+    zoe = sorted((tmp_path / "a" / "Zoe_Saldana").iterdir())
+    assert [p.name for p in zoe] == [f"Zoe_Saldana_{k:04d}.png" for k in (1, 2, 3)]
+    chosen = lambda folder: [os.readlink(p) for p in sorted(folder.iterdir())]  # noqa: E731
+    again = merge_identity_sources([pins_source(pins), lfw], tmp_path / "b", max_images=3, seed=0)
+    assert again["counts"] == record["counts"] and chosen(tmp_path / "b" / "Zoe_Saldana") == chosen(tmp_path / "a" / "Zoe_Saldana")
+    seeds = {tuple(chosen(tmp_path / f"s{seed}" / "Zoe_Saldana"))
+             for seed in range(6) if merge_identity_sources([pins_source(pins), lfw], tmp_path / f"s{seed}",
+                                                           max_images=3, seed=seed)}
+    assert len(seeds) > 1
+    # Through the CLI, and a cap below 1 is refused.
+    assert main(["merge", str(tmp_path / "cli"), "--source", str(lfw), "--max-images", "2"]) == 0
+    assert "capped at 2 images" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:
+        main(["merge", str(tmp_path / "bad"), "--source", str(lfw), "--max-images", "0"])
+    assert refused.value.code == 2 and "--max-images: 0 is below the minimum" in capsys.readouterr().err
+    with pytest.raises(DatasetError, match="max_images must be >= 1"):
+        merge_identity_sources([lfw], tmp_path / "api", max_images=0)

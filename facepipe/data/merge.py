@@ -298,13 +298,17 @@ def merge_identity_sources(
     seed: int = 0,
     val_pairs: int = 500,
     val_out: str | os.PathLike | None = None,
+    max_images: int | None = None,
     overwrite: bool = False,
 ) -> dict:
     """Merge the identity-folder trees ``sources`` (paths, :class:`MergeSource` or dicts of its
     fields) into ``destination``; see the module docstring for the naming rule, the numbering and
     the validation split. Leaves out every person named in the LFW pairs files ``exclude_pairs``,
-    in the name-list files ``exclude_names`` (one name a line) and in ``exclude``. Returns the
-    record written to ``destination/merge.json`` with a one-paragraph ``summary`` added.
+    in the name-list files ``exclude_names`` (one name a line) and in ``exclude``. ``max_images``
+    caps the images of each training identity (a seeded choice, by the hash of seed, name and
+    path; the images kept stay in their order and are numbered from 1), to fit a training budget
+    with a head of many-image identities; what it leaves out is counted. Returns the record
+    written to ``destination/merge.json`` with a one-paragraph ``summary`` added.
     """
     from facepipe.eval.lfw_pairs import parse_lfw_pairs
 
@@ -315,6 +319,8 @@ def merge_identity_sources(
         raise DatasetError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if val_pairs < 0:
         raise DatasetError(f"val_pairs must be >= 0, got {val_pairs}")
+    if max_images is not None and max_images < 1:
+        raise DatasetError(f"max_images must be >= 1, got {max_images}")
     destination = Path(destination)
     validating = val_fraction > 0
     val_folder = Path(val_out) if val_out is not None else destination.with_name(destination.name + "_val")
@@ -394,6 +400,14 @@ def merge_identity_sources(
                                    "are needed): raise --val-fraction, or pass --val-pairs 0 for no pairs file")
     val_set = set(val_names)
     train_names = sorted(name for name in kept if name not in val_set)
+    capped: dict[str, int] = {}
+    if max_images is not None:
+        for name in train_names:
+            images = images_of[name]
+            if len(images) > max_images:
+                chosen = set(sorted(range(len(images)), key=lambda i: _order_key(seed, f"{name}:{images[i]}"))[:max_images])
+                images_of[name] = [image for i, image in enumerate(images) if i in chosen]
+                capped[name] = len(images) - max_images
 
     counts = {
         "identities": len(train_names),
@@ -405,6 +419,8 @@ def merge_identity_sources(
         "validation_identities": len(val_names),
         "validation_images": sum(len(images_of[name]) for name in val_names),
         "validation_pairs": len(matched) + len(mismatched),
+        "capped_identities": len(capped),
+        "capped_images_left_out": sum(capped.values()),
     }
     record = {
         "destination": str(destination),
@@ -419,6 +435,7 @@ def merge_identity_sources(
         "merged_identities": merged,
         "excluded_identities": excluded,
         "validation": None,
+        "max_images": max_images,
     }
     if validating:
         record["validation"] = {
@@ -434,6 +451,9 @@ def merge_identity_sources(
                f"{len(sources)} source(s); {len(merged)} identities merged across sources, "
                f"{counts['single_image_identities']} with a single image; {len(excluded)} identities "
                f"({excluded_images} images) excluded by name")
+    if capped:
+        summary += (f"; {len(capped)} identities capped at {max_images} images ({sum(capped.values())} images "
+                    "left out)")
     if validating:
         summary += (f"; validation: {len(val_names)} identities, {counts['validation_images']} images in "
                     f"{val_folder}" + (f", {len(matched)}+{len(mismatched)} pairs in {val_folder / PAIRS_FILE}"
