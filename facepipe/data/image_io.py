@@ -227,6 +227,22 @@ def read_image_info(source: str | os.PathLike | bytes | bytearray | memoryview |
     return DecodedPixels(np.ascontiguousarray(pixels), mode, rotated, caught)
 
 
+def read_image_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(height, width) of an image file as :func:`read_image` decodes it (EXIF orientation
+    applied), from its header alone: no pixel is decoded. None when the file cannot be opened as
+    an image (the reader reports why when it is read)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as image:
+                width, height = image.size
+                if image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # a quarter turn
+                    width, height = height, width
+    except Exception:  # missing, not an image, a damaged header or a decompression bomb
+        return None
+    return height, width
+
+
 def read_image(source: str | os.PathLike | bytes | bytearray | memoryview | np.ndarray,
                name: str | None = None, *, limits: ImageLimits | None = None) -> np.ndarray:
     """HxWx3 uint8 RGB pixels of a file or of encoded bytes (see :func:`read_image_info`)."""

@@ -13,13 +13,12 @@ resized on purpose).
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from PIL import Image
 
 from facepipe.align.manifest import has_alignment_manifest
+from facepipe.data.image_io import read_image_size
 from facepipe.data.synth import META_NAME as SYNTH_RECORD
 from facepipe.eval.verification import EvalInputError
 
@@ -32,25 +31,6 @@ SAMPLE_SIZE = 8
 class NotAlignedCropsError(EvalInputError):
     """The images to evaluate are not of the model's input size and come from no ``facepipe
     align`` output: raw photos, which would be resized whole instead of aligned."""
-
-
-_EXIF_ORIENTATION = 0x0112
-
-
-def read_image_size(path: str | os.PathLike) -> tuple[int, int] | None:
-    """(height, width) of an image file as :func:`facepipe.data.image_io.read_image` decodes it
-    (EXIF orientation applied), from its header alone: no pixel is decoded. None when the file
-    cannot be opened as an image (the embedding reports it with its own error)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as image:
-                width, height = image.size
-                if image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # a quarter turn
-                    width, height = height, width
-    except Exception:  # missing, not an image, a damaged header or a decompression bomb
-        return None
-    return height, width
 
 
 def _made_as_crops(folder: Path) -> bool:
