@@ -72,6 +72,7 @@ from typing import Any, Callable
 import numpy as np
 
 from facepipe.config import Config, find_config, load_config
+from facepipe.study.runner import claim_lock, config_differences as _config_differences, train_timed
 from facepipe.utils.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("lfw_study")
@@ -211,10 +212,6 @@ CLOSED_SET = "closed_set.json"
 ALIGN_TIME = "align_time.json"
 TRAIN_DONE = "train_done.json"
 MEGAFACE_DIR = "megaface"
-# Config keys that may differ between the invocations of one run (they do not change the result).
-VOLATILE_KEYS = ("data.num_workers", "train.device", "train.log_every_steps", "output_dir", "data.root",
-                 "train.init_from", "embed.batch_size", "train.uncertainty.batch_size",
-                 "train.clusters.batch_size")
 SPLIT_KEYS = ("min_images", "holdout_fraction", "aligned", "dev_test")
 
 
@@ -227,21 +224,6 @@ class StudyError(RuntimeError):
 
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): data}
-
-
-def _config_differences(a: dict, b: dict) -> list[str]:
-    fa, fb = _flatten(a), _flatten(b)
-    return sorted(k for k in set(fa) | set(fb)
-                  if fa.get(k) != fb.get(k) and not any(k == v or k.startswith(v + ".") for v in VOLATILE_KEYS))
 
 
 def _minutes(seconds: float | None) -> str:
@@ -296,23 +278,10 @@ class Study:
     def run_dir(self, method: str, seed: int) -> Path:
         return self.root / "runs" / method / f"seed{seed}"
 
-    @contextlib.contextmanager
     def claim(self, name: str, wait: bool = False):
-        """Hold the advisory lock of run ``name`` while the block runs; yields False (without
-        waiting) when another process holds it, unless ``wait``. flock is released by the kernel
-        when the process dies, so a crashed run never stays claimed."""
-        folder = self.root / "locks"
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / f"{name}.lock", "a") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        """The advisory lock of run ``name`` (:func:`facepipe.study.runner.claim_lock`): yields
+        False when another process holds it, unless ``wait``."""
+        return claim_lock(self.root / "locks" / f"{name}.lock", wait)
 
     def config(self, seed: int, output_dir: Path, overrides: list[str], init_from: Path | None) -> Config:
         return load_config(find_config(self.args.config), [
@@ -461,33 +430,12 @@ def build_split(study: Study) -> dict:
 # ============================================================================================
 def train_run(config: Config, label: str) -> dict:
     """Train ``config`` into its output_dir unless done; resumes an interrupted run."""
-    from facepipe.train import Trainer
-
     run_dir = Path(config.output_dir)
     done = run_dir / TRAIN_DONE
     if done.is_file():
         return _read_json(done)
-    latest = run_dir / "latest.pt"
-    resume = latest.is_file()
-    if resume and (run_dir / "config.yaml").is_file():
-        import yaml
-
-        previous = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-        changed = _config_differences(previous, config.to_dict())
-        if changed:
-            raise StudyError(f"{label}: {run_dir} was started with another config (differs in {changed}); "
-                             "use the same settings (--epochs, --set, ...) to resume it, or delete the folder")
-    timing_file = run_dir / "study_timing.json"
-    timing = _read_json(timing_file) if timing_file.is_file() else {"invocations": []}
-    log.info("%s: %s training (%d epochs%s) in %s", label, "resuming" if resume else "starting",
-             config.train.total_epochs, f", from {config.train.init_from}" if config.train.init_from else "", run_dir)
-    started = time.perf_counter()
-    metrics = Trainer(config, resume=resume, progress=False).fit()
-    seconds = time.perf_counter() - started
-    timing["invocations"].append({"seconds": seconds, "resumed": resume, "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
-    write_json_atomic(timing_file, timing)
-    record = {"train_seconds": sum(t["seconds"] for t in timing["invocations"]),
-              "invocations": len(timing["invocations"]), "epochs": config.train.total_epochs,
+    metrics, timing = train_timed(config, label)
+    record = {**timing,
               "final_epoch": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}}
     write_json_atomic(done, record)
     log.info("%s: trained %d epochs in %s (loss %.4f, training accuracy %.3f)", label, config.train.total_epochs,

@@ -21,7 +21,8 @@ Two ways to use it:
     # short fine-tunings from the kept LFW-study pre-training, each method as configured now
     # ("fixed") and with the settings of the first study ("legacy"), resumable per run:
     .venv/bin/python bench/mechanisms.py --modes legacy fixed
-    # a report of finished run folders (any facepipe run: reads metrics.jsonl and uncertainty.json):
+    # a report of finished run folders (any facepipe run; its files alone, through
+    # facepipe.study.mechanisms: metrics.jsonl, config.yaml, uncertainty.json):
     .venv/bin/python bench/mechanisms.py --runs runs/my_run other_run
 
 Data: the training split of ``bench/lfw_study.py`` (``<study>/data/train``; run that script, or
@@ -45,6 +46,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lfw_study  # noqa: E402  (the study's methods, config and data layout)
 
 from facepipe.config import Config, config_from_dict, find_config, load_config  # noqa: E402
+from facepipe.errors import FacepipeUserError  # noqa: E402
+from facepipe.study.mechanisms import (  # noqa: E402
+    format_margins,
+    format_span,
+    mechanism_markdown,
+    mechanism_summary,
+)
 from facepipe.utils.io import write_json_atomic, write_text_atomic  # noqa: E402
 
 log = logging.getLogger("mechanisms")
@@ -158,40 +166,13 @@ def full_schedule_lambda(config: dict, steps_per_epoch: int, study_epochs: int) 
     return out
 
 
-def summarise(run_dir: Path, live: dict | None = None, full: dict | None = None) -> dict[str, Any]:
-    """The mechanism quantities of one run folder, from its metrics.jsonl (and uncertainty.json)."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train = [r for r in records if r["event"] == "train"]
-    if not train:
-        raise SystemExit(f"{run_dir}: no training records in metrics.jsonl")
-    first, last = train[0], train[-1]
-    out: dict[str, Any] = {"run": str(run_dir), "steps": last.get("step"),
-                           "loss": [first["loss"], last["loss"]], "accuracy": [first["accuracy"], last["accuracy"]]}
-    if "lambda" in first or "lambda" in last:
-        with_lambda = [r for r in train if "lambda" in r]
-        out["lambda"] = [with_lambda[0]["lambda"], with_lambda[-1]["lambda"]]
-        out["margin_weight"] = [with_lambda[0]["margin_weight"], with_lambda[-1]["margin_weight"]]
-    for key in sorted({k for r in train for k in r if k.startswith(("grad_norm_", "clip_factor_"))}):
-        values = [r[key] for r in train if key in r]
-        out[key] = [values[0], values[-1]]
-        if key.startswith("clip_factor_"):
-            out[key + "_mean"] = float(np.mean(values))
-    for key in sorted({k for r in train for k in r if k.startswith("clmle_")}):
-        values = [r[key] for r in train if key in r]
-        out[key] = [values[0], values[-1]]
-    for key in ("r_ben", "r_upp", "region", "radius_mean"):
-        values = [r[key] for r in train if key in r]
-        if values:
-            out[key] = [values[0], values[-1]]
-    refreshes = [r for r in records if r["event"] == "uncertainty"]
-    if refreshes:
-        out["umm_refreshes"] = [{"step": r["step"], "spearman": r.get("spearman_uncertainty_vs_count"),
-                                 "margins": r.get("margins"), "views": r.get("views"),
-                                 "margin_map": r.get("margin_map")} for r in refreshes]
-    if live:
-        out.update({f"live_{k}": v for k, v in live.items()})
-    if full:
-        out["full_schedule_lambda"] = full
+def summarise(run_dir: Path, live: dict | None = None, full: list[dict] | None = None) -> dict[str, Any]:
+    """The run folder's mechanism summary (:func:`facepipe.study.mechanisms.mechanism_summary`) with
+    what only the live trainer measured (``live``: centre movement, BatchNorm drift; see
+    :func:`run_method`) and the full-length lambda schedule (``full``) added."""
+    out = mechanism_summary(run_dir)
+    out["live"] = dict(live or {})
+    out["full_schedule_lambda"] = full
     return out
 
 
@@ -249,27 +230,15 @@ def views_md(rows: list[dict]) -> str:
 # ============================================================================================
 # Report
 # ============================================================================================
-def _pair(values, digits=3) -> str:
-    if values is None:
-        return "—"
-    a, b = values
-    return f"{a:.{digits}g} → {b:.{digits}g}"
-
-
-def _histogram(margins: dict | None) -> str:
-    if not margins:
-        return "—"
-    return " ".join(f"m{k}:{v}" for k, v in margins.items())
-
-
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
 
 
 def report_md(rows: list[dict]) -> str:
-    """One table per mechanism, each with the methods it concerns, first → last value of the run."""
+    """The legacy / fixed comparison: one table per mechanism, each with the methods it concerns,
+    first → last value of the run (summaries of :func:`summarise`, live figures included)."""
     def of(methods):
-        return [r for r in rows if r["method"] in methods or r["mode"] == "run"]
+        return [r for r in rows if r["method"] in methods]
 
     out = ["Values are first → last training record of each short run unless said otherwise.", "",
            "**Margin strength and UMM margins** (L-Softmax, UMM, UMM+SUM)", ""]
@@ -278,52 +247,62 @@ def report_md(rows: list[dict]) -> str:
         s = r["summary"]
         full = "; ".join(f"{1 / (1 + f['lambda_start']):.3f} → {1 / (1 + f['lambda_end']):.3f}"
                          for f in s.get("full_schedule_lambda") or []) or "—"
-        refreshes = s.get("umm_refreshes") or []
-        umm = " ⇒ ".join(_histogram(x["margins"]) for x in (refreshes[:1] + refreshes[-1:])) if refreshes else "—"
-        rho = " ⇒ ".join(f"{x['spearman']:+.3f}" for x in (refreshes[:1] + refreshes[-1:])) if refreshes else "—"
-        table.append([r["method"], r["mode"], _pair(s.get("margin_weight")), full, umm, rho])
+        refreshes = (s["umm"] or {}).get("refreshes") or []
+        shown = refreshes[:1] + refreshes[-1:]
+        umm = " ⇒ ".join(format_margins(x["margins"]) for x in shown) if refreshes else "—"
+        rho = " ⇒ ".join("—" if x["spearman"] is None else f"{x['spearman']:+.3f}" for x in shown) \
+            if refreshes else "—"
+        table.append([r["method"], r["mode"], format_span((s["margin_product"] or {}).get("margin_weight")), full,
+                      umm, rho])
     out += _table(["method", "mode", "margin weight 1/(1+λ), short run", "margin weight per stage, full "
                    "fine-tuning (first → last step)", "UMM margin histogram, first ⇒ last refresh",
                    "Spearman(u, class size), first ⇒ last refresh"], table)
     out += ["", "**Gradient clipping** (every method; factor 1 = untouched, mean over the run's steps)", ""]
     table = []
     for r in rows:
-        s = r["summary"]
-        main = next((s[k] for k in ("clip_factor_main_mean", "clip_factor_global_mean") if k in s), None)
-        group = "global" if "clip_factor_global_mean" in s else "main"
-        table.append([r["method"], r["mode"], group, f"{main:.3g}" if main is not None else "—",
-                      _pair(s.get(f"grad_norm_{group}")),
-                      f"{s['clip_factor_radius_mean']:.3g}" if "clip_factor_radius_mean" in s else "—",
-                      _pair(s.get("grad_norm_radius"))])
+        clip = r["summary"]["clip"]
+        group = "global" if "global" in clip else "main"
+        main, radius = clip.get(group), clip.get("radius")
+        table.append([r["method"], r["mode"], group, _g(main["clip_factor"]["mean"]) if main else "—",
+                      format_span(main["grad_norm"]) if main else "—",
+                      _g(radius["clip_factor"]["mean"]) if radius else "—",
+                      format_span(radius["grad_norm"]) if radius else "—"])
     out += _table(["method", "mode", "clip group", "clip factor (mean)", "gradient norm", "radius clip factor (mean)",
                    "radius gradient norm"], table)
     out += ["", "**ARConvL** (Li et al.)", ""]
     table = []
     for r in of(("arconvl",)):
-        s = r["summary"]
-        moved = s.get("live_centre_move_mean")
-        table.append([r["mode"], f"{moved:.3g} (mean centre norm {s['live_centre_norm_mean']:.3g})"
-                      if moved is not None else "—", _pair(s.get("region")), _pair(s.get("radius_mean")),
-                      _pair(s.get("r_ben"))])
+        s, live = r["summary"], r["summary"]["live"]
+        arconvl = s["arconvl"] or {}
+        moved = live.get("centre_move_mean")
+        table.append([r["mode"], f"{moved:.3g} (mean centre norm {live['centre_norm_mean']:.3g})"
+                      if moved is not None else "—", format_span(arconvl.get("region")),
+                      format_span(arconvl.get("radius_mean")), format_span(arconvl.get("r_ben"))])
     out += _table(["mode", "centre movement over the run", "region loss L_R", "mean radius", "R_ben"], table)
     out += ["", "**CLMLE** (Huang et al.)", ""]
     table = []
     for r in of(("clmle",)):
-        s = r["summary"]
+        s, live = r["summary"], r["summary"]["live"]
+        clmle = s["clmle"] or {}
+        with_, without = clmle.get("own_cos_with") or {}, clmle.get("own_cos_without") or {}
         own = "—"
-        if "clmle_own_cos_with" in s:
-            own = (f"{s['clmle_own_cos_with'][0]:.2f} / {s['clmle_own_cos_without'][0]:.2f} → "
-                   f"{s['clmle_own_cos_with'][1]:.2f} / {s['clmle_own_cos_without'][1]:.2f}")
-        old = s.get("live_with_replacement_distinct")
-        table.append([r["mode"], own, _pair(s.get("clmle_zero_loss_fraction"), 2),
-                      _pair(s.get("clmle_distinct_images"), 3)
+        if with_.get("start") is not None and without.get("start") is not None:
+            own = (f"{with_['start']:.2f} / {without['start']:.2f} → "
+                   f"{with_['end']:.2f} / {without['end']:.2f}")
+        old = live.get("with_replacement_distinct")
+        table.append([r["mode"], own, format_span(clmle.get("zero_loss_fraction"), 2),
+                      format_span(clmle.get("distinct_images"), 3)
                       + (f" (with-replacement draws: {old:.1f})" if old is not None else ""),
-                      _pair(s.get("clmle_clusters"), 3),
-                      f"{s['live_bn_running_mean_change']:.2g}" if "live_bn_running_mean_change" in s else "—"])
+                      format_span(clmle.get("clusters_per_batch"), 3),
+                      f"{live['bn_running_mean_change']:.2g}" if "bn_running_mean_change" in live else "—"])
     out += _table(["mode", "own-centroid cosine with / without the sample", "zero-loss fraction",
                    "distinct images per batch of 120", "clusters per batch", "BN running mean moved (max abs)"],
                   table)
     return "\n".join(out) + "\n"
+
+
+def _g(value, digits=3) -> str:
+    return "—" if value is None else f"{value:.{digits}g}"
 
 
 def with_replacement_distinct(run_dir: Path, config: Config, batches: int = 200) -> float:
@@ -379,7 +358,6 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("facepipe",):
         logging.getLogger(name).setLevel(logging.WARNING)
 
-    rows = []
     if args.views:
         measured = measure_views(args)
         markdown = views_md(measured)
@@ -390,32 +368,36 @@ def main(argv: list[str] | None = None) -> int:
         write_text_atomic(results / "uncertainty_views.md", markdown)
         return 0
     if args.runs:
-        for folder in args.runs:
-            rows.append({"method": Path(folder).name, "mode": "run", "summary": summarise(Path(folder))})
-    else:
-        if not (Path(args.study) / "data" / "train").is_dir():
-            raise SystemExit(f"{args.study}/data/train is missing: run bench/lfw_study.py (alignment and split) first")
-        for mode in args.modes:
-            for method in args.methods:
-                config = method_config(method, mode, args)
-                if args.report_only and not (Path(config.output_dir) / "live.json").is_file():
-                    continue
-                log.info("%s / %s: %s", mode, method, config.output_dir)
-                live = run_method(config)
-                if method == "clmle" and mode == "legacy" and "with_replacement_distinct" not in live:
-                    live["with_replacement_distinct"] = with_replacement_distinct(Path(config.output_dir), config)
-                full_steps = _full_steps_per_epoch(config)
-                full = full_schedule_lambda(config.to_dict(), full_steps, args.study_epochs)
-                rows.append({"method": method, "mode": mode,
-                             "summary": summarise(Path(config.output_dir), live, full)})
-                log.info("%s / %s: %s", mode, method, json.dumps(rows[-1]["summary"], default=str)[:600])
+        # Finished run folders: their files alone (facepipe.study.mechanisms), one table.
+        try:
+            summaries = [(folder, mechanism_summary(folder)) for folder in args.runs]
+        except FacepipeUserError as exc:
+            raise SystemExit(str(exc)) from None
+        print(mechanism_markdown(summaries))
+        return 0
+    if not (Path(args.study) / "data" / "train").is_dir():
+        raise SystemExit(f"{args.study}/data/train is missing: run bench/lfw_study.py (alignment and split) first")
+    rows = []
+    for mode in args.modes:
+        for method in args.methods:
+            config = method_config(method, mode, args)
+            if args.report_only and not (Path(config.output_dir) / "live.json").is_file():
+                continue
+            log.info("%s / %s: %s", mode, method, config.output_dir)
+            live = run_method(config)
+            if method == "clmle" and mode == "legacy" and "with_replacement_distinct" not in live:
+                live["with_replacement_distinct"] = with_replacement_distinct(Path(config.output_dir), config)
+            full_steps = _full_steps_per_epoch(config)
+            full = full_schedule_lambda(config.to_dict(), full_steps, args.study_epochs)
+            rows.append({"method": method, "mode": mode,
+                         "summary": summarise(Path(config.output_dir), live, full)})
+            log.info("%s / %s: %s", mode, method, json.dumps(rows[-1]["summary"], default=str)[:600])
     markdown = report_md(rows)
     print(markdown)
-    if not args.runs:
-        results = Path(args.results)
-        results.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(results / REPORT, rows)
-        write_text_atomic(results / "mechanisms.md", markdown)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(results / REPORT, rows)
+    write_text_atomic(results / "mechanisms.md", markdown)
     return 0
 
 

@@ -235,10 +235,43 @@ def cmd_merge(args: argparse.Namespace) -> int:
     record = merge_identity_sources(
         args.sources, args.destination, exclude_pairs=args.exclude_pairs, exclude_names=args.exclude_names,
         ignore_case=args.ignore_case, copy=args.copy, val_fraction=args.val_fraction, seed=args.seed,
-        val_pairs=args.val_pairs, val_out=args.val_out, max_images=args.max_images, overwrite=args.overwrite)
+        val_pairs=args.val_pairs, val_out=args.val_out, max_images=args.max_images,
+        probe_fraction=args.probe_fraction, probe_min_images=args.probe_min_images, probe_out=args.probe_out,
+        overwrite=args.overwrite)
     print(record["summary"])
     return 0
 
+
+
+def cmd_study_run(args: argparse.Namespace) -> int:
+    from facepipe.study.runner import StudyRunner
+    from facepipe.study.spec import load_study_spec
+
+    runner = StudyRunner(load_study_spec(args.spec), methods=args.methods, seeds=args.seeds,
+                         extra_overrides=args.extra, device=args.device)
+    counts = runner.run_all()
+    print(f"study {runner.spec.name}: {counts['finished']} runs finished (this invocation or before), "
+          f"{counts['claimed_elsewhere']} claimed by another process, {counts['deferred']} waiting for a sweep")
+    return 0
+
+
+def cmd_study_status(args: argparse.Namespace) -> int:
+    from facepipe.study.runner import StudyRunner
+    from facepipe.study.spec import load_study_spec
+
+    runner = StudyRunner(load_study_spec(args.spec))
+    for line in runner.status_lines():
+        print(line)
+    return 0
+
+
+def cmd_study_report(args: argparse.Namespace) -> int:
+    from facepipe.study.report import write_report
+    from facepipe.study.spec import load_study_spec
+
+    summary = write_report(load_study_spec(args.spec), readme=args.readme)
+    print(summary)
+    return 0
 
 class _MergeSourceAction(argparse.Action):
     """``--source DIR``: a new source; the renaming options after it apply to it."""
@@ -703,7 +736,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=_whole(1), default=None, metavar="N",
                    help="keep at most N images of each training identity (a seeded choice; the images left out "
                         "are counted in merge.json), to fit a training budget")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty DST (and validation folder)")
+    p.add_argument("--probe-fraction", type=_number(0, 0.99), default=0.0,
+                   help="hold out this fraction of the images of every training identity with --probe-min-images "
+                   "or more as closed-set probes (at least 1, leaving 2 for training; 0: none)")
+    p.add_argument("--probe-min-images", type=_whole(3), default=3, metavar="N",
+                   help="only identities with N or more images lend probes (default 3)")
+    p.add_argument("--probe-out", default=None, metavar="DIR",
+                   help="folder of the closed-set probe images (default: DST_probes)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty DST (and validation and probe folders)")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("pack", help="pack identity folders as an insightface RecordIO set (train.rec, train.idx, "
@@ -748,10 +789,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a checkpoint")
     eval_sub = p.add_subparsers(dest="protocol", metavar="PROTOCOL", required=True)
-    q = eval_sub.add_parser("pairs", help="verification on a CSV of pairs (path_a,path_b,is_same)")
+    q = eval_sub.add_parser("pairs", help="verification on a file of pairs: a CSV (path_a,path_b,is_same) or an "
+                            "LFW pairs file (e.g. the pairs.txt of 'facepipe merge --val-pairs')")
     q.add_argument("--checkpoint", required=True, help="model checkpoint (.pt) that embeds the pair images")
-    q.add_argument("--pairs", required=True, help="CSV with header path_a,path_b,is_same")
-    q.add_argument("--root", default=None, help="folder the pair paths are relative to (default: the CSV's)")
+    q.add_argument("--pairs", required=True,
+                   help="CSV with header path_a,path_b,is_same, or an LFW pairs file (first line N or SETS N; "
+                        "images <Name>/<Name>_%%04d.jpg, or another image extension where no .jpg exists), "
+                        "told apart by content")
+    q.add_argument("--root", default=None,
+                   help="folder the pair paths (LFW: the <Name> folders) are relative to (default: the pairs file's)")
     q.add_argument("--allow-outside-root", action="store_true",
                    help="accept pair paths that are absolute or climb out of the root with '..'")
     q.add_argument("--no-align-check", action="store_true",
@@ -920,6 +966,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders of images, or .npy embeddings")
     allow_unfingerprinted(p)
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("study", help="a comparison of methods x seeds from one pre-training, resumable, with "
+                       "tables and confidence intervals (specs in configs/studies/)")
+    study_sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    q = study_sub.add_parser("run", help="train and read out every run of the study that has not finished "
+                             "(resumes an interrupted run; safe to stop at any time)")
+    q.add_argument("spec", metavar="SPEC", help="study spec YAML, e.g. configs/studies/longtail.yaml")
+    q.add_argument("--methods", nargs="+", default=None, metavar="METHOD", help="only these methods")
+    q.add_argument("--seeds", nargs="+", type=_whole(0), default=None, metavar="SEED", help="only these seeds")
+    q.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                   help="override every run's config (e.g. train.max_steps_per_epoch=2 for a smoke run; a "
+                   "run resumed with other settings is refused)")
+    q.add_argument("--device", default="auto", help="device of the readouts (training follows train.device)")
+    q.set_defaults(func=cmd_study_run)
+    q = study_sub.add_parser("status", help="which runs have finished, are pending or wait for a sweep")
+    q.add_argument("spec", metavar="SPEC", help="study spec YAML")
+    q.set_defaults(func=cmd_study_status)
+    q = study_sub.add_parser("report", help="every table, plot and the README section from the kept runs")
+    q.add_argument("spec", metavar="SPEC", help="study spec YAML")
+    q.add_argument("--readme", default=None, metavar="FILE",
+                   help="README whose section (spec readme_section) is rewritten (default: none)")
+    q.set_defaults(func=cmd_study_report)
     _finish_help(parser)
     return parser
 

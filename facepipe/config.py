@@ -364,10 +364,14 @@ class ClusterConfig(StrictModel):
 
 
 class ValidationConfig(StrictModel):
-    """Verification pairs (CSV ``path_a,path_b,is_same``) checked at the end of epochs."""
+    """Verification pairs checked at the end of epochs: a CSV ``path_a,path_b,is_same`` or an LFW
+    pairs file (e.g. the ``pairs.txt`` of ``facepipe merge --val-pairs``), told apart by content
+    (:func:`facepipe.eval.pairs_job.load_pairs`)."""
 
     pairs: str
-    root: str | None = None  # folder the pair paths are relative to; default: the CSV's folder
+    # Folder the pair paths are relative to (LFW: the folder of the <Name>/ folders); default: the
+    # pairs file's folder.
+    root: str | None = None
     every_epochs: int = Field(1, ge=1)
     # Pair paths that are absolute or climb out of root with '..' are refused unless this is set.
     allow_outside_root: bool = False

@@ -159,6 +159,113 @@ def test_training_validation_pairs_take_the_same_flag(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# LFW-format pairs files (the pairs.txt of 'facepipe merge --val-pairs') as validation pairs
+# --------------------------------------------------------------------------------------------
+LFW_PAIRS = "2\nAlice\t1\t2\nBob\t1\t2\nAlice\t3\tBob\t1\nCarol\t2\tAlice\t1\n"
+
+
+def merge_style_tree(folder: Path, extensions: dict[str, str] | None = None) -> Path:
+    """``<Name>/<Name>_%04d<ext>`` folders of tiny images and an LFW View 1 ``pairs.txt``, as
+    ``facepipe merge`` writes its validation people; ``extensions``: image stem -> extension
+    (default ``.jpg``)."""
+    extensions = extensions or {}
+    rng = np.random.default_rng(0)
+    for name, count in (("Alice", 3), ("Bob", 2), ("Carol", 2)):
+        (folder / name).mkdir(parents=True)
+        for number in range(1, count + 1):
+            stem = f"{name}_{number:04d}"
+            pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / name / f"{stem}{extensions.get(stem, '.jpg')}")
+    (folder / "pairs.txt").write_text(LFW_PAIRS)
+    return folder / "pairs.txt"
+
+
+def assert_same_pairs(got, want) -> None:
+    assert got.paths == want.paths and got.names_a == want.names_a and got.names_b == want.names_b
+    for key in ("idx_a", "idx_b", "is_same"):
+        np.testing.assert_array_equal(getattr(got, key), getattr(want, key))
+        assert getattr(got, key).dtype == getattr(want, key).dtype
+    assert got.duplicates == want.duplicates == 0
+
+
+def test_lfw_pairs_file_loads_like_the_equivalent_csv(tmp_path):
+    pairs = merge_style_tree(tmp_path / "val")
+    csv_rows = [("Alice/Alice_0001.jpg", "Alice/Alice_0002.jpg", 1), ("Bob/Bob_0001.jpg", "Bob/Bob_0002.jpg", 1),
+                ("Alice/Alice_0003.jpg", "Bob/Bob_0001.jpg", 0), ("Carol/Carol_0002.jpg", "Alice/Alice_0001.jpg", 0)]
+    want = load_pairs(write_pairs(tmp_path / "val" / "pairs.csv", csv_rows))
+    loaded = load_pairs(pairs)
+    assert_same_pairs(loaded, want)
+    assert loaded.is_same.tolist() == [True, True, False, False] and len(loaded.paths) == 6
+    assert all(Path(path).is_file() for path in loaded.paths)
+    # Told apart by content, not by name; the root defaults to the pairs file's folder, or is given.
+    (tmp_path / "val" / "pairs.dat").write_text(LFW_PAIRS)
+    assert_same_pairs(load_pairs(tmp_path / "val" / "pairs.dat"), want)
+    elsewhere = tmp_path / "lists" / "val_pairs.csv"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(LFW_PAIRS.replace("\n", "\r\n").encode())
+    assert_same_pairs(load_pairs(elsewhere, tmp_path / "val"), want)
+    # A blank line before the header still marks the LFW format, whose parser then names the problem.
+    elsewhere.write_text("\n" + LFW_PAIRS)
+    with pytest.raises(EvalInputError, match="line 1: expected a header 'N'"):
+        load_pairs(elsewhere, tmp_path / "val")
+    # The LFW rules stay: a repeated pair is refused, as 'facepipe eval lfw' refuses it.
+    (tmp_path / "val" / "repeat.txt").write_text("2\nAlice\t1\t2\nAlice\t2\t1\nAlice\t3\tBob\t1\n"
+                                                 "Carol\t2\tAlice\t1\n")
+    with pytest.raises(EvalInputError, match="1 pair\\(s\\) repeat an earlier one"):
+        load_pairs(tmp_path / "val" / "repeat.txt")
+
+
+def test_lfw_pairs_file_finds_images_of_another_extension(tmp_path):
+    pairs = merge_style_tree(tmp_path / "val", {"Carol_0002": ".png", "Bob_0001": ".jpeg"})
+    loaded = load_pairs(pairs)
+    assert loaded.names_a[2:] == ["Alice/Alice_0003.jpg", "Carol/Carol_0002.png"]
+    assert loaded.names_b[1:3] == ["Bob/Bob_0002.jpg", "Bob/Bob_0001.jpeg"]
+    assert str(tmp_path / "val" / "Carol" / "Carol_0002.png") in loaded.paths
+    # Bob_0001 is one image: both pairs that name it share its row.
+    assert loaded.idx_a[1] == loaded.idx_b[2] == loaded.paths.index(str(tmp_path / "val" / "Bob" / "Bob_0001.jpeg"))
+    # .jpg wins where both exist.
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "val" / "Carol" / "Carol_0002.jpg")
+    assert load_pairs(pairs).names_a[3] == "Carol/Carol_0002.jpg"
+
+
+def test_lfw_pairs_file_with_a_missing_image_names_it(tmp_path):
+    pairs = merge_style_tree(tmp_path / "val")
+    (tmp_path / "val" / "Bob" / "Bob_0002.jpg").unlink()
+    with pytest.raises(DatasetError, match=r"1 image\(s\) named in .*pairs\.txt are missing under") as info:
+        load_pairs(pairs)
+    assert "Bob/Bob_0002.jpg" in str(info.value) and ".png" in str(info.value)
+
+
+def test_merge_validation_pairs_serve_the_validator_and_eval_pairs(tiny_dataset, tmp_path, checkpoint):
+    from types import SimpleNamespace
+
+    from facepipe.data.merge import merge_identity_sources
+    from facepipe.models import build_backbone
+    from facepipe.train.trainer import PairsValidator
+
+    merge_identity_sources([tiny_dataset], tmp_path / "merged", val_fraction=0.5, seed=0, val_pairs=6,
+                           val_out=tmp_path / "val")
+    loaded = load_pairs(tmp_path / "val" / "pairs.txt")
+    assert len(loaded.is_same) == 12 and loaded.is_same.sum() == 6
+    assert all(Path(path).is_file() for path in loaded.paths)
+
+    config = tiny_config(tiny_dataset, tmp_path / "run", train={
+        "stages": [{"epochs": 1, "head": {"type": "softmax"}}],
+        "validation": {"pairs": str(tmp_path / "val" / "pairs.txt")}})
+    torch.manual_seed(0)
+    model = build_backbone(config.model, config.data.image_size).eval()
+    trainer = SimpleNamespace(model=model, config=config, device=torch.device("cpu"), amp_dtype=None)
+    metrics = PairsValidator(load_pairs(config.train.validation.pairs), 1)(trainer)
+    assert set(metrics) == {"val_accuracy", "val_accuracy_10fold", "val_accuracy_10fold_std", "val_auc"}
+    assert all(np.isfinite(value) for value in metrics.values())
+
+    out = tmp_path / "report"
+    assert main(["eval", "pairs", "--checkpoint", str(checkpoint), "--pairs", str(tmp_path / "val" / "pairs.txt"),
+                 "--out", str(out), "--device", "cpu", "--quiet"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["num_pairs"] == 12
+
+
+# --------------------------------------------------------------------------------------------
 # Linked folders: every walker sees what training sees
 # --------------------------------------------------------------------------------------------
 def test_walker_follows_links_cuts_loops_and_reports_broken_links(tmp_path, caplog):

@@ -238,3 +238,51 @@ def test_max_images_caps_training_identities_with_a_seeded_choice(sources, tmp_p
     assert refused.value.code == 2 and "--max-images: 0 is below the minimum" in capsys.readouterr().err
     with pytest.raises(DatasetError, match="max_images must be >= 1"):
         merge_identity_sources([lfw], tmp_path / "api", max_images=0)
+
+
+def test_probe_fraction_holds_out_closed_set_probes_before_the_cap(sources, tmp_path, capsys):
+    pins, lfw = sources
+    # Merged counts: Adriana_Lima 5, Ben_Affleck 5, Zoe_Saldana 5, Di_Fox 4, Al_Gore 3, Cy_Young 2, Bo_Derek 1.
+    record = merge_identity_sources([pins_source(pins), lfw], tmp_path / "a", probe_fraction=0.25, max_images=2,
+                                    seed=0)
+    # n = 5 -> max(1, floor(1.25)) = 1; n = 4 -> 1; n = 3 -> min(1, 1) = 1; n <= 2 lend none.
+    assert record["counts"]["probe_identities"] == 5 and record["counts"]["probe_images"] == 5
+    probe_names, probe_samples = scan_identity_folders(tmp_path / "a_probes")
+    assert probe_names == ["Adriana_Lima", "Al_Gore", "Ben_Affleck", "Di_Fox", "Zoe_Saldana"]
+    train = tmp_path / "a"
+    # No probe image is a training image; every identity keeps two (the cap of 2 applies after).
+    probe_targets = {os.readlink(p) for p in (tmp_path / "a_probes").rglob("*.png")}
+    train_targets = {os.readlink(p) for p in train.rglob("*.png")}
+    assert probe_targets and not probe_targets & train_targets
+    assert len(list((train / "Al_Gore").iterdir())) == 2 and len(list((train / "Cy_Young").iterdir())) == 2
+    assert record["counts"]["capped_images_left_out"] == 2 + 2 + 2 + 1  # 4, 4, 4, 3 left -> 2 each
+    assert "closed-set probes: 5 images of 5 training identities" in record["summary"]
+    # The choice is seeded: the same seed gives the same probes, and a larger fraction lends more.
+    again = merge_identity_sources([pins_source(pins), lfw], tmp_path / "b", probe_fraction=0.25, seed=0)
+    assert {os.readlink(p) for p in (tmp_path / "b_probes").rglob("*.png")} == probe_targets
+    more = merge_identity_sources([lfw], tmp_path / "c", probe_fraction=0.5, probe_min_images=4, seed=0)
+    assert more["counts"]["probe_identities"] == 1 and more["counts"]["probe_images"] == 2  # Di_Fox: min(2, 2)
+    assert again["probes"]["folder"] == str(tmp_path / "b_probes")
+    # Through the CLI; bad settings are refused.
+    assert main(["merge", str(tmp_path / "cli"), "--source", str(lfw), "--probe-fraction", "0.3",
+                 "--probe-out", str(tmp_path / "cli_q")]) == 0
+    assert "closed-set probes: 2 images of 2 training identities" in capsys.readouterr().out
+    with pytest.raises(DatasetError, match="probe_min_images must be >= 3"):
+        merge_identity_sources([lfw], tmp_path / "api", probe_fraction=0.2, probe_min_images=2)
+    with pytest.raises(OutputError, match="must differ"):
+        merge_identity_sources([lfw], tmp_path / "d", probe_fraction=0.2, probe_out=tmp_path / "d")
+
+
+def test_seeded_choices_do_not_depend_on_how_the_source_paths_are_spelled(sources, tmp_path, monkeypatch):
+    pins, lfw = sources
+    monkeypatch.chdir(tmp_path)
+    relative = merge_identity_sources([MergeSource("pins", rename_pattern=r"pins_(.*)"), "lfw"], "a",
+                                      probe_fraction=0.25, max_images=2, seed=3)
+    spelled = merge_identity_sources([MergeSource(str(pins) + "/", rename_pattern=r"pins_(.*)"), f"./../{tmp_path.name}/lfw"],
+                                     tmp_path / "b", probe_fraction=0.25, max_images=2, seed=3)
+    assert relative["counts"] == spelled["counts"]
+    for folder in ("a", "a_probes"):
+        other = folder.replace("a", "b")
+        ours = {p.relative_to(tmp_path / folder): os.readlink(p) for p in (tmp_path / folder).rglob("*.png")}
+        theirs = {p.relative_to(tmp_path / other): os.readlink(p) for p in (tmp_path / other).rglob("*.png")}
+        assert ours == theirs

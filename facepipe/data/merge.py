@@ -38,11 +38,21 @@ pairs, ``N = min(val_pairs, what the validation people allow)``. Both are drawn 
 contributes alike until its pairs run out and a head identity does not crowd out the rest;
 mismatched pairs as two different identities drawn uniformly, then one image of each uniformly,
 never the same two images twice.
+
+Closed-set probes. With ``probe_fraction`` > 0, every training identity with ``probe_min_images``
+(at least 3) or more images lends ``min(n - 2, max(1, floor(fraction * n)))`` of them to
+``DST_probes`` (or ``probe_out``): held-out images of people the model is trained on, for a
+closed-set identification readout (``facepipe eval closed-set``). Which images is seeded (the
+SHA-256 order of ``"<seed>:probe:<name>:<source position>:<folder>/<file>"``, so the choice does
+not depend on where the sources lie or how their paths are spelled); every identity keeps at least two
+training images, and a person with fewer images lends none. Probes are taken before ``max_images``
+caps what is left, so a cap never changes which images are probes.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import random
 import re
@@ -299,15 +309,19 @@ def merge_identity_sources(
     val_pairs: int = 500,
     val_out: str | os.PathLike | None = None,
     max_images: int | None = None,
+    probe_fraction: float = 0.0,
+    probe_min_images: int = 3,
+    probe_out: str | os.PathLike | None = None,
     overwrite: bool = False,
 ) -> dict:
     """Merge the identity-folder trees ``sources`` (paths, :class:`MergeSource` or dicts of its
     fields) into ``destination``; see the module docstring for the naming rule, the numbering and
     the validation split. Leaves out every person named in the LFW pairs files ``exclude_pairs``,
     in the name-list files ``exclude_names`` (one name a line) and in ``exclude``. ``max_images``
-    caps the images of each training identity (a seeded choice, by the hash of seed, name and
-    path; the images kept stay in their order and are numbered from 1), to fit a training budget
-    with a head of many-image identities; what it leaves out is counted. Returns the record
+    caps the images of each training identity (a seeded choice, by the hash of seed, name,
+    source position and the image's folder/file inside its source; the images kept stay in their order and are numbered from 1), to fit a training budget
+    with a head of many-image identities; what it leaves out is counted. ``probe_fraction``
+    holds out closed-set probe images of the training identities (module docstring). Returns the record
     written to ``destination/merge.json`` with a one-paragraph ``summary`` added.
     """
     from facepipe.eval.lfw_pairs import parse_lfw_pairs
@@ -321,15 +335,23 @@ def merge_identity_sources(
         raise DatasetError(f"val_pairs must be >= 0, got {val_pairs}")
     if max_images is not None and max_images < 1:
         raise DatasetError(f"max_images must be >= 1, got {max_images}")
+    if not 0.0 <= probe_fraction < 1.0:
+        raise DatasetError(f"probe_fraction must be in [0, 1), got {probe_fraction}")
+    if probe_min_images < 3:
+        raise DatasetError(f"probe_min_images must be >= 3 (every identity keeps two training images), "
+                           f"got {probe_min_images}")
     destination = Path(destination)
     validating = val_fraction > 0
+    probing = probe_fraction > 0
     val_folder = Path(val_out) if val_out is not None else destination.with_name(destination.name + "_val")
+    probe_folder = Path(probe_out) if probe_out is not None else destination.with_name(destination.name + "_probes")
 
     # Outputs: checked before any work, and never a source or inside one (or holding one, which
     # --overwrite would delete).
-    outputs = [destination] + ([val_folder] if validating else [])
-    if validating and os.path.abspath(val_folder) == os.path.abspath(destination):
-        raise OutputError(f"the validation folder {val_folder} is the destination; choose another --val-out")
+    outputs = [destination] + ([val_folder] if validating else []) + ([probe_folder] if probing else [])
+    if len({os.path.abspath(output) for output in outputs}) < len(outputs):
+        raise OutputError(f"the destination, validation and probe folders must differ, got {[str(o) for o in outputs]}; "
+                          "choose another --val-out / --probe-out")
     for source in sources:
         if not Path(source.path).is_dir():
             raise DatasetError(f"source {source.path} does not exist" if not Path(source.path).exists()
@@ -379,6 +401,10 @@ def merge_identity_sources(
     if not kept:
         raise DatasetError("no identity is left after the exclusions")
     images_of = {name: [image for folder in folders for image in folder.images] for name, folders in kept.items()}
+    # What the seeded choices (probes, cap) hash for an image: the source's position and the path
+    # inside it, so the choice does not depend on where the sources lie or how their paths are spelled.
+    choice_key = {image: f"{folder.source}:{folder.folder.name}/{image.name}"
+                  for folders in kept.values() for folder in folders for image in folder.images}
     merged = sorted(name for name, folders in kept.items() if len(folders) > 1)
 
     # Validation split: identity-disjoint, by seeded hash order.
@@ -400,12 +426,24 @@ def merge_identity_sources(
                                    "are needed): raise --val-fraction, or pass --val-pairs 0 for no pairs file")
     val_set = set(val_names)
     train_names = sorted(name for name in kept if name not in val_set)
+    probes_of: dict[str, list[Path]] = {}
+    if probing:
+        for name in train_names:
+            images = images_of[name]
+            if len(images) < probe_min_images:
+                continue
+            held = min(len(images) - 2, max(1, math.floor(probe_fraction * len(images))))
+            chosen = set(sorted(range(len(images)),
+                                key=lambda i: _order_key(seed, f"probe:{name}:{choice_key[images[i]]}"))[:held])
+            probes_of[name] = [image for i, image in enumerate(images) if i in chosen]
+            images_of[name] = [image for i, image in enumerate(images) if i not in chosen]
     capped: dict[str, int] = {}
     if max_images is not None:
         for name in train_names:
             images = images_of[name]
             if len(images) > max_images:
-                chosen = set(sorted(range(len(images)), key=lambda i: _order_key(seed, f"{name}:{images[i]}"))[:max_images])
+                chosen = set(sorted(range(len(images)),
+                                    key=lambda i: _order_key(seed, f"{name}:{choice_key[images[i]]}"))[:max_images])
                 images_of[name] = [image for i, image in enumerate(images) if i in chosen]
                 capped[name] = len(images) - max_images
 
@@ -421,6 +459,8 @@ def merge_identity_sources(
         "validation_pairs": len(matched) + len(mismatched),
         "capped_identities": len(capped),
         "capped_images_left_out": sum(capped.values()),
+        "probe_identities": len(probes_of),
+        "probe_images": sum(len(images) for images in probes_of.values()),
     }
     record = {
         "destination": str(destination),
@@ -436,6 +476,7 @@ def merge_identity_sources(
         "excluded_identities": excluded,
         "validation": None,
         "max_images": max_images,
+        "probes": None,
     }
     if validating:
         record["validation"] = {
@@ -446,6 +487,12 @@ def merge_identity_sources(
             "pairs_requested": val_pairs, "pairs_per_class": len(matched), "identities": val_names,
         }
 
+    if probing:
+        record["probes"] = {
+            "folder": str(probe_folder), "fraction": probe_fraction, "min_images": probe_min_images, "seed": seed,
+            "selection": "of each training identity with min_images+ images, min(n - 2, max(1, floor(fraction * n))) "
+                         "images by sha256('<seed>:probe:<name>:<source position>:<folder>/<file>') order, before any max_images cap",
+        }
     mode = "copies" if copy else "links"
     summary = (f"merge: {counts['identities']} identities, {counts['images']} images ({mode}) in {destination} from "
                f"{len(sources)} source(s); {len(merged)} identities merged across sources, "
@@ -458,6 +505,9 @@ def merge_identity_sources(
         summary += (f"; validation: {len(val_names)} identities, {counts['validation_images']} images in "
                     f"{val_folder}" + (f", {len(matched)}+{len(mismatched)} pairs in {val_folder / PAIRS_FILE}"
                                        if matched else "") + f" (seed {seed})")
+    if probing:
+        summary += (f"; closed-set probes: {counts['probe_images']} images of {counts['probe_identities']} training "
+                    f"identities in {probe_folder}")
     summary += f"; record in {destination / RECORD}"
     record["summary"] = summary
 
@@ -470,5 +520,9 @@ def merge_identity_sources(
                     _write_identity(val_staging, name, images_of[name], copy)
                 if matched:
                     write_text_atomic(val_staging / PAIRS_FILE, _pairs_text(matched, mismatched))
+        if probing:
+            with atomic_folder(probe_folder, replace=overwrite) as probe_staging:
+                for name, images in probes_of.items():
+                    _write_identity(probe_staging, name, images, copy)
         write_json_atomic(staging / RECORD, record)
     return record

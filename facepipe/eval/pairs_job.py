@@ -1,11 +1,24 @@
-"""``facepipe eval pairs``: verification of a checkpoint on a CSV of image pairs.
+"""``facepipe eval pairs``: verification of a checkpoint on a file of image pairs.
 
-A pairs CSV is read strictly where a silent change would move the accuracy:
+Two formats are accepted, told apart by content (not by the file name):
+
+- a pairs CSV, header ``path_a,path_b,is_same``, paths relative to the root;
+- an LFW pairs file (View 1 ``N`` or View 2 ``SETS N`` header, then ``Name<TAB>i<TAB>j`` and
+  ``A<TAB>i<TAB>B<TAB>j`` lines; see :mod:`facepipe.eval.lfw_pairs`), such as the ``pairs.txt``
+  that ``facepipe merge --val-pairs`` writes beside its validation people: the first non-empty
+  line of one or two integers marks it. Image ``i`` of ``Name`` is ``<root>/Name/Name_%04d.jpg``,
+  or, where that file is absent, the one of another image extension
+  (:data:`facepipe.data.dataset.IMAGE_EXTENSIONS`, e.g. ``.png``) that exists.
+
+A pairs file is read strictly where a silent change would move the accuracy:
 
 - a pair listed twice (either order of its two images) would count twice: the repeats are
   dropped with a warning, and the number dropped is reported (``duplicate_pairs_removed`` in
   ``metrics.json``, the summary line); the same pair listed once as same and once as not is an
-  error, as no answer can be right for both;
+  error, as no answer can be right for both; an LFW pairs file with a repeated pair is refused
+  (:func:`facepipe.eval.lfw_pairs.parse_lfw_pairs`), as for ``facepipe eval lfw``;
+- a missing image is an error listing the missing files (dropping its pairs would change the
+  protocol);
 - a path must stay under the root (no absolute path, no ``..`` climbing out of it), unless
   ``allow_outside_root``: a shared pairs file must not read whatever files it names. Links
   inside the root are followed like any file (a ``facepipe subset`` tree is links).
@@ -19,8 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from facepipe.data.dataset import DatasetError
+from facepipe.data.dataset import IMAGE_EXTENSIONS, DatasetError
 from facepipe.embed.extract import embed_paths, load_model
+from facepipe.eval.lfw_pairs import lfw_image_name, parse_lfw_pairs
 from facepipe.eval.plots import plot_roc
 from facepipe.eval.verification import cosine_scores, evaluate_verification, read_pairs_csv
 from facepipe.utils.device import resolve_device
@@ -31,13 +45,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PairsOnDisk:
-    """A pairs CSV resolved against its image folder: each image once, pairs as row indices."""
+    """A pairs file (CSV or LFW) resolved against its image folder: each image once, pairs as row indices."""
 
     paths: list[str]  # unique image files, sorted
     idx_a: np.ndarray
     idx_b: np.ndarray
     is_same: np.ndarray
-    names_a: list[str]  # the paths as the CSV wrote them
+    names_a: list[str]  # the paths as the CSV wrote them (LFW: Name/Name_%04d.ext as found under the root)
     names_b: list[str]
     duplicates: int = 0  # repeated pairs dropped (each pair is scored once)
 
@@ -69,18 +83,60 @@ def _drop_duplicate_pairs(pairs: Path, names_a: list[str], names_b: list[str],
     return [names_a[k] for k in keep], [names_b[k] for k in keep], is_same[keep], len(dropped)
 
 
+def is_lfw_pairs_file(path: str | Path) -> bool:
+    """Whether ``path`` looks like an LFW pairs file: its first non-empty line is one or two
+    integers (the ``N`` / ``SETS N`` header). A pairs CSV starts with its header instead."""
+    try:
+        with open(path, "r", encoding="utf-8-sig") as handle:
+            for line in handle:
+                if line.strip():
+                    fields = line.split()
+                    return len(fields) in (1, 2) and all(field.isdigit() for field in fields)
+    except (OSError, UnicodeDecodeError):
+        return False  # the CSV reader reports what is wrong with it
+    return False
+
+
+# Tried in this order where Name/Name_%04d.jpg is absent: the other known extensions, then
+# their upper-case spellings.
+_LFW_EXTENSIONS = tuple(dict.fromkeys([".jpg", *(e.lower() for e in IMAGE_EXTENSIONS),
+                                       *(e.upper() for e in IMAGE_EXTENSIONS)]))
+
+
+def read_lfw_pairs_paths(pairs: Path, root: Path) -> tuple[list[str], list[str], np.ndarray]:
+    """The pairs of an LFW pairs file as relative paths under ``root``, each image's extension
+    found on disk (``.jpg`` first); an image found under no extension keeps its ``.jpg`` name,
+    for the missing-image error."""
+    parsed = parse_lfw_pairs(pairs)
+    found: dict[tuple[str, int], str] = {}
+
+    def resolve(person: str, number: int) -> str:
+        key = (person, number)
+        if key not in found:
+            found[key] = next((name for name in (lfw_image_name(person, number, ext) for ext in _LFW_EXTENSIONS)
+                               if (root / name).is_file()), lfw_image_name(person, number))
+        return found[key]
+
+    names_a = [resolve(p, int(n)) for p, n in zip(parsed.persons_a, parsed.numbers_a)]
+    names_b = [resolve(p, int(n)) for p, n in zip(parsed.persons_b, parsed.numbers_b)]
+    return names_a, names_b, parsed.is_same.astype(bool)
+
+
 def load_pairs(pairs: str | Path, root: str | Path | None = None, allow_outside_root: bool = False) -> PairsOnDisk:
-    """Read a pairs CSV; paths are relative to ``root`` (default: the CSV's folder).
+    """Read a pairs CSV or an LFW pairs file (told apart by content, see the module docstring);
+    paths are relative to ``root`` (default: the pairs file's folder).
 
     A missing image is an error listing the missing files: dropping pairs silently would change
-    the protocol. Repeated pairs are dropped (counted in ``duplicates``); a path outside the
-    root is an error unless ``allow_outside_root`` (see the module docstring).
+    the protocol. Repeated pairs of a CSV are dropped (counted in ``duplicates``); an LFW pairs
+    file with a repeated pair is refused. A path outside the root is an error unless
+    ``allow_outside_root`` (see the module docstring); LFW names cannot leave the root.
     """
     pairs = Path(pairs)
     if not pairs.is_file():
         raise DatasetError(f"pairs file {pairs} does not exist")
     root = Path(root) if root else pairs.parent
-    names_a, names_b, is_same = read_pairs_csv(pairs)
+    lfw = is_lfw_pairs_file(pairs)
+    names_a, names_b, is_same = read_lfw_pairs_paths(pairs, root) if lfw else read_pairs_csv(pairs)
     if not allow_outside_root:
         outside = [name for name in dict.fromkeys(names_a + names_b) if _leaves_root(name)]
         if outside:
@@ -91,7 +147,9 @@ def load_pairs(pairs: str | Path, root: str | Path | None = None, allow_outside_
     unique = sorted(set(names_a) | set(names_b))
     missing = [p for p in unique if not (root / p).is_file()]
     if missing:
-        raise DatasetError(f"{len(missing)} image(s) named in {pairs} are missing under {root}: {missing[:5]}")
+        tried = (f" (LFW pairs file: no file of any of the extensions {', '.join(IMAGE_EXTENSIONS)} either)"
+                 if lfw else "")
+        raise DatasetError(f"{len(missing)} image(s) named in {pairs} are missing under {root}: {missing[:5]}{tried}")
     position = {p: i for i, p in enumerate(unique)}
     return PairsOnDisk(
         paths=[str(root / p) for p in unique],
