@@ -519,7 +519,7 @@ def main() -> None:
     # facepipe first, and alone: it must not pull in torchvision or facenet_pytorch.
     from facepipe.align import MTCNN, decode_for_alignment  # noqa: F401  (loaded now for the check)
     from facepipe.config import DetectorConfig
-    from facepipe.utils.io import write_json_atomic, write_text_atomic
+    from facepipe.runtime.io import write_json_atomic, write_text_atomic
 
     leaked = sorted(name for name in ("torchvision", "facenet_pytorch") if name in sys.modules)
     if leaked:

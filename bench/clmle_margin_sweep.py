@@ -50,8 +50,8 @@ import time
 from pathlib import Path
 
 from facepipe.config import find_config, load_config
-from facepipe.train.checkpoint import LATEST
-from facepipe.utils.io import write_json_atomic, write_text_atomic
+from facepipe.runtime.checkpoint import LATEST
+from facepipe.runtime.io import write_json_atomic, write_text_atomic
 
 log = logging.getLogger("clmle_margin_sweep")
 

@@ -8,7 +8,7 @@ process, one step) under torchrun, with this script as the worker: each rank tra
 straight away, so rank 1, with nothing to write after its last ``all_gather_object``, reaches
 interpreter shutdown at once. Before the fix that was where a gloo runloop thread, still
 destroying that collective, aborted the process ("terminate called without an active exception",
-SIGABRT; see ``facepipe.train.distributed._destroy_process_group``). ``facepipe train --nproc``
+SIGABRT; see ``facepipe.runtime.distributed._destroy_process_group``). ``facepipe train --nproc``
 does more after training and shows the race less. Counts the failed runs and those with that
 signature, prints a table and writes ``bench/results/ddp_exit_stress.json``. ``--drain``
 overrides the exit handler's GIL-free pause, e.g. ``--drain 0``.
@@ -28,9 +28,9 @@ import torch
 from tqdm import tqdm
 
 from facepipe.config import config_from_dict, load_config
-from facepipe.train.distributed import DRAIN_VARIABLE  # read by every torchrun worker
+from facepipe.runtime.distributed import DRAIN_VARIABLE  # read by every torchrun worker
+from facepipe.runtime.io import write_json_atomic, write_text_atomic
 from facepipe.train.trainer import Trainer
-from facepipe.utils.io import write_json_atomic, write_text_atomic
 
 ABORT_SIGNATURE = "terminate called without an active exception"
 

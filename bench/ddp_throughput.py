@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from facepipe.runtime.io import write_json_atomic
 from facepipe.train.run_log import read_run_log
-from facepipe.utils.io import write_json_atomic
 
 
 def run(args: argparse.Namespace, processes: int, out: Path) -> dict:

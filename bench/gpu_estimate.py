@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from facepipe.config import ModelConfig
 from facepipe.models import build_backbone
-from facepipe.utils.io import write_json_atomic
+from facepipe.runtime.io import write_json_atomic
 
 # Vendor peak dense TFLOP/s: (float32 on tensor cores as TF32, bf16/fp16).
 GPUS = {"A100 80GB": (156.0, 312.0), "H100 SXM": (494.0, 989.0)}

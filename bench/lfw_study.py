@@ -72,8 +72,8 @@ from typing import Any, Callable
 import numpy as np
 
 from facepipe.config import Config, find_config, load_config
+from facepipe.runtime.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 from facepipe.study.runner import claim_lock, config_differences as _config_differences, train_timed
-from facepipe.utils.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("lfw_study")
 
@@ -542,7 +542,7 @@ def _embed_two_ways(model: Any, paths: list[str], config: Config, device: Any) -
 
     from facepipe.data.dataset import ImageListDataset
     from facepipe.data.transforms import build_eval_transform
-    from facepipe.utils.device import autocast, resolve_amp_dtype
+    from facepipe.runtime.device import autocast, resolve_amp_dtype
 
     flip = config.embed.flip
     amp = resolve_amp_dtype(config.train.amp, device)
@@ -587,8 +587,8 @@ def closed_set_view(study: Study, split: dict, run_dir: Path, label: str) -> dic
     from facepipe.index.jobs import build_index_from_embeddings
     from facepipe.losses import ARConvLHead, build_head
     from facepipe.models import build_backbone
-    from facepipe.train.checkpoint import load_checkpoint, model_fingerprint
-    from facepipe.utils.device import resolve_device
+    from facepipe.runtime.checkpoint import load_checkpoint, model_fingerprint
+    from facepipe.runtime.device import resolve_device
 
     args = study.args
     out_file = run_dir / CLOSED_SET
@@ -917,7 +917,7 @@ PRETRAIN_WEIGHTS = "init.pt"
 def keep_pretrain_weights(study: Study, seed: int) -> None:
     """Model and head of the finished shared pre-training, into ``--results`` (about 14 MB at the
     CPU size): what ``train.init_from`` reads, without the optimizer state a resume would need."""
-    from facepipe.train.checkpoint import load_checkpoint, save_checkpoint
+    from facepipe.runtime.checkpoint import load_checkpoint, save_checkpoint
 
     target = study.kept_dir(PRETRAIN, seed) / PRETRAIN_WEIGHTS
     source = study.pretrain_dir(seed) / "latest.pt"

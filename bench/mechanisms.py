@@ -53,7 +53,7 @@ from facepipe.study.mechanisms import (  # noqa: E402
     mechanism_markdown,
     mechanism_summary,
 )
-from facepipe.utils.io import write_json_atomic, write_text_atomic  # noqa: E402
+from facepipe.runtime.io import write_json_atomic, write_text_atomic  # noqa: E402
 
 log = logging.getLogger("mechanisms")
 

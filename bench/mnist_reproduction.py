@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from facepipe.config import find_config, load_config
+from facepipe.runtime.io import write_json_atomic, write_text_atomic
 from facepipe.train.classify import RESULTS, run_classification
 from facepipe.train.run_log import read_run_log
-from facepipe.utils.io import write_json_atomic, write_text_atomic
 
 METHODS = {
     "ce": [],  # cross-entropy on the prototype head's -d^2 logits: Li et al.'s CPL

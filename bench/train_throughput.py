@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from facepipe.losses import build_head
 from facepipe.models import IRSEBackbone
-from facepipe.utils.device import autocast, resolve_amp_dtype, resolve_device
+from facepipe.runtime.device import autocast, resolve_amp_dtype, resolve_device
 
 HEADS = {
     "softmax": {},

@@ -30,10 +30,10 @@ import torch
 
 from facepipe.config import config_from_dict, head_kwargs
 from facepipe.data.synth import generate_dataset, identity_counts
-from facepipe.embed.extract import load_model
+from facepipe.runtime.model import load_model
 from facepipe.eval.imbalance import imbalance_metrics
 from facepipe.losses import build_head
-from facepipe.train.checkpoint import load_checkpoint
+from facepipe.runtime.checkpoint import load_checkpoint
 from facepipe.train.trainer import Trainer
 from facepipe.data.dataset import ImageListDataset
 from facepipe.data.transforms import build_eval_transform

@@ -90,8 +90,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from facepipe.config import find_config, load_config
+    from facepipe.runtime.distributed import launched_by_torchrun
     from facepipe.train import train
-    from facepipe.train.distributed import launched_by_torchrun
     from facepipe.train.trainer import check_run_folder, format_run_summary
 
     if args.nproc > 1 and not launched_by_torchrun():
@@ -437,7 +437,7 @@ def _neighbour_grid(text: str) -> list[int]:
 
 def cmd_index_calibrate(args: argparse.Namespace) -> int:
     from facepipe.index.jobs import calibrate_index
-    from facepipe.utils.io import write_json_atomic
+    from facepipe.runtime.io import write_json_atomic
 
     # Not _index_source: genuine embeddings may come with a --checkpoint for --impostor-images.
     report = calibrate_index(
@@ -512,7 +512,7 @@ SEARCH_SCORE_EXPLANATION = (
 
 def cmd_search(args: argparse.Namespace) -> int:
     from facepipe.index.jobs import search_images
-    from facepipe.utils.io import write_json_atomic
+    from facepipe.runtime.io import write_json_atomic
 
     results = search_images(args.index, args.checkpoint, args.inputs, top_k=args.top_k, align=args.align,
                             num_neighbours=args.num_neighbours, device=args.device, batch_size=args.batch_size,

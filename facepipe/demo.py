@@ -21,7 +21,6 @@ import torch
 from facepipe.config import Config, DemoConfig, find_config, load_config
 from facepipe.data.dataset import IdentityFolderDataset
 from facepipe.data.synth import generate_dataset
-from facepipe.embed.extract import extract_embeddings
 from facepipe.eval.plots import plot_roc, plot_training_curves
 from facepipe.eval.verification import (
     VerificationResult,
@@ -31,12 +30,13 @@ from facepipe.eval.verification import (
     write_pairs_csv,
 )
 from facepipe.models import build_backbone
-from facepipe.train.checkpoint import LATEST, copy_checkpoint, load_checkpoint
+from facepipe.runtime.checkpoint import LATEST, copy_checkpoint, load_checkpoint
+from facepipe.runtime.device import resolve_device
+from facepipe.runtime.io import write_json_atomic, write_text_atomic
+from facepipe.runtime.model import extract_embeddings
+from facepipe.runtime.seed import seed_everything
 from facepipe.train.run_log import read_run_log
 from facepipe.train.trainer import Trainer
-from facepipe.utils.device import resolve_device
-from facepipe.utils.io import write_json_atomic, write_text_atomic
-from facepipe.utils.seed import seed_everything
 
 log = logging.getLogger(__name__)
 

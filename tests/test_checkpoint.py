@@ -4,8 +4,8 @@ import pickle
 import pytest
 import torch
 
-from facepipe.train import checkpoint as checkpoint_module
-from facepipe.train.checkpoint import CheckpointError, load_checkpoint, model_fingerprint, save_checkpoint
+from facepipe.runtime import checkpoint as checkpoint_module
+from facepipe.runtime.checkpoint import CheckpointError, load_checkpoint, model_fingerprint, save_checkpoint
 
 STATE = {"model": {"w": torch.ones(2)}, "config": {}, "identities": ["a"], "epoch": 1, "step": 5}
 

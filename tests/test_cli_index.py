@@ -247,7 +247,7 @@ def test_calibrate_from_images_with_a_checkpoint(tiny_dataset, tmp_path, capsys)
 
     from conftest import tiny_config
     from facepipe.models import build_backbone
-    from facepipe.train.checkpoint import save_checkpoint
+    from facepipe.runtime.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     config = tiny_config(tmp_path, tmp_path)
@@ -288,7 +288,7 @@ def test_build_checks_its_destination_before_any_work(synthetic, capsys, monkeyp
     import facepipe.index.clusters as clusters
     import facepipe.index.jobs as jobs
     from facepipe.index.store import ClusterIndex, ClusterIndexError
-    from facepipe.utils.io import UnwritableOutputError
+    from facepipe.runtime.io import UnwritableOutputError
 
     tmp_path, _ = synthetic
     x, labels = np.load(tmp_path / "gallery.npy"), (tmp_path / "labels.txt").read_text().split()
@@ -417,7 +417,7 @@ def test_only_searching_commands_log_the_faiss_search_device(synthetic, capsys, 
     index without searching it (info, add, remove, a build that tunes nothing) do not print it."""
     import logging
 
-    from facepipe.utils import faiss_device
+    from facepipe.runtime import faiss_device
 
     tmp_path, names = synthetic
     index = str(tmp_path / "idx")

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from facepipe.data.samplers import EpochSampler
-from facepipe.train.checkpoint import load_checkpoint
-from facepipe.train.distributed import (DRAIN_VARIABLE, RUNLOOP_DRAIN_SECONDS, DistributedContext, RankSlicedSampler,
-                                        rank_slice, runloop_drain_seconds)
+from facepipe.runtime.checkpoint import load_checkpoint
+from facepipe.runtime.distributed import (DRAIN_VARIABLE, RUNLOOP_DRAIN_SECONDS, DistributedContext,
+                                          RankSlicedSampler, rank_slice, runloop_drain_seconds)
 from facepipe.train.trainer import Trainer
 
 from conftest import tiny_config

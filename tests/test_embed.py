@@ -7,8 +7,10 @@ import torch
 
 from conftest import tiny_config
 from facepipe.data.dataset import DatasetError
-from facepipe.embed import embed_folder, extract_embeddings, list_images
+from facepipe.embed import embed_folder, list_images
+from facepipe.embed.extract import embed_paths
 from facepipe.models import IRSEBackbone
+from facepipe.runtime.model import extract_embeddings, load_model
 from facepipe.train import Trainer
 
 
@@ -57,6 +59,32 @@ def test_embed_folder_writes_ordered_embeddings_and_manifest(checkpoint, tiny_da
     again = embed_folder(checkpoint, tiny_dataset, tmp_path / "again", batch_size=5, num_workers=0, progress=False)
     assert again["model_fingerprint"] == summary["model_fingerprint"]
     assert np.allclose(np.load(tmp_path / "again" / "embeddings.npy"), embeddings, atol=1e-5)
+
+
+def test_loaded_model_knows_its_input_size_flip_and_precision(checkpoint, tiny_dataset):
+    loaded = load_model(checkpoint)
+    assert loaded.input_size == loaded.config.data.image_size == (32, 32)
+    assert loaded.flip == loaded.config.embed.flip == "sum"
+    assert loaded.amp_dtype is None  # AMP runs on CUDA only
+    paths = [p for p, _ in list_images(tiny_dataset)][:5]
+    # embed_paths is LoadedModel.embed with the checkpoint's record.
+    embedded, info = embed_paths(loaded, paths)
+    assert info == {"checkpoint": str(checkpoint), "model_fingerprint": loaded.fingerprint, "flip": "sum"}
+    assert np.array_equal(loaded.embed(paths), embedded)
+    assert np.allclose(loaded.embed(paths, flip="none", batch_size=2),
+                       extract_embeddings(loaded.model, paths, (32, 32), torch.device("cpu"), flip="none"), atol=1e-6)
+    # Already-preprocessed images give the embeddings of their files.
+    from facepipe.data.dataset import decode_image
+    from facepipe.data.transforms import build_eval_transform
+
+    images = torch.stack([build_eval_transform((32, 32))(decode_image(p)) for p in paths])
+    assert np.allclose(loaded.embed(images.numpy()), embedded, atol=1e-5)
+    assert np.allclose(loaded.embed(images, flip="concat", batch_size=3), loaded.embed(paths, flip="concat"),
+                       atol=1e-5)
+    with pytest.raises(ValueError, match=r"\[N, C, 32, 32\]"):
+        loaded.embed(images[:, :, :16])
+    with pytest.raises(ValueError, match="float array"):
+        loaded.embed(np.zeros((2, 3, 32, 32), dtype=np.uint8))
 
 
 def test_embed_errors(checkpoint, tmp_path):

@@ -32,7 +32,7 @@ def random_init_checkpoint(path: Path, **sections) -> Path:
     import torch
 
     from facepipe.models import build_backbone
-    from facepipe.train.checkpoint import save_checkpoint
+    from facepipe.runtime.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     config = tiny_config(path.parent, path.parent, **sections)
@@ -318,7 +318,7 @@ def test_lfw_images_through_the_cli(tmp_path, capsys):
     assert set(metrics["files"]) >= {"metrics.json", "report.md", "roc.png", "scores.csv"}
 
     # The scores are the cosine similarities of the checkpoint's flip-summed embeddings.
-    from facepipe.embed.extract import extract_embeddings, load_model
+    from facepipe.runtime.model import extract_embeddings, load_model
 
     loaded = load_model(checkpoint)
     row = next(csv.DictReader(open(out / "scores.csv")))

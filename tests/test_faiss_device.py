@@ -7,10 +7,10 @@ import faiss
 import numpy as np
 import pytest
 
-from facepipe.utils import faiss_device
-from facepipe.utils.faiss_device import gpu_count, kmeans_uses_gpu, to_device
+from facepipe.runtime import faiss_device
+from facepipe.runtime.faiss_device import gpu_count, kmeans_uses_gpu, to_device
 
-LOGGER = "facepipe.utils.faiss_device"
+LOGGER = "facepipe.runtime.faiss_device"
 
 
 @pytest.fixture(autouse=True)

@@ -488,7 +488,7 @@ def random_checkpoint(path: Path, seed: int, **sections) -> Path:
 
     from conftest import tiny_config
     from facepipe.models import build_backbone
-    from facepipe.train.checkpoint import save_checkpoint
+    from facepipe.runtime.checkpoint import save_checkpoint
 
     torch.manual_seed(seed)
     config = tiny_config(path.parent, path.parent, **sections)
@@ -537,7 +537,7 @@ def test_raw_photos_are_aligned_before_search(tmp_path):
     Image.new("RGB", (250, 250), (128, 128, 128)).save(raw / "grey.jpg", format="JPEG")
     checkpoint = random_checkpoint(tmp_path / "m.pt", seed=0, align={"no_face": "skip"})
     rng = np.random.default_rng(0)
-    from facepipe.embed.extract import load_model
+    from facepipe.runtime.model import load_model
 
     fingerprint = load_model(checkpoint).fingerprint
     # N = 4 retrieves both identities' clusters, so each photo lists two matches (the default N,

@@ -427,8 +427,8 @@ def test_zero_neighbours_and_far_above_one_are_refused_by_the_api(tmp_path):
 # Non-finite weights and embeddings, damaged labels
 # --------------------------------------------------------------------------------------------
 def test_checkpoint_with_nan_weights_is_refused_for_embedding(tiny_dataset, tmp_path, checkpoint, capsys):
-    from facepipe.embed.extract import load_model
-    from facepipe.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from facepipe.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from facepipe.runtime.model import load_model
 
     state = load_checkpoint(checkpoint)
     name = next(key for key, value in state["model"].items() if value.is_floating_point() and value.numel() > 1)
@@ -445,14 +445,15 @@ def test_checkpoint_with_nan_weights_is_refused_for_embedding(tiny_dataset, tmp_
 
 def test_non_finite_embeddings_are_never_written(tiny_dataset, tmp_path, checkpoint, monkeypatch):
     import facepipe.embed.extract as extract
-    from facepipe.utils.io import OutputError
+    import facepipe.runtime.model as runtime_model
+    from facepipe.runtime.io import OutputError
 
     def overflowing(model, paths, *args, **kwargs):
         vectors = np.ones((len(paths), 32), dtype=np.float32)
         vectors[3] = np.inf
         return vectors
 
-    monkeypatch.setattr(extract, "extract_embeddings", overflowing)
+    monkeypatch.setattr(runtime_model, "extract_embeddings", overflowing)
     with pytest.raises(OutputError, match="1 of .* embeddings hold NaN or infinite values"):
         extract.embed_folder(checkpoint, tiny_dataset, tmp_path / "emb", device="cpu", num_workers=0, progress=False)
     assert not (tmp_path / "emb").exists()

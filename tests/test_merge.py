@@ -17,7 +17,7 @@ from facepipe.data.merge import MergeSource, merge_identity_sources
 from facepipe.data.subset import link_identity_subset
 from facepipe.errors import FacepipeUserError
 from facepipe.eval.lfw_pairs import parse_lfw_pairs
-from facepipe.utils.io import OutputError
+from facepipe.runtime.io import OutputError
 from facepipe.utils.names import IdentityNameError
 
 

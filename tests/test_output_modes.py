@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facepipe.utils import io as fio
+from facepipe.runtime import io as fio
 
 
 @pytest.fixture(params=[0o022, 0o077, 0o002], ids=lambda mask: f"umask{mask:03o}")
@@ -75,7 +75,7 @@ def test_atomic_writers_and_folders_follow_the_umask(umask, tmp_path):
 
 def test_index_and_checkpoint_follow_the_umask(umask, tmp_path):
     from facepipe.index.store import ClusterIndex
-    from facepipe.train.checkpoint import save_checkpoint
+    from facepipe.runtime.checkpoint import save_checkpoint
 
     files, folders = 0o666 & ~umask, 0o777 & ~umask
     rng = np.random.default_rng(0)

@@ -23,8 +23,8 @@ from facepipe.eval.lfw import load_embeddings_folder
 from facepipe.eval.verification import EvalInputError
 from facepipe.index.jobs import load_embedding_source
 from facepipe.index.store import ClusterIndexError
+from facepipe.runtime.io import OutputError, OutputLockedError, atomic_folder, exclusive_lock
 from facepipe.train.trainer import Trainer, TrainingError
-from facepipe.utils.io import OutputError, OutputLockedError, atomic_folder, exclusive_lock
 
 ONE_EPOCH = {"stages": [{"epochs": 1, "head": {"type": "softmax"}}], "max_steps_per_epoch": 2}
 

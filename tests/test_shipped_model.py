@@ -11,7 +11,7 @@ import pytest
 from conftest import SHARED_DATA
 from facepipe.cli import main
 from facepipe.index.store import ClusterIndex
-from facepipe.train.checkpoint import load_checkpoint, model_fingerprint
+from facepipe.runtime.checkpoint import load_checkpoint, model_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "lfw-irse18-64.pt"

@@ -7,9 +7,9 @@ import torch
 
 from conftest import tiny_config
 from facepipe.data.dataset import DatasetError
+from facepipe.runtime.checkpoint import load_checkpoint
 from facepipe.train import Trainer, TrainingError
 from facepipe.train import trainer as trainer_module
-from facepipe.train.checkpoint import load_checkpoint
 
 
 def weights(trainer):

@@ -8,8 +8,8 @@ import torch
 
 from conftest import tiny_config
 from facepipe.config import ConfigError, config_from_dict
+from facepipe.runtime.checkpoint import load_checkpoint
 from facepipe.train import Trainer
-from facepipe.train.checkpoint import load_checkpoint
 
 
 def lsoftmax(epochs, **head):

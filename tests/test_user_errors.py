@@ -88,9 +88,9 @@ def test_every_error_class_of_facepipe_is_a_user_error_and_keeps_its_builtin_bas
     from facepipe.data.dataset import DatasetError, UnreadableImageError
     from facepipe.eval.verification import EvalInputError
     from facepipe.index.store import ClusterIndexError, UnknownIdentityError
-    from facepipe.train.checkpoint import CheckpointError
+    from facepipe.runtime.checkpoint import CheckpointError
+    from facepipe.runtime.io import OutputError, UnwritableOutputError
     from facepipe.train.trainer import TrainingError
-    from facepipe.utils.io import OutputError, UnwritableOutputError
 
     for cls, builtin in ((ConfigError, ValueError), (DatasetError, ValueError), (EvalInputError, ValueError),
                          (ClusterIndexError, ValueError), (UnknownIdentityError, KeyError),
@@ -224,7 +224,7 @@ def test_resuming_with_a_changed_size_names_the_key(run_copy, tmp_path, capsys, 
 
 
 def test_resuming_a_checkpoint_whose_weights_disagree_with_its_config_is_one_line(run_copy, tmp_path, capsys):
-    from facepipe.train.checkpoint import load_checkpoint, save_checkpoint
+    from facepipe.runtime.checkpoint import load_checkpoint, save_checkpoint
 
     config, run = run_copy
     state = load_checkpoint(run / "latest.pt")
@@ -238,7 +238,7 @@ def test_resuming_a_checkpoint_whose_weights_disagree_with_its_config_is_one_lin
 
 def test_embedding_with_a_checkpoint_whose_config_disagrees_with_its_weights(run_copy, tiny_dataset, tmp_path,
                                                                            capsys):
-    from facepipe.train.checkpoint import load_checkpoint, save_checkpoint
+    from facepipe.runtime.checkpoint import load_checkpoint, save_checkpoint
 
     _, run = run_copy
     state = load_checkpoint(run / "latest.pt")
@@ -277,7 +277,7 @@ def test_an_unwritable_output_folder_is_named(run_copy, tiny_dataset, tmp_path, 
 
 
 def test_atomic_writes_name_the_folder_that_refused(tmp_path, monkeypatch):
-    from facepipe.utils.io import UnwritableOutputError, atomic_folder, exclusive_lock, write_text_atomic
+    from facepipe.runtime.io import UnwritableOutputError, atomic_folder, exclusive_lock, write_text_atomic
 
     denied = tmp_path / "denied"
     denied.mkdir()

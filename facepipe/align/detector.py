@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from facepipe.config import DetectorConfig
-from facepipe.utils.device import resolve_device
+from facepipe.runtime.device import resolve_device
 
 from facepipe.align.networks import load_networks
 

@@ -39,7 +39,7 @@ from facepipe.align.manifest import (
     manifest_path,
     read_manifest,
 )
-from facepipe.utils.io import exclusive_lock, write_bytes_atomic, write_json_atomic, write_text_atomic
+from facepipe.runtime.io import exclusive_lock, write_bytes_atomic, write_json_atomic, write_text_atomic
 from facepipe.utils.walk import walk_tree
 
 log = logging.getLogger(__name__)

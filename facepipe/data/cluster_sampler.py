@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from facepipe.utils.faiss_device import GPU_MAX_K, to_device
+from facepipe.runtime.faiss_device import GPU_MAX_K, to_device
 
 QUERY_MODES = ("hardest", "uniform")
 # The neighbour table keeps (NEIGHBOUR_FACTOR - 1) * M nearest clusters per cluster beyond those a

@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from facepipe.data.dataset import IMAGE_EXTENSIONS, DatasetError
-from facepipe.utils.io import OutputError, atomic_folder, check_writable_output, write_json_atomic, \
+from facepipe.runtime.io import OutputError, atomic_folder, check_writable_output, write_json_atomic, \
     write_text_atomic
 from facepipe.utils.names import check_identity_name, escape_controls
 

@@ -66,7 +66,7 @@ from facepipe.data.dataset import (
     decode_image,
     scan_identity_folders,
 )
-from facepipe.utils.io import OutputError, atomic_write
+from facepipe.runtime.io import OutputError, atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from facepipe.errors import UsageError
-from facepipe.utils.io import OutputError, write_bytes_atomic, write_json_atomic
+from facepipe.runtime.io import OutputError, write_bytes_atomic, write_json_atomic
 
 __all__ = [
     "DISTRIBUTIONS",

@@ -1,5 +1,7 @@
-"""Embedding extraction from trained checkpoints (``extract``) and the embeddings folder format
-(``folder``). Loaded on first use: reading an embeddings folder does not import torch."""
+"""Embeddings of image files with a trained checkpoint and the ``facepipe embed`` job
+(``extract``; the loaded model and its forward pass are :mod:`facepipe.runtime.model`), and the
+embeddings folder format (``folder``). Loaded on first use: reading an embeddings folder does not
+import torch."""
 from facepipe.utils.lazy import lazy_exports
 
 _LAZY = {
@@ -7,9 +9,7 @@ _LAZY = {
     "write_embeddings_folder": "facepipe.embed.extract",
     "embed_folder": "facepipe.embed.extract",
     "embed_paths": "facepipe.embed.extract",
-    "extract_embeddings": "facepipe.embed.extract",
     "list_images": "facepipe.embed.extract",
-    "load_model": "facepipe.embed.extract",
 }
 
 __all__ = list(_LAZY)

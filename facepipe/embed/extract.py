@@ -1,32 +1,20 @@
-"""Batched embedding extraction with flip fusion, and the ``facepipe embed`` job."""
+"""Embeddings of image files with a checkpoint's model (:func:`embed_paths`), and the ``facepipe
+embed`` job that writes them as an embeddings folder. The model and its forward pass are
+:mod:`facepipe.runtime.model`'s."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from facepipe.config import Config
-from facepipe.data.dataset import IMAGE_EXTENSIONS, DatasetError, ImageListDataset
-from facepipe.data.transforms import build_eval_transform
-from facepipe.models import build_backbone
-from facepipe.train.checkpoint import (
-    CheckpointError,
-    checkpoint_config,
-    load_checkpoint,
-    load_weights,
-    model_fingerprint,
-)
+from facepipe.data.dataset import IMAGE_EXTENSIONS, DatasetError
 from facepipe.embed.folder import EMBED_RECORD, EMBEDDINGS_FILE, MANIFEST_FILE, MANIFEST_HEADER
-from facepipe.train.distributed import barrier, gather_rows, init_distributed, rank_slice
-from facepipe.utils.device import autocast, resolve_amp_dtype, resolve_device
-from facepipe.utils.io import (
+from facepipe.runtime.device import resolve_device
+from facepipe.runtime.distributed import barrier, gather_rows, init_distributed, rank_slice
+from facepipe.runtime.io import (
     OutputError,
     atomic_folder,
     describe_parts,
@@ -34,113 +22,11 @@ from facepipe.utils.io import (
     write_csv_atomic,
     write_json_atomic,
 )
+from facepipe.runtime.model import LoadedModel, load_model
 from facepipe.utils.names import check_identity_name
 from facepipe.utils.walk import walk_tree
 
 log = logging.getLogger(__name__)
-
-FLIP_MODES = ("sum", "concat", "none")
-
-
-def extract_embeddings(
-    model: nn.Module,
-    paths: Sequence[str],
-    image_size: tuple[int, int],
-    device: torch.device,
-    batch_size: int = 128,
-    flip: str = "sum",
-    num_workers: int = 0,
-    amp_dtype: torch.dtype | None = None,
-    progress: bool = False,
-) -> np.ndarray:
-    """L2-normalised float32 embeddings of the image files ``paths``, in order (see
-    :func:`embed_dataset`)."""
-    return embed_dataset(model, ImageListDataset(paths, build_eval_transform(image_size)), device, batch_size,
-                         flip, num_workers, amp_dtype, progress)
-
-
-@torch.no_grad()
-def embed_dataset(
-    model: nn.Module,
-    images: Dataset,
-    device: torch.device,
-    batch_size: int = 128,
-    flip: str = "sum",
-    num_workers: int = 0,
-    amp_dtype: torch.dtype | None = None,
-    progress: bool = False,
-    normalize: bool = True,
-) -> np.ndarray:
-    """L2-normalised (``normalize=False``: raw) float32 embeddings of a dataset of ``(image,
-    position)`` items, in order.
-
-    Flip fusion: ``sum`` adds the embeddings of the image and its mirror, ``concat`` stacks them
-    (twice the dimension), ``none`` uses the image alone. The model is put in eval mode and
-    every module is restored to its previous mode afterwards.
-    """
-    if flip not in FLIP_MODES:
-        raise ValueError(f"unknown flip mode '{flip}'; choose one of {FLIP_MODES}")
-    # Per module, not model.train(was_training): a mid-epoch call (CLMLE re-clustering) must not
-    # switch a stage's frozen BatchNorm layers back to batch statistics.
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
-    chunks: list[torch.Tensor] = []
-    try:
-        for images, _ in tqdm(loader, desc="embed", unit="batch", disable=not progress, leave=False):
-            images = images.to(device, non_blocking=True)
-            if flip != "none":
-                # One forward over image and mirror together halves the number of launches.
-                both = torch.cat([images, images.flip(-1)])
-                with autocast(device, amp_dtype):
-                    out = model(both).float()
-                plain, mirrored = out.chunk(2)
-                feats = plain + mirrored if flip == "sum" else torch.cat([plain, mirrored], dim=1)
-            else:
-                with autocast(device, amp_dtype):
-                    feats = model(images).float()
-            chunks.append((nn.functional.normalize(feats, dim=1) if normalize else feats).cpu())
-    finally:
-        for module, training in modes.items():
-            module.train(training)
-    if not chunks:
-        return np.zeros((0, 0), dtype=np.float32)
-    return torch.cat(chunks).numpy().astype(np.float32)
-
-
-@dataclass
-class LoadedModel:
-    model: nn.Module
-    config: Config
-    identities: list[str]
-    fingerprint: str
-    checkpoint_path: str
-    device: torch.device = torch.device("cpu")
-
-
-def _check_finite_weights(weights: dict, checkpoint: str | Path) -> None:
-    # One NaN weight makes every embedding NaN: each later stage would write, index and score
-    # NaN vectors (cosine NaN ranks as neither match nor mismatch) with exit status 0.
-    bad = [(name, int((~torch.isfinite(tensor)).sum())) for name, tensor in weights.items()
-           if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
-    if bad:
-        shown = ", ".join(f"{name} ({count})" for name, count in bad[:3])
-        raise CheckpointError(f"checkpoint {checkpoint}: {len(bad)} weight tensor(s) hold NaN or infinite values "
-                              f"({shown}{' ...' if len(bad) > 3 else ''}); the run diverged before it was saved: "
-                              "use an earlier checkpoint")
-
-
-def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
-    """Backbone from a training checkpoint (the head is not needed for embeddings)."""
-    state = load_checkpoint(checkpoint)
-    config = checkpoint_config(state, checkpoint)
-    model = build_backbone(config.model, config.data.image_size)
-    load_weights(model, state["model"], checkpoint)
-    _check_finite_weights(state["model"], checkpoint)
-    model.to(device).eval()
-    return LoadedModel(model, config, list(state["identities"]), model_fingerprint(state["model"]), str(checkpoint),
-                       torch.device(device))
 
 
 def embed_paths(
@@ -155,24 +41,22 @@ def embed_paths(
     """Embeddings of the image files ``paths``, in order, with a checkpoint's model: the one
     way every job (embed, eval, index, search) turns a checkpoint and images into embeddings.
 
-    ``model``: a checkpoint (loaded on ``device`` with :func:`load_model`'s checks) or a
-    :class:`LoadedModel` (already on its device; ``device`` is then not used). The images are
-    read at the checkpoint's input size; flip fusion is ``flip`` or else the config's
-    ``embed.flip``, the batch size ``batch_size`` or else ``embed.batch_size``, and the forward
-    runs under the config's mixed precision (``train.amp``, CUDA only).
+    ``model``: a checkpoint (loaded on ``device`` with :func:`~facepipe.runtime.model.load_model`'s
+    checks) or a :class:`~facepipe.runtime.model.LoadedModel` (already on its device; ``device``
+    is then not used). The images are embedded by :meth:`LoadedModel.embed
+    <facepipe.runtime.model.LoadedModel.embed>`: read at the checkpoint's input size; flip fusion
+    is ``flip`` or else the config's ``embed.flip``, the batch size ``batch_size`` or else
+    ``embed.batch_size``, and the forward runs under the config's mixed precision (``train.amp``,
+    CUDA only).
 
-    Returns ``(embeddings, info)``: L2-normalised float32 rows (see :func:`extract_embeddings`)
-    and ``{"checkpoint", "model_fingerprint", "flip"}``.
+    Returns ``(embeddings, info)``: L2-normalised float32 rows and ``{"checkpoint",
+    "model_fingerprint", "flip"}``.
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(
         model, device if isinstance(device, torch.device) else resolve_device(device))
-    config = loaded.config
-    flip = flip or config.embed.flip
-    embeddings = extract_embeddings(
-        loaded.model, list(paths), config.data.image_size, loaded.device,
-        batch_size=batch_size or config.embed.batch_size, flip=flip, num_workers=num_workers,
-        amp_dtype=resolve_amp_dtype(config.train.amp, loaded.device), progress=progress,
-    )
+    flip = flip or loaded.flip
+    embeddings = loaded.embed(list(paths), flip=flip, batch_size=batch_size, num_workers=num_workers,
+                              progress=progress)
     return embeddings, {"checkpoint": loaded.checkpoint_path, "model_fingerprint": loaded.fingerprint, "flip": flip}
 
 

@@ -6,7 +6,7 @@ cheap.
 Layout: ``embeddings.npy`` (one row per image), ``manifest.csv`` (``row,path,identity``) and
 ``embed.json`` (model fingerprint, flip mode, counts, ...), written last, which lists the other
 two as its ``parts`` (size and SHA-256) so that a reader refuses a folder mixing two outputs
-(:func:`facepipe.utils.io.check_parts`).
+(:func:`facepipe.runtime.io.check_parts`).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from facepipe.errors import FacepipeUserError
-from facepipe.utils.io import MixedOutputError, check_parts
+from facepipe.runtime.io import MixedOutputError, check_parts
 
 __all__ = [
     "EMBEDDINGS_FILE",

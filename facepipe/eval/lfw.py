@@ -39,7 +39,7 @@ from facepipe.eval.verification import (
     evaluate_verification,
     score_missing_as_wrong,
 )
-from facepipe.utils.io import write_text_atomic
+from facepipe.runtime.io import write_text_atomic
 
 __all__ = [
     "EmbeddingTable",
@@ -125,8 +125,9 @@ def embed_files(
     this text ending the error (what to do instead)."""
     # torch is imported only here, so metric-only evaluation (precomputed embeddings) never
     # pays for it.
-    from facepipe.embed.extract import embed_paths, load_model
-    from facepipe.utils.device import resolve_device
+    from facepipe.embed.extract import embed_paths
+    from facepipe.runtime.device import resolve_device
+    from facepipe.runtime.model import load_model
 
     loaded = load_model(checkpoint, resolve_device(device))
     keys = list(keys)
@@ -147,7 +148,7 @@ def align_raw_images(checkpoint: str | os.PathLike, raw_root: str | os.PathLike,
     """Align the raw photos ``raw_root/key`` the way the checkpoint's model expects them (its
     config's ``align`` settings at its input size) into ``destination``; resumable."""
     from facepipe.align.job import align_images
-    from facepipe.train.checkpoint import checkpoint_config, load_checkpoint
+    from facepipe.runtime.checkpoint import checkpoint_config, load_checkpoint
 
     config = checkpoint_config(load_checkpoint(checkpoint), checkpoint)
     align_config = config.align.model_copy(update={"image_size": config.data.image_size})

@@ -19,7 +19,7 @@ Recognition at Scale", CVPR 2016, challenge 1):
   reported as not measured rather than guessed.
 
 Search is exact inner product on L2-normalised embeddings with FAISS (``IndexFlatIP``; sharded
-over all GPUs that faiss sees, see :mod:`facepipe.utils.faiss_device`, else on the CPU), over
+over all GPUs that faiss sees, see :mod:`facepipe.runtime.faiss_device`, else on the CPU), over
 chunks of the distractor set read from a memory-mapped ``.npy``, so a million 512-d distractors
 (2 GB) never have to sit in memory at once.
 
@@ -44,7 +44,7 @@ from facepipe.eval.lfw import EmbeddingTable, embed_files, load_embeddings_folde
 from facepipe.eval.lfw_pairs import parse_lfw_pairs
 from facepipe.eval.report import EvalReport, Table, format_percent, write_report
 from facepipe.eval.verification import EvalInputError, format_far, tail_roc
-from facepipe.utils.faiss_device import GPU_MAX_K, gpu_count, to_device
+from facepipe.runtime.faiss_device import GPU_MAX_K, gpu_count, to_device
 
 __all__ = [
     "DISTRACTOR_LEVELS",

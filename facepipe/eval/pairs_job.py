@@ -33,12 +33,13 @@ from pathlib import Path
 import numpy as np
 
 from facepipe.data.dataset import IMAGE_EXTENSIONS, DatasetError
-from facepipe.embed.extract import embed_paths, load_model
+from facepipe.embed.extract import embed_paths
 from facepipe.eval.lfw_pairs import lfw_image_name, parse_lfw_pairs
 from facepipe.eval.plots import plot_roc
 from facepipe.eval.verification import cosine_scores, evaluate_verification, read_pairs_csv
-from facepipe.utils.device import resolve_device
-from facepipe.utils.io import staged_files, write_csv_atomic, write_json_atomic
+from facepipe.runtime.device import resolve_device
+from facepipe.runtime.io import staged_files, write_csv_atomic, write_json_atomic
+from facepipe.runtime.model import load_model
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from facepipe.utils.io import atomic_write
+from facepipe.runtime.io import atomic_write
 
 __all__ = ["plot_cmc", "plot_roc", "plot_training_curves"]
 

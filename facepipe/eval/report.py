@@ -9,7 +9,7 @@ Each job writes one folder:
 * ``scores.csv`` (and any other tables): one row per scored pair or trial, so every number can
   be recomputed from the report alone.
 
-All files are written atomically and together (:mod:`facepipe.utils.io`): a report is never
+All files are written atomically and together (:mod:`facepipe.runtime.io`): a report is never
 half old, half new.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 
 from facepipe.eval.plots import plot_cmc, plot_roc
 from facepipe.eval.verification import SEPARATE_THRESHOLD, VerificationResult, format_far
-from facepipe.utils.io import staged_files, write_csv_atomic, write_json_atomic, write_text_atomic
+from facepipe.runtime.io import staged_files, write_csv_atomic, write_json_atomic, write_text_atomic
 
 __all__ = ["EvalReport", "Table", "format_percent", "verification_rows", "write_report"]
 
@@ -115,7 +115,7 @@ def write_report(out: str | os.PathLike, report: EvalReport) -> dict[str, Any]:
     """Write the report folder ``out``; return the metrics as written to ``metrics.json``.
 
     ``metrics.json`` gets a ``files`` entry listing what the folder holds. The report's files are
-    written together (:func:`facepipe.utils.io.staged_files`, ``metrics.json`` last): a failure
+    written together (:func:`facepipe.runtime.io.staged_files`, ``metrics.json`` last): a failure
     half-way (a plot, a full disk) leaves the previous report whole. Not the folder as a unit:
     it also keeps what the job put there (``aligned/``, ``distractor_embeddings/``).
     """

@@ -22,7 +22,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from facepipe.errors import FacepipeUserError
-from facepipe.utils.io import atomic_write
+from facepipe.runtime.io import atomic_write
 
 __all__ = [
     "EvalInputError",

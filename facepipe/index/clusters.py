@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from facepipe.utils.io import atomic_write
+from facepipe.runtime.io import atomic_write
 
 __all__ = [
     "ClusterAssignment",
@@ -151,7 +151,7 @@ def _normalise_rows(x: np.ndarray) -> np.ndarray:
 def _spherical_kmeans_centroids(x: np.ndarray, k: int, seed: int, niter: int) -> np.ndarray:
     import faiss
 
-    from facepipe.utils.faiss_device import kmeans_uses_gpu
+    from facepipe.runtime.faiss_device import kmeans_uses_gpu
 
     # Identities hold few points per centroid (l of them); FAISS would warn on every call. On the
     # CPU (gpu=False) this is the plain FAISS k-means; large identities go to the GPU.
@@ -212,7 +212,7 @@ def balanced_spherical_kmeans(
         cluster_size: target cluster size l; identity c gets ``clusters_per_identity(L_c, l)``
             clusters whose sizes are floor(L_c / K_c) or ceil(L_c / K_c).
         seed: FAISS k-means seed; the result is deterministic for a seed. Identities large
-            enough for the GPU (:func:`facepipe.utils.faiss_device.kmeans_uses_gpu`) are
+            enough for the GPU (:func:`facepipe.runtime.faiss_device.kmeans_uses_gpu`) are
             clustered there when faiss sees one; GPU float arithmetic may give slightly
             different modes than the CPU.
         niter: k-means iterations.

@@ -545,8 +545,9 @@ def _embed_search_images(index: ClusterIndex, checkpoint: str | os.PathLike, ima
                          queries: list[np.ndarray], align: bool | str, device: str, batch_size: int | None,
                          progress: bool) -> None:
     from facepipe.data.dataset import UnreadableImageError, decode_image
-    from facepipe.embed.extract import embed_paths, load_model
-    from facepipe.utils.device import resolve_device
+    from facepipe.embed.extract import embed_paths
+    from facepipe.runtime.device import resolve_device
+    from facepipe.runtime.model import load_model
 
     loaded = load_model(checkpoint, resolve_device(device))
     index.check_fingerprint(loaded.fingerprint)

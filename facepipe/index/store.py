@@ -29,7 +29,7 @@ Index kinds: ``flat`` (exact ``IndexFlatIP``), ``hnsw`` (``IndexHNSWFlat``, inne
 ``ivf`` (``IndexIVFFlat``, inner product, trained on the centroids, nlist = sqrt(K) by default),
 each wrapped in ``IndexIDMap2`` so that FAISS ids are the cluster ids of the database. Flat and
 IVF indexes are searched on all GPUs (replicated) when this faiss build sees any
-(:mod:`facepipe.utils.faiss_device`); HNSW stays on the CPU.
+(:mod:`facepipe.runtime.faiss_device`); HNSW stays on the CPU.
 
 Scores are log Eq. 10 scores (see :mod:`facepipe.index.knc`): ``min_m s_m - logsumexp`` of the
 other identities' retrieved similarities; an optional open-set threshold on the best score
@@ -65,8 +65,8 @@ from facepipe.index.knc import (
     choose_num_neighbours,
     knc_scores,
 )
-from facepipe.utils.faiss_device import GPU_MAX_K, gpu_count, to_device
-from facepipe.utils.io import check_writable_output, output_temp_folder, write_bytes_atomic, writing_output
+from facepipe.runtime.faiss_device import GPU_MAX_K, gpu_count, to_device
+from facepipe.runtime.io import check_writable_output, output_temp_folder, write_bytes_atomic, writing_output
 from facepipe.utils.names import check_identity_names, escape_controls
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ NEIGHBOURS_SOURCE_METHODS = ("tuned", "calibrated", "user", "default")
 DEFAULT_HNSW_M = 32
 DEFAULT_HNSW_EF_CONSTRUCTION = 80
 # FAISS GPU k-selection handles at most GPU_MAX_K neighbours (imported from
-# facepipe.utils.faiss_device); a larger N searches on the CPU copy.
+# facepipe.runtime.faiss_device); a larger N searches on the CPU copy.
 SEARCH_PURPOSE = "identity index search"
 SEARCH_CHUNK = 16384
 _FAISS_FILE = re.compile(r"^centroids\.(\d+)\.faiss$")
@@ -481,7 +481,7 @@ class ClusterIndex:
         ``cluster_identity`` [K]: index into ``identity_names`` of each centroid's identity;
         every name must be unique, non-empty and own at least one cluster. ``cluster_sizes``
         [K]: embeddings per cluster (0 = unknown, the default). ``fingerprint``: the model
-        that made the embeddings (:func:`facepipe.train.checkpoint.model_fingerprint`).
+        that made the embeddings (:func:`facepipe.runtime.checkpoint.model_fingerprint`).
         ``config``: cluster_size, num_neighbours (N of Eq. 10), unknown_threshold, and per kind
         nlist / nprobe (ivf), hnsw_m / ef_search / ef_construction (hnsw).
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from facepipe.utils.io import write_bytes_atomic, write_json_atomic
+from facepipe.runtime.io import write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +177,10 @@ def compute_readouts(spec, run_dir: str | Path, checkpoint: str | Path, sets: St
                      device: str = "auto") -> dict:
     """Embed every set with ``checkpoint`` and write ``readouts.json`` / ``readouts.npz`` into
     ``run_dir``; returns the JSON record."""
-    from facepipe.embed.extract import embed_paths, load_model
+    from facepipe.embed.extract import embed_paths
     from facepipe.eval.verification import best_threshold, cosine_scores
-    from facepipe.utils.device import resolve_device
+    from facepipe.runtime.device import resolve_device
+    from facepipe.runtime.model import load_model
 
     run_dir = Path(run_dir)
     started = time.perf_counter()

@@ -24,8 +24,8 @@ from typing import Any, Callable
 import numpy as np
 
 from facepipe.eval.bootstrap import bootstrap_weights, paired_difference, summarise, weighted_tar_at_far
+from facepipe.runtime.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 from facepipe.study.spec import PRETRAIN, StudySpec, slug
-from facepipe.utils.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 

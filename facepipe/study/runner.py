@@ -29,8 +29,8 @@ from typing import Any, Iterator
 
 from facepipe.config import Config
 from facepipe.errors import FacepipeUserError
+from facepipe.runtime.io import write_json_atomic
 from facepipe.study.spec import PRETRAIN, StudyRun, StudySpec, slug
-from facepipe.utils.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ KEPT_FILES = (RESULT, TRAIN_DONE, "readouts.json", "readouts.npz", "mechanisms.j
               "config.yaml", "class_stats.json", "uncertainty.json")
 # Config keys that may differ between the invocations of one run (they do not change the result).
 VOLATILE_KEYS = ("data.num_workers", "train.device", "train.log_every_steps", "output_dir", "data.root",
-                 "train.init_from", "embed.batch_size", "train.uncertainty.batch_size", "train.clusters.batch_size")
+                 "train.init_from", "embed.batch_size", "train.uncertainty.batch_size", "train.clusters.batch_size",
+                 "train.checkpoint_every_steps")  # exact resume makes mid-epoch checkpoints change nothing
 
 
 class StudyError(RuntimeError, FacepipeUserError):
@@ -436,7 +437,7 @@ class StudyRunner:
 
 def keep_init_weights(checkpoint: Path, target: Path) -> None:
     """Model and head of ``checkpoint`` (no optimizer state): what ``train.init_from`` reads."""
-    from facepipe.train.checkpoint import load_checkpoint, save_checkpoint
+    from facepipe.runtime.checkpoint import load_checkpoint, save_checkpoint
 
     state = load_checkpoint(checkpoint)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -449,7 +450,7 @@ def keep_fp16_backbone(checkpoint: Path, target: Path) -> None:
     ``facepipe embed``, ``eval`` and ``index`` load (weights go back to fp32 on loading)."""
     import torch
 
-    from facepipe.train.checkpoint import load_checkpoint, save_checkpoint
+    from facepipe.runtime.checkpoint import load_checkpoint, save_checkpoint
 
     state = load_checkpoint(checkpoint)
     small = {"model": {k: (v.half() if torch.is_tensor(v) and v.is_floating_point() else v)

@@ -18,10 +18,10 @@ import torch
 from facepipe.config import Config, ConfigError
 from facepipe.data.mnist import TensorImageDataset, imbalanced_subset, load_mnist, stratified_split
 from facepipe.eval.imbalance import imbalance_metrics
-from facepipe.train.checkpoint import BEST, load_checkpoint
+from facepipe.runtime.checkpoint import BEST, load_checkpoint
+from facepipe.runtime.device import autocast
+from facepipe.runtime.io import write_json_atomic
 from facepipe.train.trainer import Trainer
-from facepipe.utils.device import autocast
-from facepipe.utils.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import torch
 from facepipe.data.cluster_sampler import ClusterBatchSampler, LossCache
 from facepipe.index.clusters import ClusterAssignment, balanced_spherical_kmeans, format_margin_bounds
 from facepipe.losses.clmle import ClusterLossOutput, ClusterMarginLoss
-from facepipe.train.distributed import DistributedContext, broadcast_object, gather_rows
+from facepipe.runtime.distributed import DistributedContext, broadcast_object, gather_rows
 
 if TYPE_CHECKING:
     from facepipe.train.trainer import Trainer

@@ -29,16 +29,15 @@ from facepipe.data.recordio import open_training_dataset
 from facepipe.data.samplers import build_sampler
 from facepipe.data.stats import class_statistics
 from facepipe.data.transforms import build_train_transform
-from facepipe.embed.extract import embed_dataset, extract_embeddings
 from facepipe.errors import FacepipeUserError
 from facepipe.eval.pairs_job import PairsOnDisk, load_pairs
 from facepipe.eval.verification import cosine_scores, evaluate_verification
 from facepipe.losses import ARConvLHead, LSoftmaxHead, MarginHead, build_head
 from facepipe.losses.uncertainty import sum_margin_weights
 from facepipe.models import build_backbone
-from facepipe.train.batchnorm import apply_stage_batchnorm
-from facepipe.train.cluster_stage import CLUSTERS_FILE, ClusterStage
-from facepipe.train.distributed import (
+from facepipe.runtime.checkpoint import BEST, LATEST, copy_checkpoint, load_checkpoint, save_checkpoint
+from facepipe.runtime.device import autocast, resolve_amp_dtype
+from facepipe.runtime.distributed import (
     RankSlicedSampler,
     all_true,
     barrier,
@@ -47,14 +46,15 @@ from facepipe.train.distributed import (
     init_distributed,
     rank_slice,
 )
-from facepipe.train.checkpoint import BEST, LATEST, copy_checkpoint, load_checkpoint, save_checkpoint
+from facepipe.runtime.io import write_json_atomic, write_text_atomic, writing_output
+from facepipe.runtime.model import embed_dataset, extract_embeddings
+from facepipe.runtime.seed import rng_state, seed_everything, set_rng_state
+from facepipe.train.batchnorm import apply_stage_batchnorm
+from facepipe.train.cluster_stage import CLUSTERS_FILE, ClusterStage
 from facepipe.train.lr_schedule import lr_factor
 from facepipe.train.run_log import NullRunLog, RunLog
 from facepipe.train.stage_loss import build_stage_loss
 from facepipe.train.uncertainty_margins import refresh_margins
-from facepipe.utils.device import autocast, resolve_amp_dtype
-from facepipe.utils.io import write_json_atomic, write_text_atomic, writing_output
-from facepipe.utils.seed import rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ from facepipe.losses.uncertainty import (
     uncertainty_additive_margins,
     umm_integer_margins,
 )
-from facepipe.train.distributed import DistributedContext, gather_rows, rank_slice
-from facepipe.utils.device import autocast
-from facepipe.utils.io import atomic_write, write_json_atomic
+from facepipe.runtime.device import autocast
+from facepipe.runtime.distributed import DistributedContext, gather_rows, rank_slice
+from facepipe.runtime.io import atomic_write, write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,1 @@
-"""Small shared helpers: atomic file output, device selection, seeding."""
+"""Small shared helpers: identity names, folder walks, lazy package attributes."""

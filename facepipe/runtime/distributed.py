@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from facepipe.errors import UsageError
-from facepipe.utils.device import resolve_device
+from facepipe.runtime.device import resolve_device
 
 log = logging.getLogger(__name__)
 

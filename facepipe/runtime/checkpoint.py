@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from facepipe.errors import FacepipeUserError
-from facepipe.utils.io import atomic_write
+from facepipe.runtime.io import atomic_write
 
 FORMAT_VERSION = 1
 LATEST = "latest.pt"

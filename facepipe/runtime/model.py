@@ -1,0 +1,169 @@
+"""A checkpoint's backbone loaded for inference (:class:`LoadedModel`, :func:`load_model`) and the
+one forward pass that turns images into embeddings (flip fusion, mixed precision, L2
+normalisation): what every stage (embed, eval, index, the trainer's validation) runs a model with.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from tqdm import tqdm
+
+from facepipe.config import Config
+from facepipe.data.dataset import ImageListDataset
+from facepipe.data.transforms import build_eval_transform
+from facepipe.models import build_backbone
+from facepipe.runtime.checkpoint import (
+    CheckpointError,
+    checkpoint_config,
+    load_checkpoint,
+    load_weights,
+    model_fingerprint,
+)
+from facepipe.runtime.device import autocast, resolve_amp_dtype
+
+FLIP_MODES = ("sum", "concat", "none")
+
+
+def extract_embeddings(model: nn.Module, paths: Sequence[str], image_size: tuple[int, int], device: torch.device,
+                       **options: Any) -> np.ndarray:
+    """L2-normalised float32 embeddings of the image files ``paths``, in order; ``options`` are
+    :func:`embed_dataset`'s (batch_size, flip, num_workers, amp_dtype, progress)."""
+    return embed_dataset(model, ImageListDataset(paths, build_eval_transform(image_size)), device, **options)
+
+
+@torch.no_grad()
+def embed_dataset(
+    model: nn.Module,
+    images: Dataset,
+    device: torch.device,
+    batch_size: int = 128,
+    flip: str = "sum",
+    num_workers: int = 0,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = False,
+    normalize: bool = True,
+) -> np.ndarray:
+    """L2-normalised (``normalize=False``: raw) float32 embeddings of a dataset of ``(image,
+    position)`` items, in order.
+
+    Flip fusion: ``sum`` adds the embeddings of the image and its mirror, ``concat`` stacks them
+    (twice the dimension), ``none`` uses the image alone. The model is put in eval mode and
+    every module is restored to its previous mode afterwards.
+    """
+    if flip not in FLIP_MODES:
+        raise ValueError(f"unknown flip mode '{flip}'; choose one of {FLIP_MODES}")
+    # Per module, not model.train(was_training): a mid-epoch call (CLMLE re-clustering) must not
+    # switch a stage's frozen BatchNorm layers back to batch statistics.
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    chunks: list[torch.Tensor] = []
+    try:
+        for images, _ in tqdm(loader, desc="embed", unit="batch", disable=not progress, leave=False):
+            images = images.to(device, non_blocking=True)
+            if flip != "none":
+                # One forward over image and mirror together halves the number of launches.
+                both = torch.cat([images, images.flip(-1)])
+                with autocast(device, amp_dtype):
+                    out = model(both).float()
+                plain, mirrored = out.chunk(2)
+                feats = plain + mirrored if flip == "sum" else torch.cat([plain, mirrored], dim=1)
+            else:
+                with autocast(device, amp_dtype):
+                    feats = model(images).float()
+            chunks.append((nn.functional.normalize(feats, dim=1) if normalize else feats).cpu())
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+    if not chunks:
+        return np.zeros((0, 0), dtype=np.float32)
+    return torch.cat(chunks).numpy().astype(np.float32)
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint's backbone on its device, in eval mode, with what it was trained with: its
+    config (input size, flip fusion, mixed precision), identity list and weight fingerprint."""
+
+    model: nn.Module
+    config: Config
+    identities: list[str]
+    fingerprint: str
+    checkpoint_path: str
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) the images are read at: the config's ``data.image_size``."""
+        return self.config.data.image_size
+
+    @property
+    def flip(self) -> str:
+        """Flip fusion by default: the config's ``embed.flip``."""
+        return self.config.embed.flip
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """Autocast dtype of the forward: the config's ``train.amp`` on this device (CUDA only)."""
+        return resolve_amp_dtype(self.config.train.amp, self.device)
+
+    def embed(
+        self,
+        paths_or_array: Sequence[str] | np.ndarray | torch.Tensor,
+        flip: str | None = None,
+        batch_size: int | None = None,
+        num_workers: int = 0,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """L2-normalised float32 embeddings, one row per image, in order: of image files (read at
+        :attr:`input_size`) or of an already-preprocessed float array ``[N, C, H, W]`` (as the
+        eval transform makes them). Flip fusion is ``flip`` or else :attr:`flip`, the batch size
+        ``batch_size`` or else the config's ``embed.batch_size``; the forward runs under
+        :attr:`amp_dtype`."""
+        flip = flip or self.flip
+        batch_size = batch_size or self.config.embed.batch_size
+        if isinstance(paths_or_array, torch.Tensor) or (isinstance(paths_or_array, np.ndarray)
+                                                         and paths_or_array.dtype.kind not in "USO"):
+            images = torch.as_tensor(paths_or_array)
+            if not images.is_floating_point() or images.dim() != 4 \
+                    or tuple(images.shape[2:]) != tuple(self.input_size):
+                raise ValueError(f"images must be a float array [N, C, {self.input_size[0]}, {self.input_size[1]}] "
+                                 f"(the model's input size); got {images.dtype} {list(images.shape)}")
+            # float32, as the eval transform gives the image files
+            dataset = TensorDataset(images.to(torch.float32), torch.arange(len(images)))
+            return embed_dataset(self.model, dataset, self.device, batch_size, flip, num_workers, self.amp_dtype,
+                                 progress)
+        return extract_embeddings(self.model, list(paths_or_array), self.input_size, self.device,
+                                  batch_size=batch_size, flip=flip, num_workers=num_workers,
+                                  amp_dtype=self.amp_dtype, progress=progress)
+
+
+def _check_finite_weights(weights: dict, checkpoint: str | Path) -> None:
+    # One NaN weight makes every embedding NaN: each later stage would write, index and score
+    # NaN vectors (cosine NaN ranks as neither match nor mismatch) with exit status 0.
+    bad = [(name, int((~torch.isfinite(tensor)).sum())) for name, tensor in weights.items()
+           if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        shown = ", ".join(f"{name} ({count})" for name, count in bad[:3])
+        raise CheckpointError(f"checkpoint {checkpoint}: {len(bad)} weight tensor(s) hold NaN or infinite values "
+                              f"({shown}{' ...' if len(bad) > 3 else ''}); the run diverged before it was saved: "
+                              "use an earlier checkpoint")
+
+
+def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """Backbone from a training checkpoint (the head is not needed for embeddings)."""
+    state = load_checkpoint(checkpoint)
+    config = checkpoint_config(state, checkpoint)
+    model = build_backbone(config.model, config.data.image_size)
+    load_weights(model, state["model"], checkpoint)
+    _check_finite_weights(state["model"], checkpoint)
+    model.to(device).eval()
+    return LoadedModel(model, config, list(state["identities"]), model_fingerprint(state["model"]), str(checkpoint),
+                       torch.device(device))
