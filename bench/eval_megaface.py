@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from facepipe.eval.megaface import faiss_gpu_available, megaface_identification
+from facepipe.eval.megaface import megaface_identification
+from facepipe.runtime.faiss_device import gpu_count
 
 
 def write_distractors(path: Path, count: int, dim: int, seed: int, chunk: int = 65536) -> None:
@@ -95,7 +96,7 @@ def main() -> None:
         "probes": args.probes,
         "identities": args.identities,
         "dim": args.dim,
-        "faiss_gpu": faiss_gpu_available(),
+        "faiss_gpu": gpu_count() > 0,
         "generate_s": round(generate_s, 2),
         "wall_s": round(wall_s, 2),
         "search_s": round(result.search_seconds, 2),

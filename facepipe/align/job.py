@@ -411,3 +411,19 @@ def _align_locked(source: str | Path, base: Path, relative: list[str], destinati
         "last_run": {"processed": dict(counts), "skipped": skipped, "seconds": round(summary.seconds, 2)},
     })
     return summary
+
+
+def align_for_model(checkpoint: str | os.PathLike, raw_root: str | os.PathLike, keys: Sequence[str],
+                    destination: str | os.PathLike, progress: bool = True) -> Path:
+    """Align the raw photos ``raw_root/key`` the way a checkpoint's model expects them (its
+    config's ``align`` settings at its input size) into ``destination``; resumable. What
+    ``eval lfw --align`` and ``search`` do with raw photos."""
+    from facepipe.runtime.checkpoint import checkpoint_config, load_checkpoint
+
+    config = checkpoint_config(load_checkpoint(checkpoint), checkpoint)
+    align_config = config.align.model_copy(update={"image_size": config.data.image_size})
+    destination = Path(destination)
+    listing = destination / "images.txt"
+    write_text_atomic(listing, "".join(f"{key}\n" for key in keys))
+    align_images(listing, destination, align_config, root=raw_root, progress=progress)
+    return destination

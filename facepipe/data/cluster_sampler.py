@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from facepipe.runtime.faiss_device import GPU_MAX_K, to_device
+from facepipe.runtime.faiss_device import search_uses_gpu, to_device
 
 QUERY_MODES = ("hardest", "uniform")
 # The neighbour table keeps (NEIGHBOUR_FACTOR - 1) * M nearest clusters per cluster beyond those a
@@ -229,11 +229,8 @@ class ClusterBatchSampler(Sampler):
         needed = int(np.ceil(self.batch_size / self.draw_sizes.mean()))
         width = min(len(self.centroids), (NEIGHBOUR_FACTOR - 1) * self.clusters_per_batch + needed)
         index = faiss.IndexFlatIP(self.centroids.shape[1])
-        if width <= GPU_MAX_K:
-            index = to_device(index, purpose=NEIGHBOUR_PURPOSE)
-        else:
-            index = to_device(index, purpose=NEIGHBOUR_PURPOSE, use_gpu=False,
-                              cpu_reason=f"{width} neighbours exceed the GPU limit of {GPU_MAX_K}")
+        if search_uses_gpu(None, width, NEIGHBOUR_PURPOSE):
+            index = to_device(index, purpose=NEIGHBOUR_PURPOSE, use_gpu=True)
         index.add(self.centroids)
         _, neighbours = index.search(self.centroids, width)
         return neighbours.astype(np.int64)

@@ -143,22 +143,6 @@ def embed_files(
                           source={"checkpoint": str(checkpoint), "images": str(root)})
 
 
-def align_raw_images(checkpoint: str | os.PathLike, raw_root: str | os.PathLike, keys: Sequence[str],
-                     destination: str | os.PathLike, progress: bool = True) -> Path:
-    """Align the raw photos ``raw_root/key`` the way the checkpoint's model expects them (its
-    config's ``align`` settings at its input size) into ``destination``; resumable."""
-    from facepipe.align.job import align_images
-    from facepipe.runtime.checkpoint import checkpoint_config, load_checkpoint
-
-    config = checkpoint_config(load_checkpoint(checkpoint), checkpoint)
-    align_config = config.align.model_copy(update={"image_size": config.data.image_size})
-    destination = Path(destination)
-    listing = destination / "images.txt"
-    write_text_atomic(listing, "".join(f"{key}\n" for key in keys))
-    align_images(listing, destination, align_config, root=raw_root, progress=progress)
-    return destination
-
-
 def missing_error(
     what: str, missing: dict[str, str], num_affected: int, num_total: int, out: str | os.PathLike | None,
     unit: str = "pair",
@@ -259,7 +243,9 @@ def evaluate_lfw(
     if align:
         if images is None or checkpoint is None:
             raise EvalInputError("aligning raw images needs the images folder and a checkpoint")
-        images = align_raw_images(checkpoint, images, wanted, Path(out) / "aligned", progress=progress)
+        from facepipe.align.job import align_for_model
+
+        images = align_for_model(checkpoint, images, wanted, Path(out) / "aligned", progress=progress)
     # Crops made by `facepipe align` come with a manifest that says which images had no face.
     statuses = alignment_statuses(images) if images is not None else {}
 

@@ -18,33 +18,33 @@ Recognition at Scale", CVPR 2016, challenge 1):
   the FAR that tail covers (:func:`facepipe.eval.verification.tail_roc`), and a FAR beyond it is
   reported as not measured rather than guessed.
 
-Search is exact inner product on L2-normalised embeddings with FAISS (``IndexFlatIP``; sharded
-over all GPUs that faiss sees, see :mod:`facepipe.runtime.faiss_device`, else on the CPU), over
-chunks of the distractor set read from a memory-mapped ``.npy``, so a million 512-d distractors
-(2 GB) never have to sit in memory at once.
+Search is the index layer's exact chunked search (:func:`facepipe.index.flat_search.chunked_top_k`,
+through :func:`search_distractors`): inner product on L2-normalised embeddings with FAISS
+(``IndexFlatIP``; sharded over all GPUs that faiss sees, else on the CPU, as
+:func:`facepipe.runtime.faiss_device.search_uses_gpu` decides), over chunks of the distractor set
+read from a memory-mapped ``.npy``, so a million 512-d distractors (2 GB) never have to sit in
+memory at once; the levels are prefixes of the one search.
 
 A development version on real data (:func:`lfw_megaface_sets`): probes are the LFW View 1
 development-test people with 2+ images, distractors the images of every other LFW person.
 """
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import faiss
 import numpy as np
-from tqdm import tqdm
 
 from facepipe.embed.folder import is_embeddings_folder, load_npy
 from facepipe.eval.lfw import EmbeddingTable, embed_files, load_embeddings_folder
 from facepipe.eval.lfw_pairs import parse_lfw_pairs
 from facepipe.eval.report import EvalReport, Table, format_percent, write_report
 from facepipe.eval.verification import EvalInputError, format_far, tail_roc
-from facepipe.runtime.faiss_device import GPU_MAX_K, gpu_count, to_device
+from facepipe.index.flat_search import DEFAULT_CHUNK, chunked_top_k, unit_rows
+from facepipe.runtime.faiss_device import search_uses_gpu
 
 __all__ = [
     "DISTRACTOR_LEVELS",
@@ -52,41 +52,13 @@ __all__ = [
     "MegaFaceSets",
     "distractor_levels",
     "evaluate_megaface",
-    "faiss_gpu_available",
     "lfw_megaface_sets",
     "megaface_identification",
     "search_distractors",
 ]
 
 DISTRACTOR_LEVELS = (10, 100, 1_000, 10_000, 100_000, 1_000_000)
-DEFAULT_CHUNK = 65536
 SEARCH_PURPOSE = "megaface search"
-
-log = logging.getLogger(__name__)
-
-
-def faiss_gpu_available() -> bool:
-    """True when the installed faiss has GPU support and sees a GPU."""
-    return gpu_count() > 0
-
-
-def _search_on_gpu(use_gpu: bool | None, k: int) -> bool:
-    """Resolve ``use_gpu`` (None: when faiss sees a GPU) for a top-``k`` search."""
-    if use_gpu is None:
-        if not faiss_gpu_available():
-            return False
-        if k > GPU_MAX_K:
-            log.warning("%s keeps the top %d distractors per probe, more than FAISS GPU search returns (%d); "
-                        "searching on the CPU", SEARCH_PURPOSE, k, GPU_MAX_K)
-            return False
-        return True
-    if use_gpu:
-        if not faiss_gpu_available():
-            raise EvalInputError("FAISS GPU search requested, but faiss has no GPU support or sees no GPU")
-        if k > GPU_MAX_K:
-            raise EvalInputError(f"FAISS GPU search returns at most {GPU_MAX_K} neighbours per probe, but {k} "
-                                 "are needed (max_rank / impostor_top_k); search on the CPU instead")
-    return bool(use_gpu)
 
 
 def distractor_levels(available: int, levels: Sequence[int] = DISTRACTOR_LEVELS) -> list[int]:
@@ -100,86 +72,19 @@ def distractor_levels(available: int, levels: Sequence[int] = DISTRACTOR_LEVELS)
     return chosen
 
 
-def _unit_rows(block: np.ndarray, row_numbers: np.ndarray, what: str) -> np.ndarray:
-    block = np.ascontiguousarray(block, dtype=np.float32)
-    norms = np.linalg.norm(block, axis=1, keepdims=True)
-    bad = np.flatnonzero(~np.isfinite(norms[:, 0]) | (norms[:, 0] == 0))
-    if bad.size:
-        raise EvalInputError(f"{what}: {bad.size} embedding row(s) have zero norm or non-finite values "
-                             f"(first: row {int(row_numbers[bad[0]])})")
-    return block / norms
-
-
-def _merge_top(scores_a, ids_a, scores_b, ids_b, k):
-    scores = np.concatenate((scores_a, scores_b), axis=1)
-    ids = np.concatenate((ids_a, ids_b), axis=1)
-    if scores.shape[1] > k:
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        scores = np.take_along_axis(scores, part, axis=1)
-        ids = np.take_along_axis(ids, part, axis=1)
-    order = np.argsort(-scores, axis=1, kind="stable")
-    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
-
-
-def search_distractors(
-    probes: np.ndarray,
-    distractors: np.ndarray,
-    levels: Sequence[int],
-    k: int,
-    snapshot_k: int,
-    order: np.ndarray | None = None,
-    chunk_size: int = DEFAULT_CHUNK,
-    use_gpu: bool | None = None,
-    progress: bool = True,
-) -> tuple[dict[int, np.ndarray], np.ndarray, np.ndarray]:
-    """Top-k inner-product search of unit ``probes`` over growing prefixes of ``distractors``.
-
-    ``order`` (default: file order) is the order in which distractors join the gallery; the
-    gallery of level D is ``order[:D]``. Distractor rows are read chunk by chunk (sorted within
-    a chunk, so a memory map is read sequentially), normalised, searched with a FAISS flat IP
-    index, and merged into each probe's running top-k.
+def search_distractors(probes: np.ndarray, distractors: np.ndarray, levels: Sequence[int], k: int, snapshot_k: int,
+                       **options: Any) -> tuple[dict[int, np.ndarray], np.ndarray, np.ndarray]:
+    """Top-k search of unit ``probes`` over growing prefixes of ``distractors`` (the levels):
+    :func:`facepipe.index.flat_search.chunked_top_k` with the distractors as the gallery, logged
+    as the megaface search, and input problems raised as :class:`EvalInputError`. ``options``:
+    ``order`` (default: file order), ``chunk_size``, ``use_gpu``, ``progress``, as there.
 
     Returns ``(top_at_level, top_scores, top_rows)``: for each level D the (P, snapshot_k)
-    highest scores among the first D distractors (descending, -inf where fewer exist), and the
-    final (P, k) top scores and their distractor row numbers over all distractors.
+    highest scores among the first D distractors of ``order``, and the final (P, k) top scores
+    and their distractor row numbers over all distractors.
     """
-    num = int(distractors.shape[0])
-    dim = int(distractors.shape[1])
-    if probes.ndim != 2 or probes.shape[1] != dim:
-        raise EvalInputError(f"probe embeddings have shape {probes.shape}; distractors have dimension {dim}")
-    order = np.arange(num) if order is None else np.asarray(order)
-    levels = sorted(int(d) for d in levels)
-    if not levels or levels[-1] > num or levels[0] < 1:
-        raise ValueError(f"levels must lie in [1, {num}], got {levels}")
-    if snapshot_k > k:
-        raise ValueError(f"snapshot_k ({snapshot_k}) must not exceed k ({k})")
-    use_gpu = _search_on_gpu(use_gpu, k)
-    probes = np.ascontiguousarray(probes, dtype=np.float32)
-    # Sharded over the GPUs: each holds a slice of a chunk; reset() before every add() keeps the
-    # sharded index's add-once rule and the chunk-local row numbers.
-    index = to_device(faiss.IndexFlatIP(dim), shard=True, purpose=SEARCH_PURPOSE, use_gpu=use_gpu)
-
-    top_s = np.full((probes.shape[0], k), -np.inf, dtype=np.float32)
-    top_i = np.full((probes.shape[0], k), -1, dtype=np.int64)
-    snapshots: dict[int, np.ndarray] = {}
-    # Chunk ends fall on every level, so each level's top list is a snapshot between chunks.
-    ends = sorted(set(levels) | set(range(chunk_size, levels[-1], chunk_size)))
-    start = 0
-    with tqdm(total=levels[-1], desc="search distractors", unit="img", unit_scale=True,
-              disable=not progress, leave=False) as bar:
-        for stop in ends:
-            rows = np.sort(order[start:stop])
-            block = _unit_rows(distractors[rows], rows, "distractors")
-            index.reset()
-            index.add(block)
-            found_s, found_local = index.search(probes, min(k, rows.size))
-            top_s, top_i = _merge_top(top_s, top_i, found_s, rows[found_local], k)
-            if stop in levels:
-                snapshots[stop] = top_s[:, :snapshot_k].copy()
-            bar.update(stop - start)
-            start = stop
-    index.reset()
-    return snapshots, top_s, top_i
+    return chunked_top_k(probes, distractors, levels, k, snapshot_k, purpose=SEARCH_PURPOSE, error=EvalInputError,
+                         what=("probe embeddings", "distractors"), **options)
 
 
 @dataclass(eq=False)
@@ -276,7 +181,7 @@ def megaface_identification(
     kept = np.flatnonzero(counts[ident] >= 2)
     if kept.size == 0:
         raise EvalInputError("no probe identity has 2 or more images")
-    probes = _unit_rows(emb[kept], kept, "probes")
+    probes = unit_rows(emb[kept], "probes", EvalInputError, row_numbers=kept)
     kept_ident = ident[kept]
     num_distractors = int(distractors.shape[0])
     levels = distractor_levels(num_distractors, levels)
@@ -284,9 +189,10 @@ def megaface_identification(
     order = np.random.default_rng(seed).permutation(num_distractors)
 
     started = time.perf_counter()
-    used_gpu = _search_on_gpu(use_gpu, k)
+    used_gpu = search_uses_gpu(use_gpu, k, SEARCH_PURPOSE, error=EvalInputError,
+                               k_source="max_rank / impostor_top_k")
     snapshots, top_s, top_i = search_distractors(probes, distractors, levels, k, max_rank, order=order,
-                                                 chunk_size=chunk_size, use_gpu=used_gpu, progress=progress)
+                                                 chunk_size=chunk_size, use_gpu=use_gpu, progress=progress)
     search_seconds = time.perf_counter() - started
 
     # Genuine scores within each identity: ordered pairs are identification trials, unordered

@@ -14,6 +14,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from facepipe.embed.folder import MANIFEST_FILE, EmbeddingsFolder
+from facepipe.index.flat_search import unit_rows
 from facepipe.index.knc import DEFAULT_NUM_NEIGHBOURS_GRID, choose_num_neighbours
 from facepipe.index.store import (
     DEFAULT_CLUSTER_SIZE,
@@ -21,9 +22,8 @@ from facepipe.index.store import (
     ClusterIndex,
     ClusterIndexError,
     EmptyGalleryError,
-    _check_names,
-    _unit_rows,
     check_index_destination,
+    check_index_names,
 )
 from facepipe.utils.names import check_identity_names
 from facepipe.utils.walk import walk_tree
@@ -235,13 +235,13 @@ def build_index_from_embeddings(
     from facepipe.index.clusters import balanced_spherical_kmeans
 
     check_index_destination(folder, overwrite)  # before the clustering, not after it
-    x = _unit_rows(embeddings, "embeddings")
+    x = unit_rows(embeddings, "embeddings", ClusterIndexError)
     names = [str(label) for label in (labels.tolist() if isinstance(labels, np.ndarray) else labels)]
     if len(names) != len(x):
         raise ClusterIndexError(f"{len(names)} labels for {len(x)} embeddings (one label per row)")
     if not len(x):
         raise EmptyGalleryError("cannot build an index from zero embeddings: the gallery is empty")
-    _check_names(names)
+    check_index_names(names)
     unique, codes = np.unique(np.array(names, dtype=object), return_inverse=True)
     assignment = balanced_spherical_kmeans(x, codes.astype(np.int64), cluster_size, seed=seed, niter=niter,
                                            progress=progress)
@@ -446,7 +446,7 @@ def _align_photos(checkpoint: str | os.PathLike, photos: Sequence[Path], workdir
     """Align raw photos the way the checkpoint's model expects (its config's ``align`` section
     at its input size, as ``facepipe eval lfw --align`` does); (status, crop or None) each."""
     from facepipe.align.manifest import USABLE_STATUSES, read_manifest
-    from facepipe.eval.lfw import align_raw_images
+    from facepipe.align.job import align_for_model
 
     # Links under numbered folders give every photo a unique relative path in one root.
     raw = workdir / "raw"
@@ -459,7 +459,7 @@ def _align_photos(checkpoint: str | os.PathLike, photos: Sequence[Path], workdir
         except OSError:
             shutil.copyfile(photo, raw / key)
         keys.append(key)
-    aligned = align_raw_images(checkpoint, raw, keys, workdir / "aligned", progress=progress)
+    aligned = align_for_model(checkpoint, raw, keys, workdir / "aligned", progress=progress)
     rows = {}
     for manifest in sorted(aligned.glob("manifest*.jsonl")):
         rows.update({row["path"]: row for row in read_manifest(manifest)})

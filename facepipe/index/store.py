@@ -56,6 +56,7 @@ import faiss
 import numpy as np
 
 from facepipe.errors import FacepipeUserError
+from facepipe.index.flat_search import unit_rows
 from facepipe.index.knc import (
     DEFAULT_NUM_NEIGHBOURS_GRID,
     KNCResult,
@@ -81,6 +82,7 @@ __all__ = [
     "SearchResult",
     "UnknownIdentityError",
     "check_index_destination",
+    "check_index_names",
 ]
 
 FORMAT_VERSION = 1
@@ -394,20 +396,6 @@ def _describe_source(record: dict, generation: int) -> str:
     return text
 
 
-def _unit_rows(x: np.ndarray, what: str) -> np.ndarray:
-    x = np.asarray(x)
-    if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
-        raise ClusterIndexError(f"{what} must be a 2-D numeric array [rows, dim], got shape {list(x.shape)}")
-    x = x.astype(np.float32)
-    if not np.isfinite(x).all():
-        raise ClusterIndexError(f"{what} contain non-finite values (NaN or inf)")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if (norms == 0).any():
-        raise ClusterIndexError(f"{what} contain zero vectors, which have no direction on the hypersphere")
-    # Eq. 10 compares inner products of unit vectors: normalise whatever comes in.
-    return np.ascontiguousarray(x / norms, dtype=np.float32)
-
-
 # --------------------------------------------------------------------------------------------
 # The index
 # --------------------------------------------------------------------------------------------
@@ -514,7 +502,7 @@ class ClusterIndex:
         if source.get("method") not in NEIGHBOURS_SOURCE_METHODS:
             raise ClusterIndexError(f"num_neighbours_source method {source.get('method')!r} is not one of "
                                     f"{', '.join(NEIGHBOURS_SOURCE_METHODS)}")
-        vectors = _unit_rows(centroids, "centroids")
+        vectors = unit_rows(centroids, "centroids", ClusterIndexError)
         num_clusters, dim = vectors.shape
         if num_clusters == 0 or dim == 0:
             raise EmptyGalleryError(f"cannot build an index of {num_clusters} clusters of dimension {dim}: "
@@ -526,7 +514,7 @@ class ClusterIndex:
                                     f"shape {list(owner.shape)} dtype {owner.dtype}")
         if owner.min() < 0 or owner.max() >= len(names):
             raise ClusterIndexError(f"cluster_identity must index identity_names (0..{len(names) - 1})")
-        _check_names(names)
+        check_index_names(names)
         if len(set(names)) != len(names):
             duplicated = sorted({n for n in names if names.count(n) > 1})
             raise ClusterIndexError(f"identity names must be unique; repeated: {', '.join(duplicated[:10])}")
@@ -795,7 +783,7 @@ class ClusterIndex:
         if queries.ndim == 2 and queries.shape[1] != self.dim:
             raise DimensionMismatchError(f"queries have dimension {queries.shape[1]} but the index {self.folder} "
                                          f"holds {self.dim}-d centroids")
-        return _unit_rows(queries, "queries")
+        return unit_rows(queries, "queries", ClusterIndexError)
 
     def retrieve(self, queries: np.ndarray, num_neighbours: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``num_neighbours`` nearest clusters of each query, most similar first:
@@ -1009,18 +997,18 @@ class ClusterIndex:
         if x.ndim == 2 and x.shape[1] != self.dim:
             raise DimensionMismatchError(f"embeddings have dimension {x.shape[1]} but the index {self.folder} "
                                          f"holds {self.dim}-d centroids")
-        x = _unit_rows(x, "embeddings")
+        x = unit_rows(x, "embeddings", ClusterIndexError)
         names = [str(name) for name in identity_names]
         if len(names) != len(x):
             raise ClusterIndexError(f"{len(names)} identity names for {len(x)} embeddings (one name per row)")
         if not len(x):
             raise ClusterIndexError("nothing to add: no embeddings")
-        _check_names(names)
+        check_index_names(names)
         cluster_size = int(cluster_size or self.config.get("cluster_size") or DEFAULT_CLUSTER_SIZE)
         unique, codes = np.unique(np.array(names, dtype=object), return_inverse=True)
         assignment = balanced_spherical_kmeans(x, codes.astype(np.int64), cluster_size, seed=seed, niter=niter,
                                                progress=progress)
-        centroids = _unit_rows(assignment.centroids, "centroids")
+        centroids = unit_rows(assignment.centroids, "centroids", ClusterIndexError)
         owners = [str(unique[c]) for c in assignment.cluster_identity.tolist()]
         sizes = assignment.cluster_sizes()
         summary: dict[str, Any] = {}
@@ -1069,7 +1057,9 @@ class ClusterIndex:
         return summary
 
 
-def _check_names(names: Sequence[str]) -> None:
+def check_index_names(names: Sequence[str]) -> None:
+    """Raise :class:`ClusterIndexError` unless every identity name is non-empty, has no
+    surrounding spaces and passes :func:`facepipe.utils.names.check_identity_names`."""
     bad = [name for name in names if not name or name != name.strip()]
     if bad:
         raise ClusterIndexError(f"identity names must be non-empty and without surrounding spaces; got "

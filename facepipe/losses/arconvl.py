@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from facepipe.losses.imbalance import class_counts_tensor
-from facepipe.losses.margin_heads import _float32_only
+from facepipe.runtime.device import float32_region
 
 __all__ = [
     "ARConvLHead",
@@ -178,7 +178,7 @@ class ARConvLHead(nn.Module):
         class-centre part (1/k) sum_j -log p(C_j); and, detached, ``beta`` (Eq. 5), ``sigma2``
         (Eq. 7), ``r_ben`` (Eq. 3), ``r_upp`` (Eq. 4).
         """
-        with _float32_only(features.device.type):
+        with float32_region(features.device.type):
             f, centers = self._inputs(features, labels)
             y = labels.long()
             n = f.shape[0]
@@ -234,7 +234,7 @@ class ARConvLHead(nn.Module):
     def scores(self, features: Tensor, use_prior: bool = False) -> Tensor:
         """Class scores [B, C] whose argmax is the prediction: -d^2(f, C_j), plus log eta_j with
         ``use_prior`` (the literal argmax of p(x in j), module docstring)."""
-        with _float32_only(features.device.type), torch.no_grad():
+        with float32_region(features.device.type), torch.no_grad():
             f, centers = self._inputs(features)
             out = -_squared_distances(f, centers)
             if use_prior:

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from facepipe.losses.margin_heads import _float32_only
+from facepipe.runtime.device import float32_region
 
 __all__ = ["OWN_CENTROID_MODES", "ClusterLossOutput", "ClusterMarginLoss", "cost_sensitive_weights"]
 
@@ -141,7 +141,7 @@ class ClusterMarginLoss(nn.Module):
         if stored_centroids is not None and stored_centroids.shape != features.shape:
             raise ValueError(f"stored_centroids must have the features' shape {list(features.shape)} "
                              f"(one row per sample), got {list(stored_centroids.shape)}")
-        with _float32_only(features.device.type):
+        with float32_region(features.device.type):
             f = F.normalize(features.float(), dim=1)
             clusters, own = torch.unique(cluster_ids, return_inverse=True)
             members = F.one_hot(own, len(clusters)).to(f.dtype)  # [B, M]

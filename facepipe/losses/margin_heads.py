@@ -15,7 +15,6 @@ implements (Khan et al., "Striking the Right Balance with Uncertainty", CVPR 201
 from __future__ import annotations
 
 import abc
-import contextlib
 import inspect
 import math
 from typing import Sequence, Union
@@ -23,6 +22,8 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from facepipe.runtime.device import float32_region
 
 __all__ = [
     "MarginHead",
@@ -51,15 +52,6 @@ _NORM_EPS = 1e-12
 class UnknownParameterError(TypeError, ValueError):
     """A head was given a keyword it does not take (both a TypeError and a ValueError, so
     config validation code catching either sees it)."""
-
-
-def _float32_only(device_type: str):
-    # Under autocast, matmuls would silently run in fp16/bf16; the margin arithmetic
-    # (acos, Chebyshev polynomials, s = 64 scaling) is not safe at that precision.
-    try:
-        return torch.autocast(device_type=device_type, enabled=False)
-    except (RuntimeError, ValueError):  # device type without autocast support
-        return contextlib.nullcontext()
 
 
 class MarginHead(nn.Module, metaclass=abc.ABCMeta):
@@ -204,12 +196,12 @@ class SoftmaxHead(MarginHead):
 
     def forward(self, embeddings: Tensor, labels: Tensor, margin_weight: Tensor | None = None) -> Tensor:
         # labels (and margin weights) are accepted for interface symmetry; there is no margin.
-        with _float32_only(embeddings.device.type):
+        with float32_region(embeddings.device.type):
             f, w = self._inputs(embeddings, labels)
             return f @ w.t()
 
     def inference_logits(self, embeddings: Tensor) -> Tensor:
-        with _float32_only(embeddings.device.type):
+        with float32_region(embeddings.device.type):
             f, w = self._inputs(embeddings)
             return f @ w.t()
 
@@ -236,11 +228,11 @@ class PrototypeHead(MarginHead):
         return -squared.clamp_min(0.0)
 
     def forward(self, embeddings: Tensor, labels: Tensor, margin_weight: Tensor | None = None) -> Tensor:
-        with _float32_only(embeddings.device.type):
+        with float32_region(embeddings.device.type):
             return self._negative_squared_distances(embeddings, labels)
 
     def inference_logits(self, embeddings: Tensor) -> Tensor:
-        with _float32_only(embeddings.device.type):
+        with float32_region(embeddings.device.type):
             return self._negative_squared_distances(embeddings)
 
     def extra_repr(self) -> str:
@@ -264,7 +256,7 @@ class _NormalizedHead(MarginHead):
 
     def inference_logits(self, embeddings: Tensor) -> Tensor:
         """s cos(theta_j): the training logits with every margin set to zero."""
-        with _float32_only(embeddings.device.type):
+        with float32_region(embeddings.device.type):
             return self.s * self._cosine(embeddings)
 
     def extra_repr(self) -> str:
@@ -292,7 +284,7 @@ class CosFaceHead(_NormalizedHead):
         super().__init__(num_classes, embedding_size, s=s, m=m, weight=weight)
 
     def forward(self, embeddings: Tensor, labels: Tensor, margin_weight: Tensor | None = None) -> Tensor:
-        with _float32_only(embeddings.device.type):
+        with float32_region(embeddings.device.type):
             cos = self._cosine(embeddings, labels)
             y = labels.long().unsqueeze(1)
             target = cos.gather(1, y) - self._sample_margins(labels, margin_weight).unsqueeze(1)
@@ -320,7 +312,7 @@ class ArcFaceHead(_NormalizedHead):
         super().__init__(num_classes, embedding_size, s=s, m=m, weight=weight)
 
     def forward(self, embeddings: Tensor, labels: Tensor, margin_weight: Tensor | None = None) -> Tensor:
-        with _float32_only(embeddings.device.type):
+        with float32_region(embeddings.device.type):
             cos = self._cosine(embeddings, labels)
             y = labels.long().unsqueeze(1)
             m = self._sample_margins(labels, margin_weight)
@@ -469,7 +461,7 @@ class LSoftmaxHead(MarginHead):
         Khan et al. Eq. 15, whose printed form would pull a confident correct sample's target logit
         to zero, against the paper's statement that zero uncertainty with m = 1 is plain softmax.
         F = 0 gives softmax, F = 1 the full class margin."""
-        with _float32_only(embeddings.device.type):
+        with float32_region(embeddings.device.type):
             f, w = self._inputs(embeddings, labels)
             w = self._weight(w)
             logits = f @ w.t()
@@ -489,7 +481,7 @@ class LSoftmaxHead(MarginHead):
 
     def inference_logits(self, embeddings: Tensor) -> Tensor:
         """||w_j|| ||f|| cos theta_j (w normalised for SphereFace), no margin."""
-        with _float32_only(embeddings.device.type):
+        with float32_region(embeddings.device.type):
             f, w = self._inputs(embeddings)
             return f @ self._weight(w).t()
 

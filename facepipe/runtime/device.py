@@ -47,3 +47,17 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def float32_region(device_type: str):
+    """A region where autocast is off, so its matmuls run in the precision of their inputs.
+
+    For numerically sensitive arithmetic inside an autocast region, such as the margin heads'
+    (acos, Chebyshev polynomials, scaling by s = 64) and the margin losses built on them: under
+    autocast their matmuls would silently run in fp16/bf16, which that arithmetic does not
+    tolerate. Cast the inputs to float32 inside. A no-op context for a device type without
+    autocast support."""
+    try:
+        return torch.autocast(device_type=device_type, enabled=False)
+    except (RuntimeError, ValueError):  # device type without autocast support
+        return contextlib.nullcontext()

@@ -1,18 +1,23 @@
 """Where FAISS runs: on every GPU that the installed faiss sees, or on the CPU.
 
 One place decides it for every FAISS user in facepipe (cluster k-means, the cluster-sampler
-neighbour table, the identity index, MegaFace distractor search):
+neighbour table, the identity index, the chunked gallery search of
+:mod:`facepipe.index.flat_search` behind MegaFace's distractor search):
 
 * :func:`gpu_count`: GPUs visible to faiss; 0 with a CPU-only build (``faiss-cpu`` has no
   ``StandardGpuResources``) or when CUDA reports no device.
 * :func:`to_device`: a CPU index cloned onto all those GPUs (replicated: every GPU holds the whole
   index and gets a share of the queries; or, with ``shard=True``, sharded: every GPU holds a slice
   of the vectors, for galleries too large for one GPU), or the CPU index itself.
+* :func:`search_uses_gpu`: whether a top-k search (``use_gpu`` None / True / False) runs on the
+  GPU: not for more than :data:`GPU_MAX_K` neighbours per query, which FAISS GPU search cannot
+  return (a warning and the CPU when the choice was left open, an error when the GPU was asked
+  for).
 * :func:`kmeans_uses_gpu`: the ``gpu`` argument for ``faiss.Kmeans``.
 
-Each decision is logged once per purpose at INFO, e.g. ``faiss: megaface search on CPU (no GPU
-visible to faiss)`` or ``faiss: megaface search on 4 GPUs, sharded``, so a log shows which path
-a run took.
+Each decision is logged once per purpose at INFO (a search kept on the CPU for its k, at
+WARNING), e.g. ``faiss: megaface search on CPU (no GPU visible to faiss)`` or ``faiss: megaface
+search on 4 GPUs, sharded``, so a log shows which path a run took.
 
 Several processes (torchrun, one per GPU): each process keeps its FAISS indexes on its own CUDA
 device rather than on all GPUs, and k-means stays on the CPU, so that no process puts a CUDA
@@ -26,6 +31,8 @@ import threading
 
 import faiss
 
+from facepipe.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -33,6 +40,7 @@ __all__ = [
     "KMEANS_GPU_MIN_WORK",
     "gpu_count",
     "kmeans_uses_gpu",
+    "search_uses_gpu",
     "to_device",
 ]
 
@@ -130,6 +138,41 @@ def to_device(index, shard: bool = False, purpose: str = "", *, use_gpu: bool | 
     layout = "" if count == 1 else (", sharded" if shard else ", replicated")
     _log_once(f"faiss: {what} on {_plural(count)}{layout}")
     return moved
+
+
+def search_uses_gpu(use_gpu: bool | None, k: int, purpose: str = "search", *,
+                    error: type[Exception] = UsageError, k_source: str | None = None) -> bool:
+    """Whether a search for the top ``k`` neighbours of each query runs on the GPU.
+
+    ``use_gpu``: None: on the GPU when faiss sees one and ``k`` is at most :data:`GPU_MAX_K`
+    (beyond it FAISS GPU search returns nothing: a warning, and the CPU); True: the GPU, and
+    ``error`` when faiss sees none or ``k`` exceeds :data:`GPU_MAX_K`; False: the CPU.
+
+    A CPU decision is logged here, once per purpose and reason, as :func:`to_device` logs its
+    own; so when this returns True, place the index with ``to_device(..., use_gpu=True)``, and
+    when it returns False, keep the CPU index as it is. ``k_source`` names the settings that set
+    ``k``, for the error message (e.g. ``"max_rank / impostor_top_k"``).
+    """
+    what = purpose or "search"
+    if use_gpu is None:
+        if gpu_count() == 0:
+            _log_once(f"faiss: {what} on CPU (no GPU visible to faiss)")
+            return False
+        if k > GPU_MAX_K:
+            _log_once(f"faiss: {what} on CPU (the top {k} neighbours per query are more than FAISS GPU search "
+                      f"returns, {GPU_MAX_K})", logging.WARNING)
+            return False
+        return True
+    if not use_gpu:
+        _log_once(f"faiss: {what} on CPU (GPU use turned off)")
+        return False
+    if gpu_count() == 0:
+        raise error("FAISS GPU search requested, but faiss has no GPU support or sees no GPU")
+    if k > GPU_MAX_K:
+        source = f" ({k_source})" if k_source else ""
+        raise error(f"FAISS GPU search returns at most {GPU_MAX_K} neighbours per query, but {k} are "
+                    f"needed{source}; search on the CPU instead")
+    return True
 
 
 def kmeans_uses_gpu(num_points: int | None = None, num_clusters: int | None = None,
