@@ -1,9 +1,10 @@
 """The embedding trainer: one loop for every schedule of heads, on CPU or CUDA.
 
-A run is a list of stages (Khan et al. Sec. 6.1.1 trains softmax before the margin losses; Huang et al.
-Sec. 3.3 clusters the features of a softmax-pretrained model), each a number of epochs with one
-classification head. Heads share one classifier weight, so a stage switch keeps the learned class
-centres and their optimizer state. Checkpoints hold everything needed to continue exactly.
+A run is a list of stages, each a number of epochs with one classification head and loss. Heads
+share one classifier weight, so a stage switch keeps the learned class centres and their optimizer
+state. What a method adds to the loop (its head, parameter groups, sampler, step loss, schedules,
+state) comes from its plug-in (:mod:`facepipe.train.plugins`), which sees a narrow view of the run,
+not the trainer. Checkpoints hold everything needed to continue exactly.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -32,8 +32,7 @@ from facepipe.data.transforms import build_train_transform
 from facepipe.errors import FacepipeUserError
 from facepipe.eval.pairs_job import PairsOnDisk, load_pairs
 from facepipe.eval.verification import cosine_scores, evaluate_verification
-from facepipe.losses import ARConvLHead, LSoftmaxHead, MarginHead, build_head
-from facepipe.losses.uncertainty import sum_margin_weights
+from facepipe.losses import build_head
 from facepipe.models import build_backbone
 from facepipe.runtime.checkpoint import BEST, LATEST, copy_checkpoint, load_checkpoint, save_checkpoint
 from facepipe.runtime.device import autocast, resolve_amp_dtype
@@ -50,11 +49,11 @@ from facepipe.runtime.io import write_json_atomic, write_text_atomic, writing_ou
 from facepipe.runtime.model import embed_dataset, extract_embeddings
 from facepipe.runtime.seed import rng_state, seed_everything, set_rng_state
 from facepipe.train.batchnorm import apply_stage_batchnorm
-from facepipe.train.cluster_stage import CLUSTERS_FILE, ClusterStage
 from facepipe.train.lr_schedule import lr_factor
+from facepipe.train.plugins.base import PluginContext, StepBatch, TrainerPlugin
+from facepipe.train.plugins.registry import build_plugins, plugin_run_files, plugins_for
 from facepipe.train.run_log import NullRunLog, RunLog
 from facepipe.train.stage_loss import build_stage_loss
-from facepipe.train.uncertainty_margins import refresh_margins
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +61,8 @@ log = logging.getLogger(__name__)
 MAX_CONSECUTIVE_NONFINITE = 20
 # What a run writes into its folder (results.json: facepipe classify). A new run removes them
 # first, so that its log and files never mix with an earlier run's; other files are left alone.
-RUN_FILES = (LATEST, BEST, "metrics.jsonl", "tensorboard", "config.yaml", "class_stats.json", CLUSTERS_FILE,
-             "uncertainty.json", "uncertainty.png", "results.json")
+RUN_FILES = (LATEST, BEST, "metrics.jsonl", "tensorboard", "config.yaml", "class_stats.json", *plugin_run_files(),
+             "results.json")
 
 
 class TrainingError(RuntimeError, FacepipeUserError):
@@ -220,8 +219,7 @@ class Trainer:
         if config.train.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, config.train.max_steps_per_epoch)
         self.total_steps = self.steps_per_epoch * config.train.total_epochs
-        self.cluster_stage: ClusterStage | None = None  # the CLMLE state while a clmle stage runs
-        self._saved_cluster_stage: dict[str, Any] | None = None
+        self._plugin_sampler: Any = None  # a plug-in's batch sampler in use (None: the epoch sampler)
         self._use_epoch_sampler()
 
         self.model = build_backbone(config.model, config.data.image_size).to(self.device)
@@ -231,14 +229,14 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.stage_index = 0
         self.class_counts = np.bincount(self.dataset.labels, minlength=self.dataset.num_classes).tolist()
-        # Steps annealed so far by margin-product heads (L-Softmax / SphereFace lambda): run state,
-        # so a stage switch continues the schedule instead of restarting it (see _start_annealing).
-        self.anneal_step = 0
-        self.head = self._build_head(0, weight=None)
-        self._start_annealing(0)
-        self.loss_fn, self.drw = self._build_loss(0)
+        self.run_log: RunLog | NullRunLog = NullRunLog()  # fit() opens the run's log
+        # Every registered plug-in, by name; those that shape the current stage, in hook order.
+        self.plugins: dict[str, TrainerPlugin] = build_plugins(self._plugin_context())
+        self._active = self._stage_plugins(0)
+        self.head = self._build_head(weight=None)
+        self.loss_fn = self._build_loss()
         self.optimizer = self._build_optimizer()
-        # One rule per parameter group: the main schedule, or a head's own (ARConvL radii).
+        # One rule per parameter group: the main schedule, or a plug-in's own.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, [self._lr_rule(group, 0) for group in self.optimizer.param_groups]
         )
@@ -254,7 +252,7 @@ class Trainer:
         self.best_epoch: int | None = None
         self.nonfinite_steps = 0
         self.last_metrics: dict[str, Any] = {}
-        self.head_stats: dict[str, float] = {}  # per-step diagnostics of heads that compute their loss
+        self.step_stats: dict[str, float] = {}  # per-step diagnostics of a plug-in's step loss
         self.clip_stats: dict[str, float] = {}  # per clipping group: gradient norm and clip factor of the last step
         self.validator = validator if validator is not None else self._pairs_validator()
         if resume:
@@ -262,7 +260,8 @@ class Trainer:
         else:
             if config.train.init_from:
                 self.initialise_from(config.train.init_from)
-            self._init_arconvl_centers()
+            for plugin in self._active:
+                plugin.on_stage_start(fresh=True)
 
     # ------------------------------------------------------------------ construction
     def _remove_run_files(self) -> None:
@@ -305,44 +304,62 @@ class Trainer:
             generator=torch.Generator().manual_seed(self.config.seed),
         )
 
-    def _enter_cluster_stage(self) -> None:
-        """Huang et al.: clusters and cluster mini-batches for a clmle stage (its first epoch, or the
-        state saved in the checkpoint after a resume); back to the epoch sampler after it."""
-        stage = self.config.train.stages[self.stage_index]
-        if stage.loss.type != "clmle":
-            if self.cluster_stage is not None:
-                self.cluster_stage = None
-                self._use_epoch_sampler()
+    def _plugin_context(self) -> PluginContext:
+        return PluginContext(
+            config=self.config, device=self.device, amp_dtype=self.amp_dtype, dist=self.dist, dataset=self.dataset,
+            class_counts=self.class_counts, steps_per_epoch=self.steps_per_epoch, run_dir=self.run_dir,
+            model=self.model, embed_training_images=self.embed_training_images,
+            head=lambda: self.head, loss_fn=lambda: self.loss_fn, stage_index=lambda: self.stage_index,
+            epoch=lambda: self.epoch, global_step=lambda: self.global_step,
+            step_in_epoch=lambda: self.step_in_epoch, run_log=lambda: self.run_log,
+        )
+
+    def _stage_plugins(self, stage_index: int) -> list[TrainerPlugin]:
+        return [self.plugins[plugin.name] for plugin in plugins_for(self.config.train.stages[stage_index])]
+
+    @staticmethod
+    def _first(plugins: Sequence[TrainerPlugin], ask: Callable[[TrainerPlugin], Any]) -> Any:
+        """The first answer that is not None of ``plugins`` (None if none answers)."""
+        for plugin in plugins:
+            answer = ask(plugin)
+            if answer is not None:
+                return answer
+        return None
+
+    def _take_sampler(self) -> None:
+        """Batches from the sampler a plug-in of the stage brings, else from the epoch sampler. A
+        plug-in's new sampler also rebuilds the step module (its stage may leave parameters unused)."""
+        sampler = self._first(self._active, lambda plugin: plugin.sampler())
+        if sampler is self._plugin_sampler:
             return
-        if self.cluster_stage is None or self.cluster_stage.stage_index != self.stage_index:
-            self.cluster_stage = ClusterStage(self, self.stage_index, saved=self._saved_cluster_stage)
-            self._saved_cluster_stage = None
-            sampler = self.cluster_stage.rank_sampler
-            self._use_sampler(sampler, sampler.items_per_step, sampler.items_per_step)
-            self._wrap_step_module()  # an unused classifier needs find_unused_parameters
+        self._plugin_sampler = sampler
+        if sampler is None:
+            self._use_epoch_sampler()
+            return
+        self._use_sampler(sampler, sampler.items_per_step, sampler.items_per_step)
+        self._wrap_step_module()
 
     def _wrap_step_module(self) -> None:
         """The module a training step calls: backbone + head, in DistributedDataParallel when
         there are several ranks, so the gradients of both are all-reduced. Rebuilt when the head
-        changes; a classifier that gets no gradient (CLMLE without classification term) needs
+        changes; a stage in which a parameter gets no gradient (a plug-in says so) needs
         ``find_unused_parameters``."""
         step = _TrainingStep(self)
         if not self.dist.enabled:
             self.step_module = step
             return
-        stage = self.config.train.stages[self.stage_index]
-        unused = stage.loss.type == "clmle" and not stage.loss.classification_weight
+        unused = any(plugin.find_unused_parameters() for plugin in self._active)
         self.step_module = DistributedDataParallel(
             step, device_ids=[self.device.index] if self.device.type == "cuda" else None,
             find_unused_parameters=unused,
         )
 
-    def _build_head(self, stage_index: int, weight: nn.Parameter | None) -> nn.Module:
-        stage = self.config.train.stages[stage_index]
-        if stage.head.type == "arconvl":
-            # Its centres are not a classifier weight: a switch to or from ARConvL starts them afresh.
-            return ARConvLHead(self.dataset.num_classes, self.config.model.embedding_size, self.class_counts,
-                               gamma=stage.head.gamma, radius_init=stage.head.radius_init).to(self.device)
+    def _build_head(self, weight: nn.Parameter | None) -> nn.Module:
+        """The current stage's head: a plug-in's, or the configured margin head around ``weight``."""
+        head = self._first(self._active, lambda plugin: plugin.build_head(weight))
+        if head is not None:
+            return head
+        stage = self.config.train.stages[self.stage_index]
         head = build_head(
             stage.head.type, self.dataset.num_classes, self.config.model.embedding_size,
             weight=weight, **head_kwargs(stage.head),
@@ -360,71 +377,29 @@ class Trainer:
             amp_dtype=self.amp_dtype, progress=self.progress, normalize=normalize,
         ))
 
-    def _init_arconvl_centers(self) -> None:
-        """``head.init_centers: class_means``: put each ARConvL centre C_j at the mean raw feature of
-        class j under the current backbone (eval mode, no augmentation). Every rank embeds its share
-        and gets all rows, so all ranks compute the same centres."""
-        stage = self.config.train.stages[self.stage_index]
-        if not isinstance(self.head, ARConvLHead) or stage.head.init_centers != "class_means":
-            return
-        started = time.perf_counter()
-        features = self.embed_training_images(self.config.data.batch_size, normalize=False)
-        labels = np.asarray(self.dataset.labels)
-        sums = np.zeros((self.dataset.num_classes, features.shape[1]), dtype=np.float64)
-        np.add.at(sums, labels, features)
-        means = sums / np.bincount(labels, minlength=self.dataset.num_classes)[:, None]
-        with torch.no_grad():
-            self.head.centers.copy_(torch.as_tensor(means, dtype=self.head.centers.dtype))
-        log.info("ARConvL centres: class means of %d training features (mean norm %.2f) in %.1f s",
-                 len(features), float(np.linalg.norm(means, axis=1).mean()), time.perf_counter() - started)
-
-    def _start_annealing(self, stage_index: int) -> None:
-        """Give a margin-product head (L-Softmax / SphereFace, UMM) the run's annealing position.
-
-        The lambda of Liu et al.'s annealing used to live in each head and restart at lambda_base
-        with every new head: the study's 980-step UMM fine-tuning then reached a margin weight
-        1 / (1 + lambda) of only 0.106, and its SUM stage 0.056. ``lambda_schedule: continue``
-        (default) carries the count across stages; ``restart`` starts this stage from zero.
-        """
-        if not isinstance(self.head, LSoftmaxHead):
-            return
-        if self.config.train.stages[stage_index].head.lambda_schedule == "restart":
-            self.anneal_step = 0
-        with torch.no_grad():
-            self.head.it.fill_(self.anneal_step)
-
-    def margin_schedule_stats(self) -> dict[str, float]:
-        """lambda and the margin weight 1 / (1 + lambda) of a margin-product head (else empty)."""
-        if not isinstance(self.head, LSoftmaxHead):
-            return {}
-        lam = self.head.current_lambda
-        return {"lambda": lam, "margin_weight": 1.0 / (1.0 + lam)}
-
-    def _build_loss(self, stage_index: int) -> tuple[nn.Module, Any]:
-        loss, drw = build_stage_loss(self.config.train.stages[stage_index], self.class_counts)
-        return loss.to(self.device), drw
+    def _build_loss(self) -> nn.Module:
+        loss, _ = build_stage_loss(self.config.train.stages[self.stage_index], self.class_counts)
+        return loss.to(self.device)
 
     def _param_groups(self, params: list[nn.Parameter]) -> list[dict[str, Any]]:
-        # No weight decay on BN/PReLU parameters and biases: decaying them only fights the
-        # normalisation; the classifier weight (2-D) is decayed like the convolutions.
-        radii = getattr(self.head, "radii", None)
+        """The plug-ins' groups (each with its ``lr_rule``) after the main ones. No weight decay on
+        BN/PReLU parameters and biases: decaying them only fights the normalisation; the
+        classifier weight (2-D) is decayed like the convolutions."""
+        own = [group for plugin in self.plugins.values() for group in plugin.param_groups(params)]
+        claimed = {id(p) for group in own for p in group["params"]}
+        params = [p for p in params if id(p) not in claimed]
         decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1 and p is not radii]
+        no_decay = [p for p in params if p.ndim <= 1]
         groups = [{"params": group, "weight_decay": wd, "lr_rule": "main"}
                   for group, wd in ((decay, self.config.optim.weight_decay), (no_decay, 0.0)) if group]
-        if any(p is radii for p in params):
-            # ARConvL radii: their own absolute rate (lr 1.0 times the rule), no decay (Eq. 2 has gamma R^2).
-            groups.append({"params": [radii], "weight_decay": 0.0, "lr": 1.0, "lr_rule": "radius"})
-        return groups
+        return groups + own
 
     def _lr_rule(self, group: dict[str, Any], stage_index: int) -> Callable[[int], float]:
-        """The factor on a group's initial rate at a given optimisation step."""
-        if group.get("lr_rule") == "radius":
-            head = self.config.train.stages[stage_index].head
-            stage_start = sum(s.epochs for s in self.config.train.stages[:stage_index])
-            # Li et al. Sec. 4.1: 0.001 for the stage's first 3 epochs, then 0.01; no decay.
-            return lambda step: (head.radius_warmup_lr if step // self.steps_per_epoch - stage_start
-                                 < head.radius_warmup_epochs else head.radius_lr)
+        """The factor on a group's initial rate at a given optimisation step: its plug-in's rule,
+        else the main schedule."""
+        rule = self._first(self.plugins.values(), lambda plugin: plugin.lr_rule(group, stage_index))
+        if rule is not None:
+            return rule
         cfg = self.config
         return lambda step: lr_factor(step, cfg.scheduler, self.steps_per_epoch, self.total_steps)
 
@@ -453,13 +428,15 @@ class Trainer:
         if stage_index == self.stage_index:
             return
         previous = self.config.train.stages[self.stage_index]
-        self.head = self._build_head(stage_index, weight=self.head.weight)
-        self._start_annealing(stage_index)
-        self.loss_fn, self.drw = self._build_loss(stage_index)
-        self._sync_head_parameters(stage_index)
+        for plugin in self._active:
+            plugin.on_stage_end()
         self.stage_index = stage_index
-        if announce:  # a resume replays the switch, then loads the head's saved state
-            self._init_arconvl_centers()
+        self._active = self._stage_plugins(stage_index)
+        self.head = self._build_head(weight=self.head.weight)
+        self.loss_fn = self._build_loss()
+        self._sync_head_parameters(stage_index)
+        for plugin in self._active:  # a resume replays the switch, then loads the head's saved state
+            plugin.on_stage_start(fresh=announce)
         self._wrap_step_module()
         stage = self.config.train.stages[stage_index]
         if not announce:
@@ -468,19 +445,6 @@ class Trainer:
                  previous.head.type, stage.head.type)
         self.run_log.write("stage", self.global_step, epoch=self.epoch, stage=stage_index,
                            head=stage.head.type, name=stage.name)
-
-    def _refresh_uncertainty_margins(self) -> dict[str, Any] | None:
-        """UMM (Khan et al. Sec. 4): at the start of every K-th epoch of a stage whose head takes its
-        margins from uncertainty. A mid-epoch resume keeps the margins saved with the head."""
-        stage = self.config.train.stages[self.stage_index]
-        if getattr(stage.head, "margin_source", "fixed") != "uncertainty" or self.step_in_epoch:
-            return None
-        stage_start = sum(s.epochs for s in self.config.train.stages[: self.stage_index])
-        if (self.epoch - stage_start) % self.config.train.uncertainty.refresh_every_epochs:
-            return None
-        record = refresh_margins(self)
-        self.run_log.write("uncertainty", self.global_step, **record)
-        return record
 
     def _pairs_validator(self) -> PairsValidator | None:
         spec = self.config.train.validation
@@ -499,7 +463,6 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.global_step,
             "step_in_epoch": self.step_in_epoch,
-            "anneal_step": self.anneal_step,
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
             # What best_metric measures (None: no validator, so no best.pt): a resume with another
@@ -510,7 +473,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "identities": list(self.dataset.identities),
             "metrics": self.last_metrics,
-            "cluster_stage": None if self.cluster_stage is None else self.cluster_stage.state_dict(),
+            **{key: value for plugin in self.plugins.values() for key, value in plugin.state_dict().items()},
         }
 
     def save(self, best: bool = False) -> Path:
@@ -569,12 +532,11 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.global_step = int(state["step"])
         self.step_in_epoch = int(state["step_in_epoch"])
-        # Checkpoints from before the count was run state: the margin head's own counter.
-        self.anneal_step = int(state.get("anneal_step", int(self.head.it) if isinstance(self.head, LSoftmaxHead) else 0))
+        for plugin in self.plugins.values():
+            plugin.load_state_dict(state)
         self._restore_best(state, path)
         self.nonfinite_steps = int(state["nonfinite_steps"])
         self.last_metrics = dict(state.get("metrics") or {})
-        self._saved_cluster_stage = state.get("cluster_stage")
         set_rng_state(state["rng"])
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.global_step)
 
@@ -616,44 +578,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def _batch_loss(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> dict[str, Any]:
-        """Loss of one (micro-)batch with the current stage's head and loss; runs inside the
-        DistributedDataParallel wrapper (:class:`_TrainingStep`) when there are several ranks."""
-        stage = self.config.train.stages[self.stage_index]
-        margin_weight = None
+        """Loss of one (micro-)batch with the current stage's head and loss, or a plug-in's step
+        loss; runs inside the DistributedDataParallel wrapper (:class:`_TrainingStep`) when there
+        are several ranks."""
         with autocast(self.device, self.amp_dtype):
             feature_maps = self.model.features(images)
             embeddings = self.model.output_stage(feature_maps)
-        if stage.sample_uncertainty:
-            # Khan et al. SUM: N extra dropout passes of the output stage only, on this batch's
-            # feature maps (no second backbone pass), give each sample its share of the margin.
-            weight = self.head.weight
-            if getattr(self.head, "normalize_weights", False):
-                weight = F.normalize(weight.detach().float(), dim=1)
-            margin_weight = sum_margin_weights(
-                self.model.output_stage, feature_maps, weight, labels, self.config.train.uncertainty.passes,
-                normalise=stage.head.type in ("cosface", "arcface"),
-            )
-        out: dict[str, Any] = {}
-        if isinstance(self.head, ARConvLHead):  # Li et al.: the head's regions give the whole loss
-            parts = self.head(embeddings.float(), labels)
-            out["loss"] = parts["loss"]
-            out["correct"] = self.head.scores(embeddings.detach().float()).argmax(1) == labels
-            out["head_stats"] = {**{k: parts[k].detach() for k in ("beta", "sigma2", "r_ben", "r_upp", "region")},
-                                 "radius_mean": self.head.radii.detach().mean()}
-        elif self.cluster_stage is not None:  # Huang et al. CLMLE, plus an optional classification term
-            clusters = self.cluster_stage.loss_for(embeddings.float(), labels, indices)
-            out["loss"] = clusters.loss
-            out["cluster_losses"] = clusters.per_sample
-            if self.cluster_stage.classification_weight:
-                logits = self.head(embeddings.float(), labels)
-                out["loss"] = out["loss"] + self.cluster_stage.classification_weight * self.loss_fn(logits, labels)
-                out["correct"] = logits.detach().argmax(1) == labels
-            else:  # the classifier does not train here: score the nearest batch cluster instead
-                out["correct"] = clusters.identity_correct
-        else:
-            logits = self.head(embeddings.float(), labels, margin_weight=margin_weight)
-            out["loss"] = self.loss_fn(logits, labels)
-            out["correct"] = logits.detach().argmax(1) == labels
+        batch = StepBatch(feature_maps, embeddings, labels, indices, self.head, self.loss_fn)
+        batch.margin_weight = self._first(self._active, lambda plugin: plugin.margin_weight(batch))
+        out = self._first(self._active, lambda plugin: plugin.step_loss(batch))
+        if out is None:
+            logits = self.head(embeddings.float(), labels, margin_weight=batch.margin_weight)
+            out = {"loss": self.loss_fn(logits, labels), "correct": logits.detach().argmax(1) == labels}
         return out
 
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor,
@@ -667,7 +603,7 @@ class Trainer:
             images = images.contiguous(memory_format=torch.channels_last)
         chunks = self.config.train.micro_batches
         parts = list(zip(images.chunk(chunks), labels.chunk(chunks), indices.chunk(chunks)))
-        losses, correct, cluster_losses, finite = [], [], [], True
+        losses, correct, outputs, finite = [], [], [], True
         for number, (part_images, part_labels, part_indices) in enumerate(parts):
             last = number == len(parts) - 1
             sync = contextlib.nullcontext() if last or not self.dist.enabled else self.step_module.no_sync()
@@ -683,10 +619,9 @@ class Trainer:
                     self.scaler.scale(out["loss"] / len(parts)).backward()
             losses.append(out["loss"].detach())
             correct.append(out["correct"])
-            if "cluster_losses" in out:
-                cluster_losses.append(out["cluster_losses"])
-            if "head_stats" in out:
-                self.head_stats = {k: float(v) for k, v in out["head_stats"].items()}
+            outputs.append({key: value for key, value in out.items() if key != "loss"})
+            if "stats" in out:
+                self.step_stats = {k: float(v) for k, v in out["stats"].items()}
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             return None
@@ -695,37 +630,32 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        if self.cluster_stage is not None:
-            self.cluster_stage.record_losses(indices, torch.cat(cluster_losses))
-            self._step_indices = indices  # for the CLMLE batch statistics of the next log record
-        if isinstance(self.head, MarginHead):
-            self.head.step()
-        if isinstance(self.head, LSoftmaxHead):
-            self.anneal_step += 1
+        for plugin in self._active:
+            plugin.after_step(indices, outputs)
         return torch.stack(losses).mean().item(), torch.cat(correct).float().mean().item()
 
     def clipping_groups(self) -> dict[str, tuple[list[nn.Parameter], float | None]]:
         """Parameters clipped together and their max norm: ``main`` (backbone and classifier or
-        class centres, ``optim.clip_grad_norm``) and each head group with its own rate rule
-        (ARConvL ``radius``: ``head.radius_clip_grad_norm``, None by default). With
-        ``optim.clip_mode: global`` everything is one group, as before per-group clipping."""
+        class centres, ``optim.clip_grad_norm``) and each plug-in group with its own rate rule
+        and its plug-in's limit (None: not clipped). With ``optim.clip_mode: global`` everything
+        is one group, as before per-group clipping."""
         optim = self.config.optim
         every = [p for group in self.optimizer.param_groups for p in group["params"]]
         if optim.clip_mode == "global":
             return {"global": (every, optim.clip_grad_norm)}
         groups: dict[str, tuple[list[nn.Parameter], float | None]] = {}
-        head = self.config.train.stages[self.stage_index].head
         for group in self.optimizer.param_groups:
             name = group.get("lr_rule", "main")
-            limit = optim.clip_grad_norm if name == "main" else getattr(head, f"{name}_clip_grad_norm", None)
+            limit = optim.clip_grad_norm if name == "main" else \
+                self._first(self.plugins.values(), lambda plugin: plugin.clip_limit(name))
             params, _ = groups.get(name, ([], limit))
             groups[name] = (params + list(group["params"]), limit)
         return groups
 
     def _clip_gradients(self) -> None:
         """Clip each group of :meth:`clipping_groups` by its own norm and keep, for the log, each
-        group's gradient norm and clip factor (1 = untouched). One global norm let ARConvL's radii
-        (norm 513 at the start of the study's fine-tuning) scale every other step by 0.0096."""
+        group's gradient norm and clip factor (1 = untouched). One global norm let a plug-in's
+        group (norm 513 at the start of the study's fine-tuning) scale every other step by 0.0096."""
         self.scaler.unscale_(self.optimizer)
         stats = {}
         for name, (params, limit) in self.clipping_groups().items():
@@ -783,17 +713,16 @@ class Trainer:
             window_acc.append(accuracy)
             window_images += self.images_per_step
             bar.update(1)
-            if self.cluster_stage is not None and self.step_in_epoch < self.steps_per_epoch \
-                    and self.cluster_stage.maybe_refresh():
-                self.save()  # the new clusters cost minutes: keep them with a checkpoint
+            if self.step_in_epoch < self.steps_per_epoch and self._maybe_refresh(self._active):
+                self.save()  # a refresh costs minutes: keep its result with a checkpoint
             if self.global_step % cfg.train.log_every_steps == 0 or self.step_in_epoch == self.steps_per_epoch:
                 elapsed = time.perf_counter() - window_start
                 speed = window_images / max(elapsed, 1e-9)
                 record = {"epoch": self.epoch, "loss": float(np.mean(window_loss)),
                           "accuracy": float(np.mean(window_acc)), "lr": self.optimizer.param_groups[0]["lr"],
-                          "images_per_s": speed, **self.head_stats, **self.margin_schedule_stats(),
-                          **self.clip_stats, **(self.cluster_stage.batch_stats(self._step_indices)
-                                                if self.cluster_stage is not None else {})}
+                          "images_per_s": speed, **self.step_stats,
+                          **{k: v for plugin in self._active for k, v in plugin.log_stats().items()},
+                          **self.clip_stats}
                 self.run_log.write("train", self.global_step, **record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}", img_s=f"{speed:.0f}")
                 window_loss, window_acc, window_images, window_start = [], [], 0, time.perf_counter()
@@ -824,9 +753,8 @@ class Trainer:
 
     def class_scores(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Class scores [B, C] without margins, whose argmax is the head's prediction."""
-        if isinstance(self.head, ARConvLHead):
-            return self.head.scores(embeddings, use_prior=self.config.train.stages[self.stage_index].head.use_prior)
-        return self.head.inference_logits(embeddings)
+        scores = self._first(self._active, lambda plugin: plugin.class_scores(embeddings))
+        return scores if scores is not None else self.head.inference_logits(embeddings)
 
     def fit(self, max_epochs: int | None = None) -> dict[str, Any]:
         """Train the remaining epochs of the schedule (or up to epoch ``max_epochs``, a checkpoint
@@ -867,20 +795,10 @@ class Trainer:
                 stage_index, _ = cfg.train.stage_at(self.epoch)
                 self._switch_stage(stage_index)
                 epoch_started = time.perf_counter()
-                self._enter_cluster_stage()
-                if self.cluster_stage is not None and self.step_in_epoch == 0 and self.cluster_stage.maybe_refresh():
-                    self.save()
-                if self.drw is not None:  # DRW weights depend on the epoch only: also right after a resume
-                    self.loss_fn.set_class_weights(self.drw.weights_for_epoch(self.epoch).to(self.device))
-                refresh = self._refresh_uncertainty_margins()
-                metrics = self._run_epoch()
-                if refresh is not None:
-                    metrics["uncertainty_seconds"] = refresh["seconds"]
-                    metrics["uncertainty_spearman"] = refresh["spearman_uncertainty_vs_count"]
-                if self.cluster_stage is not None:
-                    share = self.cluster_stage.add_elapsed(time.perf_counter() - epoch_started)
-                    metrics["cluster_refresh_seconds"] = self.cluster_stage.refresh_seconds
-                    metrics["cluster_refresh_share"] = share
+                started = self._start_epoch()
+                metrics = {**self._run_epoch(), **started}
+                for plugin in self._active:
+                    metrics.update(plugin.on_epoch_end(time.perf_counter() - epoch_started))
                 self.epoch += 1
                 self.step_in_epoch = 0
                 if self.validator is not None and self.dist.is_main and (
@@ -902,6 +820,22 @@ class Trainer:
         finally:
             self.run_log.close()
         return {**self.last_metrics, "run": self.run_summary(session_start, time.perf_counter() - session_started)}
+
+    def _start_epoch(self) -> dict[str, Any]:
+        """Each plug-in's epoch start, then (unless the epoch resumes mid-way) its refresh, which a
+        checkpoint keeps; then the stage's batch sampler. Returns the plug-ins' epoch metrics."""
+        metrics: dict[str, Any] = {}
+        for plugin in self._active:
+            metrics.update(plugin.on_epoch_start())
+            if self.step_in_epoch == 0 and self._maybe_refresh([plugin]):
+                self.save()
+        self._take_sampler()
+        return metrics
+
+    @staticmethod
+    def _maybe_refresh(plugins: Sequence[TrainerPlugin]) -> bool:
+        """Give every plug-in its refresh; True when one refreshed (and wants a checkpoint)."""
+        return any([plugin.maybe_refresh() for plugin in plugins])
 
     def run_summary(self, session_start: dict[str, Any], seconds: float) -> dict[str, Any]:
         """The whole run as it stands after a :meth:`fit`: stages and epochs trained, steps, final
