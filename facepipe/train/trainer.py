@@ -11,10 +11,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -29,123 +28,36 @@ from facepipe.data.recordio import open_training_dataset
 from facepipe.data.samplers import build_sampler
 from facepipe.data.stats import class_statistics
 from facepipe.data.transforms import build_train_transform
-from facepipe.errors import FacepipeUserError
-from facepipe.eval.pairs_job import PairsOnDisk, load_pairs
-from facepipe.eval.verification import cosine_scores, evaluate_verification
 from facepipe.losses import build_head
 from facepipe.models import build_backbone
 from facepipe.runtime.checkpoint import BEST, LATEST, copy_checkpoint, load_checkpoint, save_checkpoint
 from facepipe.runtime.device import autocast, resolve_amp_dtype
-from facepipe.runtime.distributed import (
-    RankSlicedSampler,
-    all_true,
-    barrier,
-    broadcast_object,
-    gather_rows,
-    init_distributed,
-    rank_slice,
-)
+from facepipe.runtime.distributed import RankSlicedSampler, all_true, barrier, gather_rows, init_distributed, rank_slice
 from facepipe.runtime.io import write_json_atomic, write_text_atomic, writing_output
-from facepipe.runtime.model import embed_dataset, extract_embeddings
+from facepipe.runtime.model import embed_dataset
 from facepipe.runtime.seed import rng_state, seed_everything, set_rng_state
 from facepipe.train.batchnorm import apply_stage_batchnorm
+from facepipe.train.clipping import ClipGroups, clip_gradients, clipping_groups
 from facepipe.train.lr_schedule import lr_factor
+from facepipe.train.optimizer import add_param_groups, build_optimizer, param_groups
 from facepipe.train.plugins.base import PluginContext, StepBatch, TrainerPlugin
-from facepipe.train.plugins.registry import build_plugins, plugin_run_files, plugins_for
+from facepipe.train.plugins.registry import build_plugins, plugins_for
 from facepipe.train.run_log import NullRunLog, RunLog
+from facepipe.train.runs import (
+    TrainingError,
+    check_resumable,
+    check_run_folder_on_every_rank,
+    initialise_from,
+    remove_run_files,
+    unfit_checkpoint,
+)
 from facepipe.train.stage_loss import build_stage_loss
+from facepipe.train.validation import Validator, judge_epoch, pairs_validator, restored_best
 
 log = logging.getLogger(__name__)
 
 # Consecutive non-finite losses tolerated (each step skipped) before the run is stopped.
 MAX_CONSECUTIVE_NONFINITE = 20
-# What a run writes into its folder (results.json: facepipe classify). A new run removes them
-# first, so that its log and files never mix with an earlier run's; other files are left alone.
-RUN_FILES = (LATEST, BEST, "metrics.jsonl", "tensorboard", "config.yaml", "class_stats.json", *plugin_run_files(),
-             "results.json")
-
-
-class TrainingError(RuntimeError, FacepipeUserError):
-    """Training cannot continue (diverged, inconsistent resume)."""
-
-
-# Settings that fix the shapes of a run's saved tensors; a resumed run must keep them (the saved
-# config and the current one are compared key by key, so the message can name the key).
-RESUME_FIXED_SETTINGS = ("data.image_size", "model")
-RESUME_ADVICE = ("restore the setting to resume this run, or start a new one (--overwrite, or another "
-                 "output_dir)")
-
-
-def changed_settings(saved: dict[str, Any], current: dict[str, Any], keys: Sequence[str]) -> list[str]:
-    """``key: saved -> current`` for every setting under ``keys`` (dotted; a section stands for
-    all its keys) that differs between two config dicts (:meth:`Config.to_dict`)."""
-
-    def flat(value: Any, prefix: str) -> dict[str, Any]:
-        if isinstance(value, dict):
-            return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}.{key}").items()}
-        return {prefix: list(value) if isinstance(value, tuple) else value}
-
-    def lookup(config: Any, key: str) -> Any:
-        for part in key.split("."):
-            config = config.get(part) if isinstance(config, dict) else None
-        return config
-
-    changes = []
-    for key in keys:
-        before, after = flat(lookup(saved, key), key), flat(lookup(current, key), key)
-        for name in sorted(set(before) | set(after)):
-            if before.get(name) != after.get(name):
-                changes.append(f"{name}: {before.get(name)} in the checkpoint, {after.get(name)} now")
-    return changes
-
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    # torch's load_state_dict lists every mismatch on its own line.
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[:limit] + " ..."
-
-
-def check_run_folder(run_dir: str | Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to start a new run where one already left a checkpoint, unless the caller said
-    what to do with it: ``resume`` (continue it) or ``overwrite`` (delete it, start afresh)."""
-    if resume and overwrite:
-        raise TrainingError("resume and overwrite contradict each other: give one of them")
-    found = [name for name in (LATEST, BEST) if (Path(run_dir) / name).exists()]
-    if found and not (resume or overwrite):
-        raise TrainingError(f"{run_dir} already holds a training run ({', '.join(found)}): give --resume to "
-                            "continue it, or --overwrite to delete it and start afresh")
-
-
-class Validator(Protocol):
-    """End-of-epoch evaluation: returns metrics, among them ``metric`` (higher is better), which
-    selects the best checkpoint."""
-
-    metric: str
-    every_epochs: int
-
-    def __call__(self, trainer: "Trainer") -> dict[str, Any]: ...
-
-
-class PairsValidator:
-    """Verification on the configured pairs (``train.validation``): ``val_accuracy`` is the accuracy
-    at the best threshold (what model selection uses), beside the 10-fold accuracy and the AUC."""
-
-    metric = "val_accuracy"
-
-    def __init__(self, pairs: PairsOnDisk, every_epochs: int) -> None:
-        self.pairs = pairs
-        self.every_epochs = every_epochs
-
-    def __call__(self, trainer: "Trainer") -> dict[str, Any]:
-        pairs, config = self.pairs, trainer.config
-        embeddings = extract_embeddings(
-            trainer.model, pairs.paths, config.data.image_size, trainer.device,
-            batch_size=config.embed.batch_size, flip=config.embed.flip, amp_dtype=trainer.amp_dtype,
-        )
-        scores = cosine_scores(embeddings, pairs.idx_a, pairs.idx_b)
-        result = evaluate_verification(scores, pairs.is_same)
-        return {"val_accuracy": result.best_threshold_accuracy, "val_accuracy_10fold": result.accuracy_mean,
-                "val_accuracy_10fold_std": result.accuracy_std, "val_auc": result.auc}
 
 
 class _TrainingStep(nn.Module):
@@ -166,8 +78,8 @@ class Trainer:
     """Trains ``config`` into ``config.output_dir``; ``resume=True`` continues from ``latest.pt``.
 
     A folder that already holds a checkpoint is refused unless ``resume`` or ``overwrite`` says
-    what to do with it; ``overwrite`` deletes that run's files (:data:`RUN_FILES`) when
-    :meth:`fit` starts.
+    what to do with it; ``overwrite`` deletes that run's files (:data:`facepipe.train.runs.RUN_FILES`)
+    when :meth:`fit` starts.
 
     The training set is the identity folder ``data.root`` unless ``dataset`` is given (any dataset
     with ``labels``, ``identities`` and ``(image, label, index)`` items, e.g. the in-memory images
@@ -182,17 +94,7 @@ class Trainer:
         self.run_dir = Path(config.output_dir)
         # Several processes under torchrun: one rank each; rank 0 alone writes files and logs.
         self.dist, self.device = init_distributed(config.train.device)
-        # Rank 0 looks (it alone writes the folder) and every rank stops on its verdict, so that
-        # no rank waits in a collective for one that gave up.
-        problem = None
-        if self.dist.is_main:
-            try:
-                check_run_folder(self.run_dir, resume, overwrite)
-            except TrainingError as exc:
-                problem = str(exc)
-        problem = broadcast_object(self.dist, problem)
-        if problem:
-            raise TrainingError(problem)
+        check_run_folder_on_every_rank(self.dist, self.run_dir, resume, overwrite)
         # Files of an earlier run to remove when this one starts writing (see fit).
         self._clear_run_dir = not resume
         self.progress = progress and self.dist.is_main
@@ -235,7 +137,8 @@ class Trainer:
         self._active = self._stage_plugins(0)
         self.head = self._build_head(weight=None)
         self.loss_fn = self._build_loss()
-        self.optimizer = self._build_optimizer()
+        self.optimizer = build_optimizer(
+            self._param_groups(list(self.model.parameters()) + list(self.head.parameters())), config.optim)
         # One rule per parameter group: the main schedule, or a plug-in's own.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, [self._lr_rule(group, 0) for group in self.optimizer.param_groups]
@@ -254,32 +157,16 @@ class Trainer:
         self.last_metrics: dict[str, Any] = {}
         self.step_stats: dict[str, float] = {}  # per-step diagnostics of a plug-in's step loss
         self.clip_stats: dict[str, float] = {}  # per clipping group: gradient norm and clip factor of the last step
-        self.validator = validator if validator is not None else self._pairs_validator()
+        self.validator = validator if validator is not None else pairs_validator(config.train.validation)
         if resume:
             self.resume(self.run_dir / LATEST)
         else:
             if config.train.init_from:
-                self.initialise_from(config.train.init_from)
+                initialise_from(config.train.init_from, self.model, self.head, self.dataset.identities, self.device)
             for plugin in self._active:
                 plugin.on_stage_start(fresh=True)
 
     # ------------------------------------------------------------------ construction
-    def _remove_run_files(self) -> None:
-        """Delete what an earlier run left in the run folder (its checkpoints, log, TensorBoard
-        events, and temporaries of interrupted atomic writes)."""
-        removed = []
-        for name in RUN_FILES:
-            for path in [self.run_dir / name, *self.run_dir.glob(f".{name}.*.tmp")]:
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                elif path.exists() or path.is_symlink():
-                    path.unlink()
-                else:
-                    continue
-                removed.append(path.name)
-        if removed:
-            log.info("%s: removed the files of the earlier run (%s)", self.run_dir, ", ".join(removed))
-
     def _use_epoch_sampler(self) -> None:
         batch = self.config.data.batch_size
         sampler = RankSlicedSampler(self.epoch_sampler, batch, self.dist) if self.dist.enabled else self.epoch_sampler
@@ -318,7 +205,7 @@ class Trainer:
         return [self.plugins[plugin.name] for plugin in plugins_for(self.config.train.stages[stage_index])]
 
     @staticmethod
-    def _first(plugins: Sequence[TrainerPlugin], ask: Callable[[TrainerPlugin], Any]) -> Any:
+    def _first(plugins: Iterable[TrainerPlugin], ask: Callable[[TrainerPlugin], Any]) -> Any:
         """The first answer that is not None of ``plugins`` (None if none answers)."""
         for plugin in plugins:
             answer = ask(plugin)
@@ -382,17 +269,7 @@ class Trainer:
         return loss.to(self.device)
 
     def _param_groups(self, params: list[nn.Parameter]) -> list[dict[str, Any]]:
-        """The plug-ins' groups (each with its ``lr_rule``) after the main ones. No weight decay on
-        BN/PReLU parameters and biases: decaying them only fights the normalisation; the
-        classifier weight (2-D) is decayed like the convolutions."""
-        own = [group for plugin in self.plugins.values() for group in plugin.param_groups(params)]
-        claimed = {id(p) for group in own for p in group["params"]}
-        params = [p for p in params if id(p) not in claimed]
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
-        groups = [{"params": group, "weight_decay": wd, "lr_rule": "main"}
-                  for group, wd in ((decay, self.config.optim.weight_decay), (no_decay, 0.0)) if group]
-        return groups + own
+        return param_groups(params, self.plugins.values(), self.config.optim.weight_decay)
 
     def _lr_rule(self, group: dict[str, Any], stage_index: int) -> Callable[[int], float]:
         """The factor on a group's initial rate at a given optimisation step: its plug-in's rule,
@@ -403,26 +280,13 @@ class Trainer:
         cfg = self.config
         return lambda step: lr_factor(step, cfg.scheduler, self.steps_per_epoch, self.total_steps)
 
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        optim = self.config.optim
-        groups = self._param_groups(list(self.model.parameters()) + list(self.head.parameters()))
-        if optim.name == "sgd":
-            return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov)
-        return torch.optim.AdamW(groups, lr=optim.lr)
-
     def _sync_head_parameters(self, stage_index: int) -> None:
         """Register parameters a new head brings beyond the shared classifier weight, each group
         under its learning-rate rule from the current step on."""
         known = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         new = [p for p in self.head.parameters() if id(p) not in known]
-        for group in self._param_groups(new):
-            self.optimizer.add_param_group(group)
-            added = self.optimizer.param_groups[-1]
-            rule = self._lr_rule(added, stage_index)
-            added["initial_lr"] = added["lr"]
-            self.scheduler.base_lrs.append(added["lr"])
-            self.scheduler.lr_lambdas.append(rule)
-            added["lr"] = added["initial_lr"] * rule(self.global_step)
+        add_param_groups(self.optimizer, self.scheduler, self._param_groups(new),
+                         lambda group: self._lr_rule(group, stage_index), self.global_step)
 
     def _switch_stage(self, stage_index: int, announce: bool = True) -> None:
         if stage_index == self.stage_index:
@@ -445,11 +309,6 @@ class Trainer:
                  previous.head.type, stage.head.type)
         self.run_log.write("stage", self.global_step, epoch=self.epoch, stage=stage_index,
                            head=stage.head.type, name=stage.name)
-
-    def _pairs_validator(self) -> PairsValidator | None:
-        spec = self.config.train.validation
-        return None if spec is None else PairsValidator(load_pairs(spec.pairs, spec.root, spec.allow_outside_root),
-                                                        spec.every_epochs)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -485,35 +344,10 @@ class Trainer:
             copy_checkpoint(path, self.run_dir / BEST)
         return path
 
-    def initialise_from(self, path: str | Path) -> None:
-        """Weights of another run: the backbone (same architecture required) and, when it was
-        trained on the same identities, the shared classifier weight."""
-        state = load_checkpoint(path, map_location=self.device)
-        try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            raise TrainingError(f"train.init_from={path}: its backbone does not fit this config's model ({exc})") \
-                from None
-        head_weight = state["head"].get("weight")
-        same_identities = list(state["identities"]) == list(self.dataset.identities)
-        if same_identities and head_weight is not None and hasattr(self.head, "weight") \
-                and head_weight.shape == self.head.weight.shape:
-            with torch.no_grad():
-                self.head.weight.copy_(head_weight)
-        log.info("initialised from %s (backbone%s)", path, ", classifier" if same_identities else "")
-
     def resume(self, path: str | Path) -> None:
         state = load_checkpoint(path, map_location=self.device)
         self._clear_run_dir = False  # continuing: the folder's files are this run's
-        if list(state["identities"]) != list(self.dataset.identities):
-            raise TrainingError(
-                f"cannot resume from {path}: it was trained on {len(state['identities'])} identities, "
-                f"the dataset at {self.config.data.root} has {self.dataset.num_classes} (or a different list)"
-            )
-        changed = changed_settings(state["config"], self.config.to_dict(), RESUME_FIXED_SETTINGS)
-        if changed:
-            raise TrainingError(f"cannot resume from {path}: the checkpoint no longer fits the config "
-                                f"({'; '.join(changed)}); {RESUME_ADVICE}")
+        check_resumable(state, path, self.dataset, self.config.data.root, self.config.to_dict())
         try:
             self.model.load_state_dict(state["model"])
             # Replaying the stage switches rebuilds the optimizer's parameter groups exactly as the
@@ -527,54 +361,17 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError, IndexError) as exc:
             # The named settings above are checked first; this catches any other setting that
             # changes the saved tensors or parameter groups (e.g. the heads of train.stages).
-            raise TrainingError(f"cannot resume from {path}: the checkpoint no longer fits the config "
-                                f"({_one_line(exc)}); {RESUME_ADVICE}") from exc
+            raise unfit_checkpoint(path, exc) from exc
         self.epoch = int(state["epoch"])
         self.global_step = int(state["step"])
         self.step_in_epoch = int(state["step_in_epoch"])
         for plugin in self.plugins.values():
             plugin.load_state_dict(state)
-        self._restore_best(state, path)
+        self.best_metric, self.best_epoch = restored_best(state, self.validator, path)
         self.nonfinite_steps = int(state["nonfinite_steps"])
         self.last_metrics = dict(state.get("metrics") or {})
         set_rng_state(state["rng"])
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.global_step)
-
-    def _restore_best(self, state: dict[str, Any], path: str | Path) -> None:
-        """best_metric / best_epoch of a checkpoint, kept only when they measure what this run's
-        validator measures. Without a validator there is no best (checkpoints written before
-        issue 26 hold the negated training loss there, a rule no longer used)."""
-        metric = self.validator.metric if self.validator is not None else None
-        saved_metric = state.get("best_metric_name", metric)  # older checkpoints: assume the same
-        if metric is None or saved_metric != metric:
-            if metric is not None and saved_metric is not None:
-                log.info("%s selected best.pt by %s; this run selects by %s and starts its selection afresh",
-                         path, saved_metric, metric)
-            self.best_metric, self.best_epoch = -math.inf, None
-            return
-        self.best_metric = float(state["best_metric"])
-        best_epoch = state.get("best_epoch")
-        self.best_epoch = None if best_epoch is None else int(best_epoch)
-
-    def _select_best(self, metrics: dict[str, Any]) -> tuple[bool, str]:
-        """Whether the epoch just finished becomes best.pt, and why (logged when it does)."""
-        if self.validator is None:
-            return False, "no validation set: only latest.pt is written"
-        name = self.validator.metric
-        if name not in metrics:
-            return False, f"not validated this epoch (validation every {self.validator.every_epochs} epochs)"
-        score = float(metrics[name])
-        if not np.isfinite(score):
-            return False, f"{name} is {score}"
-        previous = (f"previous best {self.best_metric:.6g}" if self.best_epoch is None
-                    else f"previous best {self.best_metric:.6g} (epoch {self.best_epoch})")
-        if score > self.best_metric:
-            reason = (f"{name} {score:.6g} > {previous}" if np.isfinite(self.best_metric)
-                      else f"{name} {score:.6g}, the first validated epoch")
-            self.best_metric, self.best_epoch = score, self.epoch
-            log.info("epoch %d is the new best.pt: %s", self.epoch, reason)
-            return True, reason
-        return False, f"{name} {score:.6g} <= {previous}"
 
     # ------------------------------------------------------------------ training
     def _batch_loss(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> dict[str, Any]:
@@ -634,44 +431,17 @@ class Trainer:
             plugin.after_step(indices, outputs)
         return torch.stack(losses).mean().item(), torch.cat(correct).float().mean().item()
 
-    def clipping_groups(self) -> dict[str, tuple[list[nn.Parameter], float | None]]:
-        """Parameters clipped together and their max norm: ``main`` (backbone and classifier or
-        class centres, ``optim.clip_grad_norm``) and each plug-in group with its own rate rule
-        and its plug-in's limit (None: not clipped). With ``optim.clip_mode: global`` everything
-        is one group, as before per-group clipping."""
-        optim = self.config.optim
-        every = [p for group in self.optimizer.param_groups for p in group["params"]]
-        if optim.clip_mode == "global":
-            return {"global": (every, optim.clip_grad_norm)}
-        groups: dict[str, tuple[list[nn.Parameter], float | None]] = {}
-        for group in self.optimizer.param_groups:
-            name = group.get("lr_rule", "main")
-            limit = optim.clip_grad_norm if name == "main" else \
-                self._first(self.plugins.values(), lambda plugin: plugin.clip_limit(name))
-            params, _ = groups.get(name, ([], limit))
-            groups[name] = (params + list(group["params"]), limit)
-        return groups
+    def clipping_groups(self) -> ClipGroups:
+        """Parameters clipped together and their max norm: ``main`` and each plug-in group with
+        its plug-in's limit (:func:`facepipe.train.clipping.clipping_groups`)."""
+        return clipping_groups(self.optimizer.param_groups, self.config.optim, lambda name: self._first(
+            self.plugins.values(), lambda plugin: plugin.clip_limit(name)))
 
     def _clip_gradients(self) -> None:
-        """Clip each group of :meth:`clipping_groups` by its own norm and keep, for the log, each
-        group's gradient norm and clip factor (1 = untouched). One global norm let a plug-in's
-        group (norm 513 at the start of the study's fine-tuning) scale every other step by 0.0096."""
+        """Clip each group of :meth:`clipping_groups` by its own norm; keep each group's gradient
+        norm and clip factor for the log."""
         self.scaler.unscale_(self.optimizer)
-        stats = {}
-        for name, (params, limit) in self.clipping_groups().items():
-            with_grad = [p for p in params if p.grad is not None]
-            if not with_grad:
-                continue
-            if limit:
-                norm = float(nn.utils.clip_grad_norm_(with_grad, limit))
-                factor = min(1.0, limit / (norm + 1e-6))
-            else:
-                norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float())
-                                                                   for p in with_grad])))
-                factor = 1.0
-            stats[f"grad_norm_{name}"] = norm
-            stats[f"clip_factor_{name}"] = factor
-        self.clip_stats = stats
+        self.clip_stats = clip_gradients(self.clipping_groups())
 
     def _run_epoch(self) -> dict[str, Any]:
         cfg = self.config
@@ -767,7 +537,7 @@ class Trainer:
         if self.dist.is_main:
             with writing_output(self.run_dir):
                 if self._clear_run_dir:
-                    self._remove_run_files()
+                    remove_run_files(self.run_dir)
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(self.run_dir / "config.yaml", cfg.to_yaml())
                 write_json_atomic(self.run_dir / "class_stats.json", self.stats.to_dict())
@@ -805,10 +575,12 @@ class Trainer:
                     self.epoch % self.validator.every_epochs == 0 or self.epoch == cfg.train.total_epochs
                 ):
                     metrics.update(self.validate())
-                # Model selection by the validator's metric only (the training losses of stages
-                # with different heads are not comparable): no validator, no best.pt.
-                improved, metrics["best_reason"] = self._select_best(metrics)
-                metrics["best"] = improved
+                score, metrics["best_reason"] = judge_epoch(metrics, self.validator, self.best_metric,
+                                                            self.best_epoch)
+                improved = metrics["best"] = score is not None
+                if improved:
+                    self.best_metric, self.best_epoch = score, self.epoch
+                    log.info("epoch %d is the new best.pt: %s", self.epoch, metrics["best_reason"])
                 if self.validator is not None:
                     metrics["best_epoch"] = self.best_epoch
                 self.last_metrics = metrics
@@ -833,7 +605,7 @@ class Trainer:
         return metrics
 
     @staticmethod
-    def _maybe_refresh(plugins: Sequence[TrainerPlugin]) -> bool:
+    def _maybe_refresh(plugins: Iterable[TrainerPlugin]) -> bool:
         """Give every plug-in its refresh; True when one refreshed (and wants a checkpoint)."""
         return any([plugin.maybe_refresh() for plugin in plugins])
 
@@ -865,48 +637,6 @@ class Trainer:
             "session_steps": self.global_step - int(session_start["step"]),
             "session_seconds": seconds,
         }
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes} min {secs} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes} min"
-
-
-def _count(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
-def format_run_summary(run: dict[str, Any]) -> list[str]:
-    """The lines ``facepipe train`` prints at the end (``run``: :meth:`Trainer.run_summary`)."""
-    schedule = ", ".join(f"{s['name']} {_count(s['epochs'], 'epoch')}" for s in run["stage_epochs"])
-    stages = (_count(run["stages"], "stage") if run["stages_trained"] == run["stages"]
-              else f"{run['stages_trained']} of {run['stages']} stages")
-    lines = [f"trained {stages} ({schedule}): {run['epochs']}/{run['total_epochs']} epochs, "
-             f"{_count(run['steps'], 'step')}"]
-    if run["resumed"]:
-        lines.append(f"resumed at epoch {run['session_start_epoch']}: this session trained "
-                     f"{_count(run['session_epochs'], 'epoch')} ({_count(run['session_steps'], 'step')}) "
-                     f"in {_duration(run['session_seconds'])}")
-    else:
-        lines.append(f"wall time {_duration(run['session_seconds'])}")
-    if run["final_loss"] is not None:
-        accuracy = "" if run["final_accuracy"] is None else f", training accuracy {run['final_accuracy']:.4f}"
-        lines.append(f"final loss {run['final_loss']:.4f} (epoch {run['epochs']}{accuracy})")
-    if run["validation_metric"] is None:
-        lines.append("no validation set: only latest.pt written")
-    elif not run["best"]:
-        lines.append(f"no epoch has a finite {run['validation_metric']}: no best.pt written")
-    else:
-        epoch = "" if run["best_epoch"] is None else f"epoch {run['best_epoch']}, "
-        lines.append(f"best.pt: {epoch}{run['validation_metric']} {run['best_metric']:.4f} "
-                     f"(the highest of the validated epochs)")
-    lines.append(f"checkpoints in {run['run_dir']}: {', '.join(run['checkpoints'])}")
-    return lines
 
 
 def train(config: Config, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
