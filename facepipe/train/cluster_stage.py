@@ -1,5 +1,6 @@
-"""CLMLE stages of the trainer (Huang et al., TPAMI 2019, Sec. 3.2-3.3): clusters, cluster
-mini-batches, the loss.
+"""CLMLE stages (Huang et al., TPAMI 2019, Sec. 3.2-3.3): clusters, cluster mini-batches, the
+loss; run by the clmle plug-in (:mod:`facepipe.train.plugins.clmle`), which gives it the run's
+narrow context (:class:`facepipe.train.plugins.base.PluginContext`), not the trainer.
 
 When a stage whose loss is ``clmle`` starts, the current model embeds every training image (no
 augmentation), each identity is split into balanced spherical k-means clusters of about
