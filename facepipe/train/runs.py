@@ -14,7 +14,9 @@ from torch import nn
 from facepipe.errors import FacepipeUserError
 from facepipe.runtime.checkpoint import BEST, LATEST, load_checkpoint
 from facepipe.runtime.distributed import DistributedContext, broadcast_object
+from facepipe.runtime.io import write_json_atomic, write_text_atomic, writing_output
 from facepipe.train.plugins.registry import plugin_run_files
+from facepipe.train.run_log import NullRunLog, RunLog
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,21 @@ def remove_run_files(run_dir: Path) -> None:
             removed.append(path.name)
     if removed:
         log.info("%s: removed the files of the earlier run (%s)", run_dir, ", ".join(removed))
+
+
+def open_run_folder(run_dir: Path, config: Any, class_stats: dict[str, Any], dist: DistributedContext,
+                    clear: bool) -> RunLog | NullRunLog:
+    """Rank 0 prepares the run folder (``clear``: an earlier run's files removed first), writes the
+    config and the class statistics, and opens the run's log; the other ranks log nothing."""
+    if not dist.is_main:
+        return NullRunLog()
+    with writing_output(run_dir):
+        if clear:
+            remove_run_files(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / "config.yaml", config.to_yaml())
+        write_json_atomic(run_dir / "class_stats.json", class_stats)
+        return RunLog(run_dir)
 
 
 def initialise_from(path: str | Path, model: nn.Module, head: nn.Module, identities: Sequence[str],

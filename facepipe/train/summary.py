@@ -1,7 +1,46 @@
-"""The end-of-run summary that ``facepipe train`` prints."""
+"""The summary of a training run (what :meth:`facepipe.train.trainer.Trainer.fit` returns under
+``"run"``) and the lines ``facepipe train`` prints from it."""
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Any
+
+from facepipe.config import Config
+from facepipe.runtime.checkpoint import BEST, LATEST
+
+
+def run_summary(config: Config, run_dir: Path, epoch: int, steps: int, last_metrics: dict[str, Any],
+                validation_metric: str | None, best_metric: float, best_epoch: int | None,
+                session_start: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """The whole run as it stands after a fit: stages and epochs trained (``epoch`` of them),
+    steps, final loss, best.pt (epoch and metric; None without validation), and this session
+    (the fit call): where it started (``session_start``), whether it resumed the run, its wall
+    time (``seconds``)."""
+    stages = config.train.stages
+    stages_trained = config.train.stage_at(epoch - 1)[0] + 1 if epoch else 0
+    has_best = validation_metric is not None and math.isfinite(best_metric)
+    return {
+        "run_dir": str(run_dir),
+        "stages": len(stages),
+        "stages_trained": stages_trained,
+        "stage_epochs": [{"name": stage.name or stage.head.type, "epochs": stage.epochs} for stage in stages],
+        "epochs": epoch,
+        "total_epochs": config.train.total_epochs,
+        "steps": steps,
+        "final_loss": last_metrics.get("loss"),
+        "final_accuracy": last_metrics.get("accuracy"),
+        "validation_metric": validation_metric,
+        "best": has_best,
+        "best_epoch": best_epoch if has_best else None,  # None also from checkpoints before issue 26
+        "best_metric": best_metric if has_best else None,
+        "checkpoints": [LATEST, BEST] if has_best else [LATEST],
+        "resumed": bool(session_start["resumed"]),
+        "session_start_epoch": int(session_start["epoch"]),
+        "session_epochs": epoch - int(session_start["epoch"]),
+        "session_steps": steps - int(session_start["step"]),
+        "session_seconds": seconds,
+    }
 
 
 def _duration(seconds: float) -> str:
@@ -19,8 +58,7 @@ def _count(n: int, word: str) -> str:
 
 
 def format_run_summary(run: dict[str, Any]) -> list[str]:
-    """The lines ``facepipe train`` prints at the end (``run``: the summary of
-    :meth:`facepipe.train.trainer.Trainer.run_summary`)."""
+    """The lines ``facepipe train`` prints at the end (``run``: a :func:`run_summary`)."""
     schedule = ", ".join(f"{s['name']} {_count(s['epochs'], 'epoch')}" for s in run["stage_epochs"])
     stages = (_count(run["stages"], "stage") if run["stages_trained"] == run["stages"]
               else f"{run['stages_trained']} of {run['stages']} stages")

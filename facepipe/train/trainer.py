@@ -33,7 +33,6 @@ from facepipe.models import build_backbone
 from facepipe.runtime.checkpoint import BEST, LATEST, copy_checkpoint, load_checkpoint, save_checkpoint
 from facepipe.runtime.device import autocast, resolve_amp_dtype
 from facepipe.runtime.distributed import RankSlicedSampler, all_true, barrier, gather_rows, init_distributed, rank_slice
-from facepipe.runtime.io import write_json_atomic, write_text_atomic, writing_output
 from facepipe.runtime.model import embed_dataset
 from facepipe.runtime.seed import rng_state, seed_everything, set_rng_state
 from facepipe.train.batchnorm import apply_stage_batchnorm
@@ -48,11 +47,12 @@ from facepipe.train.runs import (
     check_resumable,
     check_run_folder_on_every_rank,
     initialise_from,
-    remove_run_files,
+    open_run_folder,
     unfit_checkpoint,
 )
 from facepipe.train.stage_loss import build_stage_loss
-from facepipe.train.validation import Validator, judge_epoch, pairs_validator, restored_best
+from facepipe.train.summary import run_summary
+from facepipe.train.validation import Validator, announce_selection, judge_epoch, pairs_validator, restored_best
 
 log = logging.getLogger(__name__)
 
@@ -534,27 +534,12 @@ class Trainer:
         session_started = time.perf_counter()
         session_start = {"epoch": self.epoch, "step": self.global_step,
                          "resumed": (self.epoch, self.step_in_epoch) != (0, 0)}
-        if self.dist.is_main:
-            with writing_output(self.run_dir):
-                if self._clear_run_dir:
-                    remove_run_files(self.run_dir)
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                write_text_atomic(self.run_dir / "config.yaml", cfg.to_yaml())
-                write_json_atomic(self.run_dir / "class_stats.json", self.stats.to_dict())
-                self.run_log = RunLog(self.run_dir)
-        else:
-            self.run_log = NullRunLog()
+        self.run_log = open_run_folder(self.run_dir, cfg, self.stats.to_dict(), self.dist, clear=self._clear_run_dir)
         self._clear_run_dir = False  # a second fit() continues this run
         log.info("dataset %s: %s", cfg.data.root or type(self.dataset).__name__, self.stats.summary())
         log.info("device %s, amp %s, %d steps/epoch x %d epochs", self.device,
                  self.amp_dtype or "off", self.steps_per_epoch, cfg.train.total_epochs)
-        if self.validator is None:
-            log.info("no validation set (train.validation) is configured: only latest.pt is written, no best.pt")
-            if self.dist.is_main and (self.run_dir / BEST).exists():
-                log.warning("%s is left from before this run continued without a validation set; it is no "
-                            "longer updated: latest.pt is the model this run trains", self.run_dir / BEST)
-        else:
-            log.info("model selection: best.pt is the epoch of the highest %s", self.validator.metric)
+        announce_selection(self.validator, self.run_dir, self.dist.is_main)
         if not session_start["resumed"]:
             self.run_log.write("start", 0, device=str(self.device), num_images=len(self.dataset),
                                num_classes=self.dataset.num_classes, steps_per_epoch=self.steps_per_epoch,
@@ -610,33 +595,10 @@ class Trainer:
         return any([plugin.maybe_refresh() for plugin in plugins])
 
     def run_summary(self, session_start: dict[str, Any], seconds: float) -> dict[str, Any]:
-        """The whole run as it stands after a :meth:`fit`: stages and epochs trained, steps, final
-        loss, best.pt (epoch and metric; None without validation), and this session (the fit call):
-        where it started, whether it resumed the run, its wall time."""
-        stages = self.config.train.stages
-        stages_trained = self.config.train.stage_at(self.epoch - 1)[0] + 1 if self.epoch else 0
-        has_best = self.validator is not None and bool(np.isfinite(self.best_metric))
-        return {
-            "run_dir": str(self.run_dir),
-            "stages": len(stages),
-            "stages_trained": stages_trained,
-            "stage_epochs": [{"name": stage.name or stage.head.type, "epochs": stage.epochs} for stage in stages],
-            "epochs": self.epoch,
-            "total_epochs": self.config.train.total_epochs,
-            "steps": self.global_step,
-            "final_loss": self.last_metrics.get("loss"),
-            "final_accuracy": self.last_metrics.get("accuracy"),
-            "validation_metric": self.validator.metric if self.validator is not None else None,
-            "best": has_best,
-            "best_epoch": self.best_epoch if has_best else None,  # None also from checkpoints before issue 26
-            "best_metric": self.best_metric if has_best else None,
-            "checkpoints": [LATEST, BEST] if has_best else [LATEST],
-            "resumed": bool(session_start["resumed"]),
-            "session_start_epoch": int(session_start["epoch"]),
-            "session_epochs": self.epoch - int(session_start["epoch"]),
-            "session_steps": self.global_step - int(session_start["step"]),
-            "session_seconds": seconds,
-        }
+        """The whole run as it stands after a :meth:`fit` (:func:`facepipe.train.summary.run_summary`)."""
+        return run_summary(self.config, self.run_dir, self.epoch, self.global_step, self.last_metrics,
+                           self.validator.metric if self.validator is not None else None, self.best_metric,
+                           self.best_epoch, session_start, seconds)
 
 
 def train(config: Config, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 from facepipe.config import ValidationConfig
 from facepipe.eval.pairs_job import PairsOnDisk, load_pairs
 from facepipe.eval.verification import cosine_scores, evaluate_verification
+from facepipe.runtime.checkpoint import BEST
 from facepipe.runtime.model import extract_embeddings
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,17 @@ def pairs_validator(spec: ValidationConfig | None) -> PairsValidator | None:
     """The validator of ``train.validation`` (None: no validation set)."""
     return None if spec is None else PairsValidator(load_pairs(spec.pairs, spec.root, spec.allow_outside_root),
                                                     spec.every_epochs)
+
+
+def announce_selection(validator: Validator | None, run_dir: Path, is_main: bool) -> None:
+    """Log how this run selects best.pt (and warn of a stale best.pt when it no longer does)."""
+    if validator is not None:
+        log.info("model selection: best.pt is the epoch of the highest %s", validator.metric)
+        return
+    log.info("no validation set (train.validation) is configured: only latest.pt is written, no best.pt")
+    if is_main and (run_dir / BEST).exists():
+        log.warning("%s is left from before this run continued without a validation set; it is no "
+                    "longer updated: latest.pt is the model this run trains", run_dir / BEST)
 
 
 def restored_best(state: dict[str, Any], validator: Validator | None, path: str | Path) -> tuple[float, int | None]:
