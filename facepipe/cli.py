@@ -92,7 +92,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from facepipe.config import find_config, load_config
     from facepipe.runtime.distributed import launched_by_torchrun
     from facepipe.train import train
-    from facepipe.train.trainer import check_run_folder, format_run_summary
+    from facepipe.train.runs import check_run_folder
+    from facepipe.train.summary import format_run_summary
 
     if args.nproc > 1 and not launched_by_torchrun():
         # Checked here too: one line now instead of one per process and torchrun's traceback.

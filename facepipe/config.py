@@ -176,8 +176,8 @@ HeadConfig = Annotated[
 
 
 def head_kwargs(head: BaseModel) -> dict[str, Any]:
-    """Keyword arguments for ``facepipe.losses.build_head`` (everything but the type tag and
-    the margin source, which the trainer handles)."""
+    """Keyword arguments for ``facepipe.losses.build_head`` (everything but the type tag, the
+    margin source and the lambda schedule, which the trainer's plug-ins handle)."""
     return head.model_dump(exclude={"type", "margin_source", "lambda_schedule"})
 
 

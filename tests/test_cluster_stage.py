@@ -33,6 +33,11 @@ def clmle_config(root, out, refresh_every_steps=3, **extra):
     }, **extra)
 
 
+def cluster_stage(trainer):
+    """The CLMLE state of the run (the clmle plug-in's), None outside a clmle stage."""
+    return trainer.plugins["clmle"].cluster_stage
+
+
 def weights(trainer):
     return {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
@@ -41,7 +46,7 @@ def test_clmle_stage_clusters_batches_and_refreshes(tiny_dataset, tmp_path):
     trainer = Trainer(clmle_config(tiny_dataset, tmp_path / "run"), progress=False)
     metrics = trainer.fit()
     assert np.isfinite(metrics["loss"])
-    stage = trainer.cluster_stage
+    stage = cluster_stage(trainer)
     assert isinstance(trainer.sampler, RankClusterBatches) and trainer.loader.batch_size == 12
     assert isinstance(trainer.sampler.sampler, ClusterBatchSampler)
     saved = ClusterAssignment.from_npz(tmp_path / "run" / "clusters.npz")
@@ -76,8 +81,8 @@ def test_clmle_resume_restores_clusters_and_continues_exactly(tiny_dataset, tmp_
     resumed.fit()
     for key, value in weights(straight).items():
         torch.testing.assert_close(weights(resumed)[key], value, rtol=0, atol=0, msg=key)
-    np.testing.assert_array_equal(resumed.cluster_stage.assignment.sample_cluster,
-                                  straight.cluster_stage.assignment.sample_cluster)
+    np.testing.assert_array_equal(cluster_stage(resumed).assignment.sample_cluster,
+                                  cluster_stage(straight).assignment.sample_cluster)
 
 
 def test_clmle_with_classification_term_trains_the_head(tiny_dataset, tmp_path):
@@ -117,7 +122,7 @@ def record_step_modes(trainer):
     original = trainer._train_step
 
     def step(images, labels, indices=None):
-        if trainer.cluster_stage is not None:
+        if cluster_stage(trainer) is not None:
             probe = copy.deepcopy(trainer.model)
             with torch.no_grad():
                 as_trained = probe(images)
@@ -181,7 +186,7 @@ def test_stage_batchnorm_mode_resolves_auto():
 def test_loss_for_uses_the_stored_centroid_of_a_sample_alone_in_its_cluster(tiny_dataset, tmp_path):
     trainer = Trainer(clmle_config(tiny_dataset, tmp_path / "run"), progress=False)
     trainer.fit(max_epochs=2)
-    stage = trainer.cluster_stage
+    stage = cluster_stage(trainer)
     assert stage.loss.own_centroid == "leave_one_out"
     sample_cluster = stage.assignment.sample_cluster
     sizes = np.bincount(sample_cluster)

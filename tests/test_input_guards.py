@@ -241,7 +241,7 @@ def test_merge_validation_pairs_serve_the_validator_and_eval_pairs(tiny_dataset,
 
     from facepipe.data.merge import merge_identity_sources
     from facepipe.models import build_backbone
-    from facepipe.train.trainer import PairsValidator
+    from facepipe.train.validation import PairsValidator
 
     merge_identity_sources([tiny_dataset], tmp_path / "merged", val_fraction=0.5, seed=0, val_pairs=6,
                            val_out=tmp_path / "val")

@@ -8,8 +8,9 @@
 - SUM (Sec. 5, Eq. 11-15): each sample's probability of being misclassified under its Gaussian
   embedding, used to weight how much of its class margin it gets.
 
-The trainer (``facepipe.train.uncertainty_margins``) decides when these run; everything here is
-a pure function of tensors.
+The trainer's UMM and SUM plug-ins (``facepipe.train.plugins.umm``, with
+``facepipe.train.uncertainty_margins``) decide when these run; everything here is a pure
+function of tensors.
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""CLMLE stages of the trainer (Huang et al., TPAMI 2019, Sec. 3.2-3.3): clusters, cluster
-mini-batches, the loss.
+"""CLMLE stages (Huang et al., TPAMI 2019, Sec. 3.2-3.3): clusters, cluster mini-batches, the
+loss; run by the clmle plug-in (:mod:`facepipe.train.plugins.clmle`), which gives it the run's
+narrow context (:class:`facepipe.train.plugins.base.PluginContext`), not the trainer.
 
 When a stage whose loss is ``clmle`` starts, the current model embeds every training image (no
 augmentation), each identity is split into balanced spherical k-means clusters of about
@@ -29,7 +30,7 @@ from facepipe.losses.clmle import ClusterLossOutput, ClusterMarginLoss
 from facepipe.runtime.distributed import DistributedContext, broadcast_object, gather_rows
 
 if TYPE_CHECKING:
-    from facepipe.train.trainer import Trainer
+    from facepipe.train.plugins.base import PluginContext
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +40,15 @@ CLUSTERS_FILE = "clusters.npz"
 class ClusterStage:
     """The CLMLE state of one stage: assignment, sampler, loss cache, loss and refresh schedule."""
 
-    def __init__(self, trainer: "Trainer", stage_index: int, saved: dict[str, Any] | None = None) -> None:
-        self.trainer = trainer
+    def __init__(self, ctx: "PluginContext", stage_index: int, saved: dict[str, Any] | None = None) -> None:
+        self.ctx = ctx
         self.stage_index = stage_index
-        spec = trainer.config.train.stages[stage_index].loss
-        self.settings = trainer.config.train.clusters
+        spec = ctx.config.train.stages[stage_index].loss
+        self.settings = ctx.config.train.clusters
         self.loss = ClusterMarginLoss(spec.scale, spec.inter_margin, spec.intra_margin, spec.cost_sensitive,
                                       own_centroid=spec.own_centroid)
         self.classification_weight = spec.classification_weight
-        dataset = trainer.dataset
+        dataset = ctx.dataset
         self.cache = LossCache(len(dataset))
         # The last (micro-)batch's per-sample own-centroid cosines (with / without the sample),
         # lone-sample mask and zero-loss share, detached, for mechanism reports; kept as tensors so
@@ -65,34 +66,33 @@ class ClusterStage:
         else:
             log.info("CLMLE margins: %s", format_margin_bounds(np.bincount(dataset.labels)))
             self.assignment = self._cluster()
-            self.refreshed_at = trainer.global_step
+            self.refreshed_at = ctx.global_step()
         self.sampler = ClusterBatchSampler(
             self.assignment.sample_cluster, self.assignment.centroids, self.assignment.cluster_identity,
             clusters_per_batch=self.settings.clusters_per_batch, images_per_cluster=self.settings.images_per_cluster,
-            num_batches=trainer.steps_per_epoch, seed=trainer.config.seed, query=self.settings.query,
+            num_batches=ctx.steps_per_epoch, seed=ctx.config.seed, query=self.settings.query,
             loss_cache=self.cache,
         )
-        self.rank_sampler = RankClusterBatches(self.sampler, trainer.dist, trainer.config.train.micro_batches,
-                                               trainer.steps_per_epoch)
+        self.rank_sampler = RankClusterBatches(self.sampler, ctx.dist, ctx.config.train.micro_batches,
+                                               ctx.steps_per_epoch)
 
     # ------------------------------------------------------------------ clusters
     def _cluster(self) -> ClusterAssignment:
         """Huang et al. Eq. 6-7: features of the current model, balanced spherical k-means per identity."""
-        trainer = self.trainer
-        ctx = trainer.dist
+        ctx = self.ctx
         started = time.perf_counter()
         # Every rank gets all features in order; rank 0 clusters them and broadcasts the one
         # assignment (k-means need not agree bit for bit across ranks).
-        embeddings = trainer.embed_training_images(self.settings.batch_size)
+        embeddings = ctx.embed_training_images(self.settings.batch_size)
         extracted = time.perf_counter()
         assignment = None
-        if ctx.is_main:
+        if ctx.dist.is_main:
             assignment = balanced_spherical_kmeans(
-                embeddings, trainer.dataset.labels, self.settings.cluster_size,
-                seed=trainer.config.seed + trainer.global_step, niter=self.settings.kmeans_iterations,
+                embeddings, ctx.dataset.labels, self.settings.cluster_size,
+                seed=ctx.config.seed + ctx.global_step(), niter=self.settings.kmeans_iterations,
             )
-            assignment.to_npz(trainer.run_dir / CLUSTERS_FILE)
-        assignment = broadcast_object(ctx, assignment)
+            assignment.to_npz(ctx.run_dir / CLUSTERS_FILE)
+        assignment = broadcast_object(ctx.dist, assignment)
         seconds = time.perf_counter() - started
         self.refresh_seconds += seconds
         sizes = assignment.cluster_sizes()
@@ -100,17 +100,17 @@ class ClusterStage:
                   "cluster_size_min": int(sizes.min()), "cluster_size_max": int(sizes.max()),
                   "refresh_seconds_total": self.refresh_seconds}
         log.info("clusters: %d for %d identities (sizes %d..%d) in %.1f s (features %.1f s)",
-                 assignment.num_clusters, trainer.dataset.num_classes, sizes.min(), sizes.max(), seconds,
+                 assignment.num_clusters, ctx.dataset.num_classes, sizes.min(), sizes.max(), seconds,
                  record["extract_seconds"])
-        trainer.run_log.write("clusters", trainer.global_step, **record)
+        ctx.run_log().write("clusters", ctx.global_step(), **record)
         return assignment
 
     def maybe_refresh(self) -> bool:
         """Re-cluster when ``refresh_every_steps`` steps have passed since the last clustering."""
-        if self.trainer.global_step - self.refreshed_at < self.settings.refresh_every_steps:
+        if self.ctx.global_step() - self.refreshed_at < self.settings.refresh_every_steps:
             return False
         self.assignment = self._cluster()
-        self.refreshed_at = self.trainer.global_step
+        self.refreshed_at = self.ctx.global_step()
         self.sampler.update_clusters(self.assignment.sample_cluster, self.assignment.centroids,
                                      self.assignment.cluster_identity)
         return True
@@ -150,8 +150,8 @@ class ClusterStage:
     def record_losses(self, indices: torch.Tensor, per_sample: torch.Tensor) -> None:
         """Cache the step's per-sample losses, those of every rank: the caches stay identical, so
         each rank's hardest-cluster queries see the whole run's losses."""
-        ctx = self.trainer.dist
-        self.cache.update(gather_rows(ctx, indices.cpu().numpy()), gather_rows(ctx, per_sample.detach().cpu().numpy()))
+        dist = self.ctx.dist
+        self.cache.update(gather_rows(dist, indices.cpu().numpy()), gather_rows(dist, per_sample.detach().cpu().numpy()))
 
     def state_dict(self) -> dict[str, Any]:
         return {

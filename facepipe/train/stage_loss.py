@@ -18,6 +18,13 @@ from facepipe.losses.imbalance import (
 )
 
 
+def stage_reweighting(stage: StageConfig, class_counts: Sequence[int]) -> DeferredReweighting | None:
+    """The stage's DRW schedule (``stage.drw``), or None."""
+    if stage.drw is None:
+        return None
+    return DeferredReweighting(class_counts, stage.drw.start_epoch, stage.drw.kind, stage.drw.beta)
+
+
 def build_stage_loss(stage: StageConfig, class_counts: Sequence[int]) -> tuple[nn.Module, DeferredReweighting | None]:
     """(loss module taking logits and labels, DRW schedule or None).
 
@@ -25,9 +32,8 @@ def build_stage_loss(stage: StageConfig, class_counts: Sequence[int]) -> tuple[n
     computed before losses were configurable; DRW needs a loss with settable class weights.
     """
     spec = stage.loss
-    drw = (DeferredReweighting(class_counts, stage.drw.start_epoch, stage.drw.kind, stage.drw.beta)
-           if stage.drw is not None else None)
-    if spec.type == "clmle":  # the cluster loss is the trainer's (cluster_stage); this is its optional CE part
+    drw = stage_reweighting(stage, class_counts)
+    if spec.type == "clmle":  # the cluster loss is the clmle plug-in's; this is its optional CE part
         loss: nn.Module = nn.CrossEntropyLoss()
     elif spec.type == "ce":
         loss = WeightedCrossEntropyLoss() if drw is not None else nn.CrossEntropyLoss()

@@ -1,23 +1,22 @@
 """The embedding trainer: one loop for every schedule of heads, on CPU or CUDA.
 
-A run is a list of stages (Khan et al. Sec. 6.1.1 trains softmax before the margin losses; Huang et al.
-Sec. 3.3 clusters the features of a softmax-pretrained model), each a number of epochs with one
-classification head. Heads share one classifier weight, so a stage switch keeps the learned class
-centres and their optimizer state. Checkpoints hold everything needed to continue exactly.
+A run is a list of stages, each a number of epochs with one classification head and loss. Heads
+share one classifier weight, so a stage switch keeps the learned class centres and their optimizer
+state. What a method adds to the loop (its head, parameter groups, sampler, step loss, schedules,
+state) comes from its plug-in (:mod:`facepipe.train.plugins`), which sees a narrow view of the run,
+not the trainer. Checkpoints hold everything needed to continue exactly.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -29,124 +28,36 @@ from facepipe.data.recordio import open_training_dataset
 from facepipe.data.samplers import build_sampler
 from facepipe.data.stats import class_statistics
 from facepipe.data.transforms import build_train_transform
-from facepipe.errors import FacepipeUserError
-from facepipe.eval.pairs_job import PairsOnDisk, load_pairs
-from facepipe.eval.verification import cosine_scores, evaluate_verification
-from facepipe.losses import ARConvLHead, LSoftmaxHead, MarginHead, build_head
-from facepipe.losses.uncertainty import sum_margin_weights
+from facepipe.losses import build_head
 from facepipe.models import build_backbone
 from facepipe.runtime.checkpoint import BEST, LATEST, copy_checkpoint, load_checkpoint, save_checkpoint
 from facepipe.runtime.device import autocast, resolve_amp_dtype
-from facepipe.runtime.distributed import (
-    RankSlicedSampler,
-    all_true,
-    barrier,
-    broadcast_object,
-    gather_rows,
-    init_distributed,
-    rank_slice,
-)
-from facepipe.runtime.io import write_json_atomic, write_text_atomic, writing_output
-from facepipe.runtime.model import embed_dataset, extract_embeddings
+from facepipe.runtime.distributed import RankSlicedSampler, all_true, barrier, gather_rows, init_distributed, rank_slice
+from facepipe.runtime.model import embed_dataset
 from facepipe.runtime.seed import rng_state, seed_everything, set_rng_state
 from facepipe.train.batchnorm import apply_stage_batchnorm
-from facepipe.train.cluster_stage import CLUSTERS_FILE, ClusterStage
+from facepipe.train.clipping import ClipGroups, clip_gradients, clipping_groups
 from facepipe.train.lr_schedule import lr_factor
+from facepipe.train.optimizer import add_param_groups, build_optimizer, param_groups
+from facepipe.train.plugins.base import PluginContext, StepBatch, TrainerPlugin
+from facepipe.train.plugins.registry import build_plugins, plugins_for
 from facepipe.train.run_log import NullRunLog, RunLog
+from facepipe.train.runs import (
+    TrainingError,
+    check_resumable,
+    check_run_folder_on_every_rank,
+    initialise_from,
+    open_run_folder,
+    unfit_checkpoint,
+)
 from facepipe.train.stage_loss import build_stage_loss
-from facepipe.train.uncertainty_margins import refresh_margins
+from facepipe.train.summary import run_summary
+from facepipe.train.validation import Validator, announce_selection, judge_epoch, pairs_validator, restored_best
 
 log = logging.getLogger(__name__)
 
 # Consecutive non-finite losses tolerated (each step skipped) before the run is stopped.
 MAX_CONSECUTIVE_NONFINITE = 20
-# What a run writes into its folder (results.json: facepipe classify). A new run removes them
-# first, so that its log and files never mix with an earlier run's; other files are left alone.
-RUN_FILES = (LATEST, BEST, "metrics.jsonl", "tensorboard", "config.yaml", "class_stats.json", CLUSTERS_FILE,
-             "uncertainty.json", "uncertainty.png", "results.json")
-
-
-class TrainingError(RuntimeError, FacepipeUserError):
-    """Training cannot continue (diverged, inconsistent resume)."""
-
-
-# Settings that fix the shapes of a run's saved tensors; a resumed run must keep them (the saved
-# config and the current one are compared key by key, so the message can name the key).
-RESUME_FIXED_SETTINGS = ("data.image_size", "model")
-RESUME_ADVICE = ("restore the setting to resume this run, or start a new one (--overwrite, or another "
-                 "output_dir)")
-
-
-def changed_settings(saved: dict[str, Any], current: dict[str, Any], keys: Sequence[str]) -> list[str]:
-    """``key: saved -> current`` for every setting under ``keys`` (dotted; a section stands for
-    all its keys) that differs between two config dicts (:meth:`Config.to_dict`)."""
-
-    def flat(value: Any, prefix: str) -> dict[str, Any]:
-        if isinstance(value, dict):
-            return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}.{key}").items()}
-        return {prefix: list(value) if isinstance(value, tuple) else value}
-
-    def lookup(config: Any, key: str) -> Any:
-        for part in key.split("."):
-            config = config.get(part) if isinstance(config, dict) else None
-        return config
-
-    changes = []
-    for key in keys:
-        before, after = flat(lookup(saved, key), key), flat(lookup(current, key), key)
-        for name in sorted(set(before) | set(after)):
-            if before.get(name) != after.get(name):
-                changes.append(f"{name}: {before.get(name)} in the checkpoint, {after.get(name)} now")
-    return changes
-
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    # torch's load_state_dict lists every mismatch on its own line.
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[:limit] + " ..."
-
-
-def check_run_folder(run_dir: str | Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to start a new run where one already left a checkpoint, unless the caller said
-    what to do with it: ``resume`` (continue it) or ``overwrite`` (delete it, start afresh)."""
-    if resume and overwrite:
-        raise TrainingError("resume and overwrite contradict each other: give one of them")
-    found = [name for name in (LATEST, BEST) if (Path(run_dir) / name).exists()]
-    if found and not (resume or overwrite):
-        raise TrainingError(f"{run_dir} already holds a training run ({', '.join(found)}): give --resume to "
-                            "continue it, or --overwrite to delete it and start afresh")
-
-
-class Validator(Protocol):
-    """End-of-epoch evaluation: returns metrics, among them ``metric`` (higher is better), which
-    selects the best checkpoint."""
-
-    metric: str
-    every_epochs: int
-
-    def __call__(self, trainer: "Trainer") -> dict[str, Any]: ...
-
-
-class PairsValidator:
-    """Verification on the configured pairs (``train.validation``): ``val_accuracy`` is the accuracy
-    at the best threshold (what model selection uses), beside the 10-fold accuracy and the AUC."""
-
-    metric = "val_accuracy"
-
-    def __init__(self, pairs: PairsOnDisk, every_epochs: int) -> None:
-        self.pairs = pairs
-        self.every_epochs = every_epochs
-
-    def __call__(self, trainer: "Trainer") -> dict[str, Any]:
-        pairs, config = self.pairs, trainer.config
-        embeddings = extract_embeddings(
-            trainer.model, pairs.paths, config.data.image_size, trainer.device,
-            batch_size=config.embed.batch_size, flip=config.embed.flip, amp_dtype=trainer.amp_dtype,
-        )
-        scores = cosine_scores(embeddings, pairs.idx_a, pairs.idx_b)
-        result = evaluate_verification(scores, pairs.is_same)
-        return {"val_accuracy": result.best_threshold_accuracy, "val_accuracy_10fold": result.accuracy_mean,
-                "val_accuracy_10fold_std": result.accuracy_std, "val_auc": result.auc}
 
 
 class _TrainingStep(nn.Module):
@@ -167,8 +78,8 @@ class Trainer:
     """Trains ``config`` into ``config.output_dir``; ``resume=True`` continues from ``latest.pt``.
 
     A folder that already holds a checkpoint is refused unless ``resume`` or ``overwrite`` says
-    what to do with it; ``overwrite`` deletes that run's files (:data:`RUN_FILES`) when
-    :meth:`fit` starts.
+    what to do with it; ``overwrite`` deletes that run's files (:data:`facepipe.train.runs.RUN_FILES`)
+    when :meth:`fit` starts.
 
     The training set is the identity folder ``data.root`` unless ``dataset`` is given (any dataset
     with ``labels``, ``identities`` and ``(image, label, index)`` items, e.g. the in-memory images
@@ -183,17 +94,7 @@ class Trainer:
         self.run_dir = Path(config.output_dir)
         # Several processes under torchrun: one rank each; rank 0 alone writes files and logs.
         self.dist, self.device = init_distributed(config.train.device)
-        # Rank 0 looks (it alone writes the folder) and every rank stops on its verdict, so that
-        # no rank waits in a collective for one that gave up.
-        problem = None
-        if self.dist.is_main:
-            try:
-                check_run_folder(self.run_dir, resume, overwrite)
-            except TrainingError as exc:
-                problem = str(exc)
-        problem = broadcast_object(self.dist, problem)
-        if problem:
-            raise TrainingError(problem)
+        check_run_folder_on_every_rank(self.dist, self.run_dir, resume, overwrite)
         # Files of an earlier run to remove when this one starts writing (see fit).
         self._clear_run_dir = not resume
         self.progress = progress and self.dist.is_main
@@ -220,8 +121,7 @@ class Trainer:
         if config.train.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, config.train.max_steps_per_epoch)
         self.total_steps = self.steps_per_epoch * config.train.total_epochs
-        self.cluster_stage: ClusterStage | None = None  # the CLMLE state while a clmle stage runs
-        self._saved_cluster_stage: dict[str, Any] | None = None
+        self._plugin_sampler: Any = None  # a plug-in's batch sampler in use (None: the epoch sampler)
         self._use_epoch_sampler()
 
         self.model = build_backbone(config.model, config.data.image_size).to(self.device)
@@ -231,14 +131,15 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.stage_index = 0
         self.class_counts = np.bincount(self.dataset.labels, minlength=self.dataset.num_classes).tolist()
-        # Steps annealed so far by margin-product heads (L-Softmax / SphereFace lambda): run state,
-        # so a stage switch continues the schedule instead of restarting it (see _start_annealing).
-        self.anneal_step = 0
-        self.head = self._build_head(0, weight=None)
-        self._start_annealing(0)
-        self.loss_fn, self.drw = self._build_loss(0)
-        self.optimizer = self._build_optimizer()
-        # One rule per parameter group: the main schedule, or a head's own (ARConvL radii).
+        self.run_log: RunLog | NullRunLog = NullRunLog()  # fit() opens the run's log
+        # Every registered plug-in, by name; those that shape the current stage, in hook order.
+        self.plugins: dict[str, TrainerPlugin] = build_plugins(self._plugin_context())
+        self._active = self._stage_plugins(0)
+        self.head = self._build_head(weight=None)
+        self.loss_fn = self._build_loss()
+        self.optimizer = build_optimizer(
+            self._param_groups(list(self.model.parameters()) + list(self.head.parameters())), config.optim)
+        # One rule per parameter group: the main schedule, or a plug-in's own.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, [self._lr_rule(group, 0) for group in self.optimizer.param_groups]
         )
@@ -254,33 +155,18 @@ class Trainer:
         self.best_epoch: int | None = None
         self.nonfinite_steps = 0
         self.last_metrics: dict[str, Any] = {}
-        self.head_stats: dict[str, float] = {}  # per-step diagnostics of heads that compute their loss
+        self.step_stats: dict[str, float] = {}  # per-step diagnostics of a plug-in's step loss
         self.clip_stats: dict[str, float] = {}  # per clipping group: gradient norm and clip factor of the last step
-        self.validator = validator if validator is not None else self._pairs_validator()
+        self.validator = validator if validator is not None else pairs_validator(config.train.validation)
         if resume:
             self.resume(self.run_dir / LATEST)
         else:
             if config.train.init_from:
-                self.initialise_from(config.train.init_from)
-            self._init_arconvl_centers()
+                initialise_from(config.train.init_from, self.model, self.head, self.dataset.identities, self.device)
+            for plugin in self._active:
+                plugin.on_stage_start(fresh=True)
 
     # ------------------------------------------------------------------ construction
-    def _remove_run_files(self) -> None:
-        """Delete what an earlier run left in the run folder (its checkpoints, log, TensorBoard
-        events, and temporaries of interrupted atomic writes)."""
-        removed = []
-        for name in RUN_FILES:
-            for path in [self.run_dir / name, *self.run_dir.glob(f".{name}.*.tmp")]:
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                elif path.exists() or path.is_symlink():
-                    path.unlink()
-                else:
-                    continue
-                removed.append(path.name)
-        if removed:
-            log.info("%s: removed the files of the earlier run (%s)", self.run_dir, ", ".join(removed))
-
     def _use_epoch_sampler(self) -> None:
         batch = self.config.data.batch_size
         sampler = RankSlicedSampler(self.epoch_sampler, batch, self.dist) if self.dist.enabled else self.epoch_sampler
@@ -305,44 +191,62 @@ class Trainer:
             generator=torch.Generator().manual_seed(self.config.seed),
         )
 
-    def _enter_cluster_stage(self) -> None:
-        """Huang et al.: clusters and cluster mini-batches for a clmle stage (its first epoch, or the
-        state saved in the checkpoint after a resume); back to the epoch sampler after it."""
-        stage = self.config.train.stages[self.stage_index]
-        if stage.loss.type != "clmle":
-            if self.cluster_stage is not None:
-                self.cluster_stage = None
-                self._use_epoch_sampler()
+    def _plugin_context(self) -> PluginContext:
+        return PluginContext(
+            config=self.config, device=self.device, amp_dtype=self.amp_dtype, dist=self.dist, dataset=self.dataset,
+            class_counts=self.class_counts, steps_per_epoch=self.steps_per_epoch, run_dir=self.run_dir,
+            model=self.model, embed_training_images=self.embed_training_images,
+            head=lambda: self.head, loss_fn=lambda: self.loss_fn, stage_index=lambda: self.stage_index,
+            epoch=lambda: self.epoch, global_step=lambda: self.global_step,
+            step_in_epoch=lambda: self.step_in_epoch, run_log=lambda: self.run_log,
+        )
+
+    def _stage_plugins(self, stage_index: int) -> list[TrainerPlugin]:
+        return [self.plugins[plugin.name] for plugin in plugins_for(self.config.train.stages[stage_index])]
+
+    @staticmethod
+    def _first(plugins: Iterable[TrainerPlugin], ask: Callable[[TrainerPlugin], Any]) -> Any:
+        """The first answer that is not None of ``plugins`` (None if none answers)."""
+        for plugin in plugins:
+            answer = ask(plugin)
+            if answer is not None:
+                return answer
+        return None
+
+    def _take_sampler(self) -> None:
+        """Batches from the sampler a plug-in of the stage brings, else from the epoch sampler. A
+        plug-in's new sampler also rebuilds the step module (its stage may leave parameters unused)."""
+        sampler = self._first(self._active, lambda plugin: plugin.sampler())
+        if sampler is self._plugin_sampler:
             return
-        if self.cluster_stage is None or self.cluster_stage.stage_index != self.stage_index:
-            self.cluster_stage = ClusterStage(self, self.stage_index, saved=self._saved_cluster_stage)
-            self._saved_cluster_stage = None
-            sampler = self.cluster_stage.rank_sampler
-            self._use_sampler(sampler, sampler.items_per_step, sampler.items_per_step)
-            self._wrap_step_module()  # an unused classifier needs find_unused_parameters
+        self._plugin_sampler = sampler
+        if sampler is None:
+            self._use_epoch_sampler()
+            return
+        self._use_sampler(sampler, sampler.items_per_step, sampler.items_per_step)
+        self._wrap_step_module()
 
     def _wrap_step_module(self) -> None:
         """The module a training step calls: backbone + head, in DistributedDataParallel when
         there are several ranks, so the gradients of both are all-reduced. Rebuilt when the head
-        changes; a classifier that gets no gradient (CLMLE without classification term) needs
+        changes; a stage in which a parameter gets no gradient (a plug-in says so) needs
         ``find_unused_parameters``."""
         step = _TrainingStep(self)
         if not self.dist.enabled:
             self.step_module = step
             return
-        stage = self.config.train.stages[self.stage_index]
-        unused = stage.loss.type == "clmle" and not stage.loss.classification_weight
+        unused = any(plugin.find_unused_parameters() for plugin in self._active)
         self.step_module = DistributedDataParallel(
             step, device_ids=[self.device.index] if self.device.type == "cuda" else None,
             find_unused_parameters=unused,
         )
 
-    def _build_head(self, stage_index: int, weight: nn.Parameter | None) -> nn.Module:
-        stage = self.config.train.stages[stage_index]
-        if stage.head.type == "arconvl":
-            # Its centres are not a classifier weight: a switch to or from ARConvL starts them afresh.
-            return ARConvLHead(self.dataset.num_classes, self.config.model.embedding_size, self.class_counts,
-                               gamma=stage.head.gamma, radius_init=stage.head.radius_init).to(self.device)
+    def _build_head(self, weight: nn.Parameter | None) -> nn.Module:
+        """The current stage's head: a plug-in's, or the configured margin head around ``weight``."""
+        head = self._first(self._active, lambda plugin: plugin.build_head(weight))
+        if head is not None:
+            return head
+        stage = self.config.train.stages[self.stage_index]
         head = build_head(
             stage.head.type, self.dataset.num_classes, self.config.model.embedding_size,
             weight=weight, **head_kwargs(stage.head),
@@ -360,106 +264,43 @@ class Trainer:
             amp_dtype=self.amp_dtype, progress=self.progress, normalize=normalize,
         ))
 
-    def _init_arconvl_centers(self) -> None:
-        """``head.init_centers: class_means``: put each ARConvL centre C_j at the mean raw feature of
-        class j under the current backbone (eval mode, no augmentation). Every rank embeds its share
-        and gets all rows, so all ranks compute the same centres."""
-        stage = self.config.train.stages[self.stage_index]
-        if not isinstance(self.head, ARConvLHead) or stage.head.init_centers != "class_means":
-            return
-        started = time.perf_counter()
-        features = self.embed_training_images(self.config.data.batch_size, normalize=False)
-        labels = np.asarray(self.dataset.labels)
-        sums = np.zeros((self.dataset.num_classes, features.shape[1]), dtype=np.float64)
-        np.add.at(sums, labels, features)
-        means = sums / np.bincount(labels, minlength=self.dataset.num_classes)[:, None]
-        with torch.no_grad():
-            self.head.centers.copy_(torch.as_tensor(means, dtype=self.head.centers.dtype))
-        log.info("ARConvL centres: class means of %d training features (mean norm %.2f) in %.1f s",
-                 len(features), float(np.linalg.norm(means, axis=1).mean()), time.perf_counter() - started)
-
-    def _start_annealing(self, stage_index: int) -> None:
-        """Give a margin-product head (L-Softmax / SphereFace, UMM) the run's annealing position.
-
-        The lambda of Liu et al.'s annealing used to live in each head and restart at lambda_base
-        with every new head: the study's 980-step UMM fine-tuning then reached a margin weight
-        1 / (1 + lambda) of only 0.106, and its SUM stage 0.056. ``lambda_schedule: continue``
-        (default) carries the count across stages; ``restart`` starts this stage from zero.
-        """
-        if not isinstance(self.head, LSoftmaxHead):
-            return
-        if self.config.train.stages[stage_index].head.lambda_schedule == "restart":
-            self.anneal_step = 0
-        with torch.no_grad():
-            self.head.it.fill_(self.anneal_step)
-
-    def margin_schedule_stats(self) -> dict[str, float]:
-        """lambda and the margin weight 1 / (1 + lambda) of a margin-product head (else empty)."""
-        if not isinstance(self.head, LSoftmaxHead):
-            return {}
-        lam = self.head.current_lambda
-        return {"lambda": lam, "margin_weight": 1.0 / (1.0 + lam)}
-
-    def _build_loss(self, stage_index: int) -> tuple[nn.Module, Any]:
-        loss, drw = build_stage_loss(self.config.train.stages[stage_index], self.class_counts)
-        return loss.to(self.device), drw
+    def _build_loss(self) -> nn.Module:
+        loss, _ = build_stage_loss(self.config.train.stages[self.stage_index], self.class_counts)
+        return loss.to(self.device)
 
     def _param_groups(self, params: list[nn.Parameter]) -> list[dict[str, Any]]:
-        # No weight decay on BN/PReLU parameters and biases: decaying them only fights the
-        # normalisation; the classifier weight (2-D) is decayed like the convolutions.
-        radii = getattr(self.head, "radii", None)
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1 and p is not radii]
-        groups = [{"params": group, "weight_decay": wd, "lr_rule": "main"}
-                  for group, wd in ((decay, self.config.optim.weight_decay), (no_decay, 0.0)) if group]
-        if any(p is radii for p in params):
-            # ARConvL radii: their own absolute rate (lr 1.0 times the rule), no decay (Eq. 2 has gamma R^2).
-            groups.append({"params": [radii], "weight_decay": 0.0, "lr": 1.0, "lr_rule": "radius"})
-        return groups
+        return param_groups(params, self.plugins.values(), self.config.optim.weight_decay)
 
     def _lr_rule(self, group: dict[str, Any], stage_index: int) -> Callable[[int], float]:
-        """The factor on a group's initial rate at a given optimisation step."""
-        if group.get("lr_rule") == "radius":
-            head = self.config.train.stages[stage_index].head
-            stage_start = sum(s.epochs for s in self.config.train.stages[:stage_index])
-            # Li et al. Sec. 4.1: 0.001 for the stage's first 3 epochs, then 0.01; no decay.
-            return lambda step: (head.radius_warmup_lr if step // self.steps_per_epoch - stage_start
-                                 < head.radius_warmup_epochs else head.radius_lr)
+        """The factor on a group's initial rate at a given optimisation step: its plug-in's rule,
+        else the main schedule."""
+        rule = self._first(self.plugins.values(), lambda plugin: plugin.lr_rule(group, stage_index))
+        if rule is not None:
+            return rule
         cfg = self.config
         return lambda step: lr_factor(step, cfg.scheduler, self.steps_per_epoch, self.total_steps)
-
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        optim = self.config.optim
-        groups = self._param_groups(list(self.model.parameters()) + list(self.head.parameters()))
-        if optim.name == "sgd":
-            return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov)
-        return torch.optim.AdamW(groups, lr=optim.lr)
 
     def _sync_head_parameters(self, stage_index: int) -> None:
         """Register parameters a new head brings beyond the shared classifier weight, each group
         under its learning-rate rule from the current step on."""
         known = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         new = [p for p in self.head.parameters() if id(p) not in known]
-        for group in self._param_groups(new):
-            self.optimizer.add_param_group(group)
-            added = self.optimizer.param_groups[-1]
-            rule = self._lr_rule(added, stage_index)
-            added["initial_lr"] = added["lr"]
-            self.scheduler.base_lrs.append(added["lr"])
-            self.scheduler.lr_lambdas.append(rule)
-            added["lr"] = added["initial_lr"] * rule(self.global_step)
+        add_param_groups(self.optimizer, self.scheduler, self._param_groups(new),
+                         lambda group: self._lr_rule(group, stage_index), self.global_step)
 
     def _switch_stage(self, stage_index: int, announce: bool = True) -> None:
         if stage_index == self.stage_index:
             return
         previous = self.config.train.stages[self.stage_index]
-        self.head = self._build_head(stage_index, weight=self.head.weight)
-        self._start_annealing(stage_index)
-        self.loss_fn, self.drw = self._build_loss(stage_index)
-        self._sync_head_parameters(stage_index)
+        for plugin in self._active:
+            plugin.on_stage_end()
         self.stage_index = stage_index
-        if announce:  # a resume replays the switch, then loads the head's saved state
-            self._init_arconvl_centers()
+        self._active = self._stage_plugins(stage_index)
+        self.head = self._build_head(weight=self.head.weight)
+        self.loss_fn = self._build_loss()
+        self._sync_head_parameters(stage_index)
+        for plugin in self._active:  # a resume replays the switch, then loads the head's saved state
+            plugin.on_stage_start(fresh=announce)
         self._wrap_step_module()
         stage = self.config.train.stages[stage_index]
         if not announce:
@@ -468,24 +309,6 @@ class Trainer:
                  previous.head.type, stage.head.type)
         self.run_log.write("stage", self.global_step, epoch=self.epoch, stage=stage_index,
                            head=stage.head.type, name=stage.name)
-
-    def _refresh_uncertainty_margins(self) -> dict[str, Any] | None:
-        """UMM (Khan et al. Sec. 4): at the start of every K-th epoch of a stage whose head takes its
-        margins from uncertainty. A mid-epoch resume keeps the margins saved with the head."""
-        stage = self.config.train.stages[self.stage_index]
-        if getattr(stage.head, "margin_source", "fixed") != "uncertainty" or self.step_in_epoch:
-            return None
-        stage_start = sum(s.epochs for s in self.config.train.stages[: self.stage_index])
-        if (self.epoch - stage_start) % self.config.train.uncertainty.refresh_every_epochs:
-            return None
-        record = refresh_margins(self)
-        self.run_log.write("uncertainty", self.global_step, **record)
-        return record
-
-    def _pairs_validator(self) -> PairsValidator | None:
-        spec = self.config.train.validation
-        return None if spec is None else PairsValidator(load_pairs(spec.pairs, spec.root, spec.allow_outside_root),
-                                                        spec.every_epochs)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -499,7 +322,6 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.global_step,
             "step_in_epoch": self.step_in_epoch,
-            "anneal_step": self.anneal_step,
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
             # What best_metric measures (None: no validator, so no best.pt): a resume with another
@@ -510,7 +332,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "identities": list(self.dataset.identities),
             "metrics": self.last_metrics,
-            "cluster_stage": None if self.cluster_stage is None else self.cluster_stage.state_dict(),
+            **{key: value for plugin in self.plugins.values() for key, value in plugin.state_dict().items()},
         }
 
     def save(self, best: bool = False) -> Path:
@@ -522,35 +344,10 @@ class Trainer:
             copy_checkpoint(path, self.run_dir / BEST)
         return path
 
-    def initialise_from(self, path: str | Path) -> None:
-        """Weights of another run: the backbone (same architecture required) and, when it was
-        trained on the same identities, the shared classifier weight."""
-        state = load_checkpoint(path, map_location=self.device)
-        try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            raise TrainingError(f"train.init_from={path}: its backbone does not fit this config's model ({exc})") \
-                from None
-        head_weight = state["head"].get("weight")
-        same_identities = list(state["identities"]) == list(self.dataset.identities)
-        if same_identities and head_weight is not None and hasattr(self.head, "weight") \
-                and head_weight.shape == self.head.weight.shape:
-            with torch.no_grad():
-                self.head.weight.copy_(head_weight)
-        log.info("initialised from %s (backbone%s)", path, ", classifier" if same_identities else "")
-
     def resume(self, path: str | Path) -> None:
         state = load_checkpoint(path, map_location=self.device)
         self._clear_run_dir = False  # continuing: the folder's files are this run's
-        if list(state["identities"]) != list(self.dataset.identities):
-            raise TrainingError(
-                f"cannot resume from {path}: it was trained on {len(state['identities'])} identities, "
-                f"the dataset at {self.config.data.root} has {self.dataset.num_classes} (or a different list)"
-            )
-        changed = changed_settings(state["config"], self.config.to_dict(), RESUME_FIXED_SETTINGS)
-        if changed:
-            raise TrainingError(f"cannot resume from {path}: the checkpoint no longer fits the config "
-                                f"({'; '.join(changed)}); {RESUME_ADVICE}")
+        check_resumable(state, path, self.dataset, self.config.data.root, self.config.to_dict())
         try:
             self.model.load_state_dict(state["model"])
             # Replaying the stage switches rebuilds the optimizer's parameter groups exactly as the
@@ -564,96 +361,32 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError, IndexError) as exc:
             # The named settings above are checked first; this catches any other setting that
             # changes the saved tensors or parameter groups (e.g. the heads of train.stages).
-            raise TrainingError(f"cannot resume from {path}: the checkpoint no longer fits the config "
-                                f"({_one_line(exc)}); {RESUME_ADVICE}") from exc
+            raise unfit_checkpoint(path, exc) from exc
         self.epoch = int(state["epoch"])
         self.global_step = int(state["step"])
         self.step_in_epoch = int(state["step_in_epoch"])
-        # Checkpoints from before the count was run state: the margin head's own counter.
-        self.anneal_step = int(state.get("anneal_step", int(self.head.it) if isinstance(self.head, LSoftmaxHead) else 0))
-        self._restore_best(state, path)
+        for plugin in self.plugins.values():
+            plugin.load_state_dict(state)
+        self.best_metric, self.best_epoch = restored_best(state, self.validator, path)
         self.nonfinite_steps = int(state["nonfinite_steps"])
         self.last_metrics = dict(state.get("metrics") or {})
-        self._saved_cluster_stage = state.get("cluster_stage")
         set_rng_state(state["rng"])
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.global_step)
 
-    def _restore_best(self, state: dict[str, Any], path: str | Path) -> None:
-        """best_metric / best_epoch of a checkpoint, kept only when they measure what this run's
-        validator measures. Without a validator there is no best (checkpoints written before
-        issue 26 hold the negated training loss there, a rule no longer used)."""
-        metric = self.validator.metric if self.validator is not None else None
-        saved_metric = state.get("best_metric_name", metric)  # older checkpoints: assume the same
-        if metric is None or saved_metric != metric:
-            if metric is not None and saved_metric is not None:
-                log.info("%s selected best.pt by %s; this run selects by %s and starts its selection afresh",
-                         path, saved_metric, metric)
-            self.best_metric, self.best_epoch = -math.inf, None
-            return
-        self.best_metric = float(state["best_metric"])
-        best_epoch = state.get("best_epoch")
-        self.best_epoch = None if best_epoch is None else int(best_epoch)
-
-    def _select_best(self, metrics: dict[str, Any]) -> tuple[bool, str]:
-        """Whether the epoch just finished becomes best.pt, and why (logged when it does)."""
-        if self.validator is None:
-            return False, "no validation set: only latest.pt is written"
-        name = self.validator.metric
-        if name not in metrics:
-            return False, f"not validated this epoch (validation every {self.validator.every_epochs} epochs)"
-        score = float(metrics[name])
-        if not np.isfinite(score):
-            return False, f"{name} is {score}"
-        previous = (f"previous best {self.best_metric:.6g}" if self.best_epoch is None
-                    else f"previous best {self.best_metric:.6g} (epoch {self.best_epoch})")
-        if score > self.best_metric:
-            reason = (f"{name} {score:.6g} > {previous}" if np.isfinite(self.best_metric)
-                      else f"{name} {score:.6g}, the first validated epoch")
-            self.best_metric, self.best_epoch = score, self.epoch
-            log.info("epoch %d is the new best.pt: %s", self.epoch, reason)
-            return True, reason
-        return False, f"{name} {score:.6g} <= {previous}"
-
     # ------------------------------------------------------------------ training
     def _batch_loss(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> dict[str, Any]:
-        """Loss of one (micro-)batch with the current stage's head and loss; runs inside the
-        DistributedDataParallel wrapper (:class:`_TrainingStep`) when there are several ranks."""
-        stage = self.config.train.stages[self.stage_index]
-        margin_weight = None
+        """Loss of one (micro-)batch with the current stage's head and loss, or a plug-in's step
+        loss; runs inside the DistributedDataParallel wrapper (:class:`_TrainingStep`) when there
+        are several ranks."""
         with autocast(self.device, self.amp_dtype):
             feature_maps = self.model.features(images)
             embeddings = self.model.output_stage(feature_maps)
-        if stage.sample_uncertainty:
-            # Khan et al. SUM: N extra dropout passes of the output stage only, on this batch's
-            # feature maps (no second backbone pass), give each sample its share of the margin.
-            weight = self.head.weight
-            if getattr(self.head, "normalize_weights", False):
-                weight = F.normalize(weight.detach().float(), dim=1)
-            margin_weight = sum_margin_weights(
-                self.model.output_stage, feature_maps, weight, labels, self.config.train.uncertainty.passes,
-                normalise=stage.head.type in ("cosface", "arcface"),
-            )
-        out: dict[str, Any] = {}
-        if isinstance(self.head, ARConvLHead):  # Li et al.: the head's regions give the whole loss
-            parts = self.head(embeddings.float(), labels)
-            out["loss"] = parts["loss"]
-            out["correct"] = self.head.scores(embeddings.detach().float()).argmax(1) == labels
-            out["head_stats"] = {**{k: parts[k].detach() for k in ("beta", "sigma2", "r_ben", "r_upp", "region")},
-                                 "radius_mean": self.head.radii.detach().mean()}
-        elif self.cluster_stage is not None:  # Huang et al. CLMLE, plus an optional classification term
-            clusters = self.cluster_stage.loss_for(embeddings.float(), labels, indices)
-            out["loss"] = clusters.loss
-            out["cluster_losses"] = clusters.per_sample
-            if self.cluster_stage.classification_weight:
-                logits = self.head(embeddings.float(), labels)
-                out["loss"] = out["loss"] + self.cluster_stage.classification_weight * self.loss_fn(logits, labels)
-                out["correct"] = logits.detach().argmax(1) == labels
-            else:  # the classifier does not train here: score the nearest batch cluster instead
-                out["correct"] = clusters.identity_correct
-        else:
-            logits = self.head(embeddings.float(), labels, margin_weight=margin_weight)
-            out["loss"] = self.loss_fn(logits, labels)
-            out["correct"] = logits.detach().argmax(1) == labels
+        batch = StepBatch(feature_maps, embeddings, labels, indices, self.head, self.loss_fn)
+        batch.margin_weight = self._first(self._active, lambda plugin: plugin.margin_weight(batch))
+        out = self._first(self._active, lambda plugin: plugin.step_loss(batch))
+        if out is None:
+            logits = self.head(embeddings.float(), labels, margin_weight=batch.margin_weight)
+            out = {"loss": self.loss_fn(logits, labels), "correct": logits.detach().argmax(1) == labels}
         return out
 
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor,
@@ -667,7 +400,7 @@ class Trainer:
             images = images.contiguous(memory_format=torch.channels_last)
         chunks = self.config.train.micro_batches
         parts = list(zip(images.chunk(chunks), labels.chunk(chunks), indices.chunk(chunks)))
-        losses, correct, cluster_losses, finite = [], [], [], True
+        losses, correct, outputs, finite = [], [], [], True
         for number, (part_images, part_labels, part_indices) in enumerate(parts):
             last = number == len(parts) - 1
             sync = contextlib.nullcontext() if last or not self.dist.enabled else self.step_module.no_sync()
@@ -683,10 +416,9 @@ class Trainer:
                     self.scaler.scale(out["loss"] / len(parts)).backward()
             losses.append(out["loss"].detach())
             correct.append(out["correct"])
-            if "cluster_losses" in out:
-                cluster_losses.append(out["cluster_losses"])
-            if "head_stats" in out:
-                self.head_stats = {k: float(v) for k, v in out["head_stats"].items()}
+            outputs.append({key: value for key, value in out.items() if key != "loss"})
+            if "stats" in out:
+                self.step_stats = {k: float(v) for k, v in out["stats"].items()}
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             return None
@@ -695,53 +427,21 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        if self.cluster_stage is not None:
-            self.cluster_stage.record_losses(indices, torch.cat(cluster_losses))
-            self._step_indices = indices  # for the CLMLE batch statistics of the next log record
-        if isinstance(self.head, MarginHead):
-            self.head.step()
-        if isinstance(self.head, LSoftmaxHead):
-            self.anneal_step += 1
+        for plugin in self._active:
+            plugin.after_step(indices, outputs)
         return torch.stack(losses).mean().item(), torch.cat(correct).float().mean().item()
 
-    def clipping_groups(self) -> dict[str, tuple[list[nn.Parameter], float | None]]:
-        """Parameters clipped together and their max norm: ``main`` (backbone and classifier or
-        class centres, ``optim.clip_grad_norm``) and each head group with its own rate rule
-        (ARConvL ``radius``: ``head.radius_clip_grad_norm``, None by default). With
-        ``optim.clip_mode: global`` everything is one group, as before per-group clipping."""
-        optim = self.config.optim
-        every = [p for group in self.optimizer.param_groups for p in group["params"]]
-        if optim.clip_mode == "global":
-            return {"global": (every, optim.clip_grad_norm)}
-        groups: dict[str, tuple[list[nn.Parameter], float | None]] = {}
-        head = self.config.train.stages[self.stage_index].head
-        for group in self.optimizer.param_groups:
-            name = group.get("lr_rule", "main")
-            limit = optim.clip_grad_norm if name == "main" else getattr(head, f"{name}_clip_grad_norm", None)
-            params, _ = groups.get(name, ([], limit))
-            groups[name] = (params + list(group["params"]), limit)
-        return groups
+    def clipping_groups(self) -> ClipGroups:
+        """Parameters clipped together and their max norm: ``main`` and each plug-in group with
+        its plug-in's limit (:func:`facepipe.train.clipping.clipping_groups`)."""
+        return clipping_groups(self.optimizer.param_groups, self.config.optim, lambda name: self._first(
+            self.plugins.values(), lambda plugin: plugin.clip_limit(name)))
 
     def _clip_gradients(self) -> None:
-        """Clip each group of :meth:`clipping_groups` by its own norm and keep, for the log, each
-        group's gradient norm and clip factor (1 = untouched). One global norm let ARConvL's radii
-        (norm 513 at the start of the study's fine-tuning) scale every other step by 0.0096."""
+        """Clip each group of :meth:`clipping_groups` by its own norm; keep each group's gradient
+        norm and clip factor for the log."""
         self.scaler.unscale_(self.optimizer)
-        stats = {}
-        for name, (params, limit) in self.clipping_groups().items():
-            with_grad = [p for p in params if p.grad is not None]
-            if not with_grad:
-                continue
-            if limit:
-                norm = float(nn.utils.clip_grad_norm_(with_grad, limit))
-                factor = min(1.0, limit / (norm + 1e-6))
-            else:
-                norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float())
-                                                                   for p in with_grad])))
-                factor = 1.0
-            stats[f"grad_norm_{name}"] = norm
-            stats[f"clip_factor_{name}"] = factor
-        self.clip_stats = stats
+        self.clip_stats = clip_gradients(self.clipping_groups())
 
     def _run_epoch(self) -> dict[str, Any]:
         cfg = self.config
@@ -783,17 +483,16 @@ class Trainer:
             window_acc.append(accuracy)
             window_images += self.images_per_step
             bar.update(1)
-            if self.cluster_stage is not None and self.step_in_epoch < self.steps_per_epoch \
-                    and self.cluster_stage.maybe_refresh():
-                self.save()  # the new clusters cost minutes: keep them with a checkpoint
+            if self.step_in_epoch < self.steps_per_epoch and self._maybe_refresh(self._active):
+                self.save()  # a refresh costs minutes: keep its result with a checkpoint
             if self.global_step % cfg.train.log_every_steps == 0 or self.step_in_epoch == self.steps_per_epoch:
                 elapsed = time.perf_counter() - window_start
                 speed = window_images / max(elapsed, 1e-9)
                 record = {"epoch": self.epoch, "loss": float(np.mean(window_loss)),
                           "accuracy": float(np.mean(window_acc)), "lr": self.optimizer.param_groups[0]["lr"],
-                          "images_per_s": speed, **self.head_stats, **self.margin_schedule_stats(),
-                          **self.clip_stats, **(self.cluster_stage.batch_stats(self._step_indices)
-                                                if self.cluster_stage is not None else {})}
+                          "images_per_s": speed, **self.step_stats,
+                          **{k: v for plugin in self._active for k, v in plugin.log_stats().items()},
+                          **self.clip_stats}
                 self.run_log.write("train", self.global_step, **record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}", img_s=f"{speed:.0f}")
                 window_loss, window_acc, window_images, window_start = [], [], 0, time.perf_counter()
@@ -824,9 +523,8 @@ class Trainer:
 
     def class_scores(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Class scores [B, C] without margins, whose argmax is the head's prediction."""
-        if isinstance(self.head, ARConvLHead):
-            return self.head.scores(embeddings, use_prior=self.config.train.stages[self.stage_index].head.use_prior)
-        return self.head.inference_logits(embeddings)
+        scores = self._first(self._active, lambda plugin: plugin.class_scores(embeddings))
+        return scores if scores is not None else self.head.inference_logits(embeddings)
 
     def fit(self, max_epochs: int | None = None) -> dict[str, Any]:
         """Train the remaining epochs of the schedule (or up to epoch ``max_epochs``, a checkpoint
@@ -836,27 +534,12 @@ class Trainer:
         session_started = time.perf_counter()
         session_start = {"epoch": self.epoch, "step": self.global_step,
                          "resumed": (self.epoch, self.step_in_epoch) != (0, 0)}
-        if self.dist.is_main:
-            with writing_output(self.run_dir):
-                if self._clear_run_dir:
-                    self._remove_run_files()
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                write_text_atomic(self.run_dir / "config.yaml", cfg.to_yaml())
-                write_json_atomic(self.run_dir / "class_stats.json", self.stats.to_dict())
-                self.run_log = RunLog(self.run_dir)
-        else:
-            self.run_log = NullRunLog()
+        self.run_log = open_run_folder(self.run_dir, cfg, self.stats.to_dict(), self.dist, clear=self._clear_run_dir)
         self._clear_run_dir = False  # a second fit() continues this run
         log.info("dataset %s: %s", cfg.data.root or type(self.dataset).__name__, self.stats.summary())
         log.info("device %s, amp %s, %d steps/epoch x %d epochs", self.device,
                  self.amp_dtype or "off", self.steps_per_epoch, cfg.train.total_epochs)
-        if self.validator is None:
-            log.info("no validation set (train.validation) is configured: only latest.pt is written, no best.pt")
-            if self.dist.is_main and (self.run_dir / BEST).exists():
-                log.warning("%s is left from before this run continued without a validation set; it is no "
-                            "longer updated: latest.pt is the model this run trains", self.run_dir / BEST)
-        else:
-            log.info("model selection: best.pt is the epoch of the highest %s", self.validator.metric)
+        announce_selection(self.validator, self.run_dir, self.dist.is_main)
         if not session_start["resumed"]:
             self.run_log.write("start", 0, device=str(self.device), num_images=len(self.dataset),
                                num_classes=self.dataset.num_classes, steps_per_epoch=self.steps_per_epoch,
@@ -867,30 +550,22 @@ class Trainer:
                 stage_index, _ = cfg.train.stage_at(self.epoch)
                 self._switch_stage(stage_index)
                 epoch_started = time.perf_counter()
-                self._enter_cluster_stage()
-                if self.cluster_stage is not None and self.step_in_epoch == 0 and self.cluster_stage.maybe_refresh():
-                    self.save()
-                if self.drw is not None:  # DRW weights depend on the epoch only: also right after a resume
-                    self.loss_fn.set_class_weights(self.drw.weights_for_epoch(self.epoch).to(self.device))
-                refresh = self._refresh_uncertainty_margins()
-                metrics = self._run_epoch()
-                if refresh is not None:
-                    metrics["uncertainty_seconds"] = refresh["seconds"]
-                    metrics["uncertainty_spearman"] = refresh["spearman_uncertainty_vs_count"]
-                if self.cluster_stage is not None:
-                    share = self.cluster_stage.add_elapsed(time.perf_counter() - epoch_started)
-                    metrics["cluster_refresh_seconds"] = self.cluster_stage.refresh_seconds
-                    metrics["cluster_refresh_share"] = share
+                started = self._start_epoch()
+                metrics = {**self._run_epoch(), **started}
+                for plugin in self._active:
+                    metrics.update(plugin.on_epoch_end(time.perf_counter() - epoch_started))
                 self.epoch += 1
                 self.step_in_epoch = 0
                 if self.validator is not None and self.dist.is_main and (
                     self.epoch % self.validator.every_epochs == 0 or self.epoch == cfg.train.total_epochs
                 ):
                     metrics.update(self.validate())
-                # Model selection by the validator's metric only (the training losses of stages
-                # with different heads are not comparable): no validator, no best.pt.
-                improved, metrics["best_reason"] = self._select_best(metrics)
-                metrics["best"] = improved
+                score, metrics["best_reason"] = judge_epoch(metrics, self.validator, self.best_metric,
+                                                            self.best_epoch)
+                improved = metrics["best"] = score is not None
+                if improved:
+                    self.best_metric, self.best_epoch = score, self.epoch
+                    log.info("epoch %d is the new best.pt: %s", self.epoch, metrics["best_reason"])
                 if self.validator is not None:
                     metrics["best_epoch"] = self.best_epoch
                 self.last_metrics = metrics
@@ -903,76 +578,27 @@ class Trainer:
             self.run_log.close()
         return {**self.last_metrics, "run": self.run_summary(session_start, time.perf_counter() - session_started)}
 
+    def _start_epoch(self) -> dict[str, Any]:
+        """Each plug-in's epoch start, then (unless the epoch resumes mid-way) its refresh, which a
+        checkpoint keeps; then the stage's batch sampler. Returns the plug-ins' epoch metrics."""
+        metrics: dict[str, Any] = {}
+        for plugin in self._active:
+            metrics.update(plugin.on_epoch_start())
+            if self.step_in_epoch == 0 and self._maybe_refresh([plugin]):
+                self.save()
+        self._take_sampler()
+        return metrics
+
+    @staticmethod
+    def _maybe_refresh(plugins: Iterable[TrainerPlugin]) -> bool:
+        """Give every plug-in its refresh; True when one refreshed (and wants a checkpoint)."""
+        return any([plugin.maybe_refresh() for plugin in plugins])
+
     def run_summary(self, session_start: dict[str, Any], seconds: float) -> dict[str, Any]:
-        """The whole run as it stands after a :meth:`fit`: stages and epochs trained, steps, final
-        loss, best.pt (epoch and metric; None without validation), and this session (the fit call):
-        where it started, whether it resumed the run, its wall time."""
-        stages = self.config.train.stages
-        stages_trained = self.config.train.stage_at(self.epoch - 1)[0] + 1 if self.epoch else 0
-        has_best = self.validator is not None and bool(np.isfinite(self.best_metric))
-        return {
-            "run_dir": str(self.run_dir),
-            "stages": len(stages),
-            "stages_trained": stages_trained,
-            "stage_epochs": [{"name": stage.name or stage.head.type, "epochs": stage.epochs} for stage in stages],
-            "epochs": self.epoch,
-            "total_epochs": self.config.train.total_epochs,
-            "steps": self.global_step,
-            "final_loss": self.last_metrics.get("loss"),
-            "final_accuracy": self.last_metrics.get("accuracy"),
-            "validation_metric": self.validator.metric if self.validator is not None else None,
-            "best": has_best,
-            "best_epoch": self.best_epoch if has_best else None,  # None also from checkpoints before issue 26
-            "best_metric": self.best_metric if has_best else None,
-            "checkpoints": [LATEST, BEST] if has_best else [LATEST],
-            "resumed": bool(session_start["resumed"]),
-            "session_start_epoch": int(session_start["epoch"]),
-            "session_epochs": self.epoch - int(session_start["epoch"]),
-            "session_steps": self.global_step - int(session_start["step"]),
-            "session_seconds": seconds,
-        }
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes} min {secs} s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes} min"
-
-
-def _count(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
-def format_run_summary(run: dict[str, Any]) -> list[str]:
-    """The lines ``facepipe train`` prints at the end (``run``: :meth:`Trainer.run_summary`)."""
-    schedule = ", ".join(f"{s['name']} {_count(s['epochs'], 'epoch')}" for s in run["stage_epochs"])
-    stages = (_count(run["stages"], "stage") if run["stages_trained"] == run["stages"]
-              else f"{run['stages_trained']} of {run['stages']} stages")
-    lines = [f"trained {stages} ({schedule}): {run['epochs']}/{run['total_epochs']} epochs, "
-             f"{_count(run['steps'], 'step')}"]
-    if run["resumed"]:
-        lines.append(f"resumed at epoch {run['session_start_epoch']}: this session trained "
-                     f"{_count(run['session_epochs'], 'epoch')} ({_count(run['session_steps'], 'step')}) "
-                     f"in {_duration(run['session_seconds'])}")
-    else:
-        lines.append(f"wall time {_duration(run['session_seconds'])}")
-    if run["final_loss"] is not None:
-        accuracy = "" if run["final_accuracy"] is None else f", training accuracy {run['final_accuracy']:.4f}"
-        lines.append(f"final loss {run['final_loss']:.4f} (epoch {run['epochs']}{accuracy})")
-    if run["validation_metric"] is None:
-        lines.append("no validation set: only latest.pt written")
-    elif not run["best"]:
-        lines.append(f"no epoch has a finite {run['validation_metric']}: no best.pt written")
-    else:
-        epoch = "" if run["best_epoch"] is None else f"epoch {run['best_epoch']}, "
-        lines.append(f"best.pt: {epoch}{run['validation_metric']} {run['best_metric']:.4f} "
-                     f"(the highest of the validated epochs)")
-    lines.append(f"checkpoints in {run['run_dir']}: {', '.join(run['checkpoints'])}")
-    return lines
+        """The whole run as it stands after a :meth:`fit` (:func:`facepipe.train.summary.run_summary`)."""
+        return run_summary(self.config, self.run_dir, self.epoch, self.global_step, self.last_metrics,
+                           self.validator.metric if self.validator is not None else None, self.best_metric,
+                           self.best_epoch, session_start, seconds)
 
 
 def train(config: Config, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:

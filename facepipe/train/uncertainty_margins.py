@@ -1,12 +1,12 @@
 """Class margins from MC-dropout uncertainty during training (UMM, Khan et al., CVPR 2019, Sec. 3-4).
 
-At the start of the epochs of a stage whose head has ``margin_source: uncertainty`` the trainer
-calls :func:`refresh_margins`: the backbone runs once (eval mode) over a per-class capped subsample
-of the training set, either un-augmented or through seeded views of the training transform
-(``train.uncertainty.views``), the dropout-carrying output stage and the classifier run N times on
-those feature maps, class uncertainties become class margins (``train.uncertainty.margin_map``),
-and a report of uncertainty against class frequency (the paper's central observation: rarer
-classes are more uncertain) is written next to the run.
+At the start of the epochs of a stage whose head has ``margin_source: uncertainty`` the UMM
+plug-in (:mod:`facepipe.train.plugins.umm`) calls :func:`refresh_margins`: the backbone runs once
+(eval mode) over a per-class capped subsample of the training set, either un-augmented or through
+seeded views of the training transform (``train.uncertainty.views``), the dropout-carrying output
+stage and the classifier run N times on those feature maps, class uncertainties become class
+margins (``train.uncertainty.margin_map``), and a report of uncertainty against class frequency
+(the paper's central observation: rarer classes are more uncertain) is written next to the run.
 
 :func:`measure_class_uncertainty` is the same measurement without a trainer, for diagnostics.
 """
@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence, get_args
+from typing import TYPE_CHECKING, Any, Literal, Sequence, get_args
 
 import numpy as np
 import torch
@@ -37,7 +37,14 @@ from facepipe.runtime.device import autocast
 from facepipe.runtime.distributed import DistributedContext, gather_rows, rank_slice
 from facepipe.runtime.io import atomic_write, write_json_atomic
 
+if TYPE_CHECKING:
+    from facepipe.train.plugins.base import PluginContext
+
 log = logging.getLogger(__name__)
+
+# What a refresh writes into the run folder.
+UNCERTAINTY_REPORT = "uncertainty.json"
+UNCERTAINTY_PLOT = "uncertainty.png"
 
 Views = Literal["clean", "augmented"]
 VIEWS: tuple[str, ...] = get_args(Views)
@@ -153,7 +160,7 @@ def measure_class_uncertainty(model: torch.nn.Module, head: MarginHead, dataset:
                               amp_dtype: torch.dtype | None = None,
                               dist: DistributedContext | None = None) -> UncertaintyMeasurement:
     """MC-dropout class uncertainty of ``dataset`` (the training set, ``labels`` its labels) as
-    :func:`refresh_margins` measures it, without a trainer.
+    :func:`refresh_margins` measures it, without a training run.
 
     ``settings``: a ``train.uncertainty`` config (``passes``, ``max_per_class``, ``batch_size``,
     ``views``); ``views`` overrides ``settings.views``. ``seed`` draws the capped subsample and, for
@@ -243,39 +250,40 @@ def plot_uncertainty_vs_frequency(class_u: np.ndarray, counts: np.ndarray, rho: 
         plt.close(fig)
 
 
-def refresh_margins(trainer) -> dict:
-    """Estimate class uncertainty with the trainer's model and head, set the head's margins, and
+def refresh_margins(ctx: "PluginContext") -> dict:
+    """Estimate class uncertainty with the run's model and head, set the head's margins, and
     write ``uncertainty.json`` and ``uncertainty.png`` into the run folder. Returns the log record
     (with the margin histogram, the views measured on and the margin map)."""
-    cfg = trainer.config
-    stage = cfg.train.stages[trainer.stage_index]
+    cfg = ctx.config
+    stage = ctx.stage()
     settings = cfg.train.uncertainty
+    epoch, stage_index, head = ctx.epoch(), ctx.stage_index(), ctx.head()
     start = time.perf_counter()
-    dataset = trainer.dataset
+    dataset = ctx.dataset
     labels = np.asarray(dataset.labels)
     measured = measure_class_uncertainty(
-        trainer.model, trainer.head, dataset, labels, dataset.num_classes, trainer.device, settings,
-        cfg.seed + trainer.epoch, views=settings.views, image_size=cfg.data.image_size,
-        amp_dtype=trainer.amp_dtype, dist=trainer.dist,
+        ctx.model, head, dataset, labels, dataset.num_classes, ctx.device, settings,
+        cfg.seed + epoch, views=settings.views, image_size=cfg.data.image_size,
+        amp_dtype=ctx.amp_dtype, dist=ctx.dist,
     )
     class_u = measured.class_u
     margins = margins_from_uncertainty(stage.head.type, stage.head.m, class_u, settings.margin_map)
-    trainer.head.set_margins(margins)
+    head.set_margins(margins)
     seconds = time.perf_counter() - start
     counts = np.bincount(labels, minlength=dataset.num_classes)
     u = class_u.numpy()
     rho = spearman_uncertainty_vs_size(u, counts)
     histogram = margin_histogram(margins)
-    record = {"epoch": trainer.epoch, "stage": trainer.stage_index, "images": int(len(measured.indices)),
+    record = {"epoch": epoch, "stage": stage_index, "images": int(len(measured.indices)),
               "seconds": seconds, "views": measured.views, "margin_map": settings.margin_map,
               "spearman_uncertainty_vs_count": rho, "margins": histogram.get("counts", histogram.get("quantiles")),
               **({"margin_fractions": histogram["fractions"]} if "fractions" in histogram else {})}
-    if trainer.dist.is_main:
-        write_json_atomic(trainer.run_dir / "uncertainty.json", {
+    if ctx.dist.is_main:
+        write_json_atomic(ctx.run_dir / UNCERTAINTY_REPORT, {
             **record, "identities": list(dataset.identities), "class_images": counts.tolist(),
             "class_uncertainty": [round(float(x), 8) for x in u], "class_margin": margins.tolist()})
-        plot_uncertainty_vs_frequency(u, counts, rho, trainer.run_dir / "uncertainty.png")
+        plot_uncertainty_vs_frequency(u, counts, rho, ctx.run_dir / UNCERTAINTY_PLOT)
     log.info("uncertainty margins (epoch %d, %d %s images, %.1f s): Spearman(uncertainty, class size) %+.3f; "
-             "%s margins %s", trainer.epoch + 1, len(measured.indices), measured.views, seconds, rho,
+             "%s margins %s", epoch + 1, len(measured.indices), measured.views, seconds, rho,
              settings.margin_map, format_margin_histogram(histogram))
     return record
