@@ -556,7 +556,7 @@ def test_closed_set_identify_on_separated_clusters():
     probe_labels = [names[k] for k in range(6) for _ in range(3)]
     result = closed_set_identify(gallery, gallery_labels, probes, probe_labels, cluster_size=3, num_neighbours=4)
     assert result.identities == names and list(result.truth) == [k for k in range(6) for _ in range(3)]
-    assert set(result.predicted) == {"1-NN", "k-NC N=1", "k-NC N=4"}
+    assert set(result.predicted) == {"1-NN", "k-NC N=1", "k-NC tuned N"} and result.num_neighbours == 4
     for rule, predicted in result.predicted.items():
         assert np.array_equal(predicted, result.truth), rule
     assert result.num_clusters >= 6

@@ -149,11 +149,11 @@ def _mf_tar(far: float) -> Callable[[dict, np.ndarray | None], float]:
     return fn
 
 
-def _closed(rule_index: int, group: str) -> Callable[[dict, np.ndarray | None], float]:
-    from facepipe.eval.closed_set import group_of_counts, group_recall
+def _closed(rule: str, group: str) -> Callable[[dict, np.ndarray | None], float]:
+    from facepipe.eval.closed_set import group_recall
 
-    def fn(a: dict, w: np.ndarray | None, groups: dict | None = None) -> float:
-        value = group_recall(a["cs_truth"], a[f"cs_pred_{rule_index}"], a["_cs_group"], w)[group]
+    def fn(a: dict, w: np.ndarray | None) -> float:
+        value = group_recall(a["cs_truth"], a[f"_cs_rule_{rule}"], a["_cs_group"], w)[group]
         return float("nan") if value is None else value
     return fn
 
@@ -178,11 +178,9 @@ def metrics_for(spec: StudySpec, sample: KeptRun) -> list[tuple[Metric, str]]:
         out.append((Metric(f"mf_tar_{far:g}", f"MegaFace-style TAR at FAR {far:g}", "%", _mf_tar(far)), "mf_identities"))
     if "closed_set" not in sample.readouts:
         return out
-    rules = sample.readouts["closed_set"]["rule_order"]
-    for i, rule in enumerate(rules):
-        name = "knc" if rule.startswith("k-NC") and rule != "k-NC N=1" else ("nn" if rule == "1-NN" else "knc1")
+    for rule, name in (("1-NN", "nn"), ("k-NC N=1", "knc1"), ("k-NC tuned N", "knc")):
         for group in ("all", "head", "middle", "tail"):
-            out.append((Metric(f"cs_{name}_{group}", f"closed set {rule} {group}", "%", _closed(i, group)), "probes"))
+            out.append((Metric(f"cs_{name}_{group}", f"closed set {rule} {group}", "%", _closed(rule, group)), "probes"))
     return out
 
 
@@ -191,6 +189,15 @@ def _prepare(spec: StudySpec, run: KeptRun) -> None:
 
     if "cs_train_count" not in run.arrays:
         return
+    # Rules by name; readouts written before the fixed rule names held "k-NC N=<n>" for the tuned
+    # N, and only one k-NC rule when the tuning chose N = 1.
+    order = run.readouts["closed_set"]["rule_order"]
+    by_name = {rule: run.arrays[f"cs_pred_{i}"] for i, rule in enumerate(order)}
+    if "k-NC tuned N" not in by_name:
+        n = run.readouts["closed_set"]["knc_choice"]["num_neighbours"]
+        by_name["k-NC tuned N"] = by_name[f"k-NC N={n}"]
+    for rule, predicted in by_name.items():
+        run.arrays[f"_cs_rule_{rule}"] = predicted
     groups = spec.readouts.groups
     run.arrays["_cs_group"] = group_of_counts(run.arrays["cs_train_count"], groups["head"], groups["middle"])
 
@@ -401,7 +408,7 @@ def _plots(spec: StudySpec, stats: dict[str, MethodStats], finished: dict[str, l
             recalls, sizes = [], []
             for run in (r for r in finished[key] if r.setting == stats[key].setting):
                 a = run.arrays
-                rule = a["cs_pred_0"]  # 1-NN
+                rule = a["_cs_rule_1-NN"]
                 for ident in np.unique(a["cs_truth"]):
                     mask = a["cs_truth"] == ident
                     recalls.append(float((rule[mask] == ident).mean()))
