@@ -92,7 +92,11 @@ class StudySets:
                                       if p.is_dir()}
 
     def lfw_rows(self, keys: list[str]) -> np.ndarray:
-        position = {Path(path).relative_to(self.spec_lfw_root).as_posix(): i for i, (path, _) in enumerate(self.lfw)}
+        """Rows in the LFW listing of relative image keys (the map is built once per study)."""
+        if not hasattr(self, "_lfw_position"):
+            self._lfw_position = {Path(path).relative_to(self.spec_lfw_root).as_posix(): i
+                                  for i, (path, _) in enumerate(self.lfw)}
+        position = self._lfw_position
         missing = [k for k in keys if k not in position]
         if missing:
             raise FileNotFoundError(f"{len(missing)} LFW images of the readouts are missing, e.g. {missing[0]}")

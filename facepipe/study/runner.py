@@ -52,7 +52,7 @@ VOLATILE_KEYS = ("data.num_workers", "train.device", "train.log_every_steps", "o
 
 
 class StudyError(RuntimeError, FacepipeUserError):
-    pass
+    """A study that cannot go on as asked (a run started with other settings, missing weights)."""
 
 
 def _read_json(path: Path) -> Any:
