@@ -15,8 +15,8 @@ at any time, across working sessions):
    symlink trees under ``<study>/data/`` (``train/`` and ``probes/``);
 3. one softmax pre-training (``configs/lfw_study.yaml``, ``--pretrain-epochs``) shared by every
    method (``--pretrain-per-seed``: one per seed);
-4. per method and seed (the METHODS table below): fine-tuning from the pre-training
-   (``train.init_from``) for ``--epochs`` epochs; an interrupted run resumes from its
+4. per method and seed (the method table ``configs/studies/lfw_first.yaml``): fine-tuning from the pre-training
+   (``train.init_from``) for the method table's epochs; an interrupted run resumes from its
    ``latest.pt``; then LFW DevTest verification (:func:`facepipe.eval.evaluate_lfw`, threshold
    from ``pairsDevTrain.txt``, images ``--aligned``) into ``study_result.json`` (a finished run is
    never re-run), and the closed-set view (``closed_set.json``): identification of the held-out
@@ -54,8 +54,6 @@ config of every run, e.g. ``--set train.max_steps_per_epoch=2`` for a smoke test
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import logging
 import math
@@ -65,145 +63,28 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from facepipe.config import Config, find_config, load_config
 from facepipe.runtime.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 from facepipe.study.runner import claim_lock, config_differences as _config_differences, train_timed
+from facepipe.study.spec import load_method_table
 
 log = logging.getLogger("lfw_study")
 
 
-# ============================================================================================
-# The methods: each a function of the fine-tuning epochs E returning config overrides. Every
-# run starts from the shared softmax pre-training (train.init_from) and trains E epochs; the
-# heads share the classifier weight, so the margin heads start from the pre-trained classifier.
-# ============================================================================================
-def _stages(*stages: dict) -> str:
-    return "train.stages=" + json.dumps(list(stages))  # JSON is YAML: parsed by the override
-
-
-def _softmax(e: int) -> list[str]:
-    # Plain softmax cross-entropy, continued for E more epochs: the baseline every seed compares to.
-    return [_stages({"name": "softmax (continued)", "epochs": e, "head": {"type": "softmax"}})]
-
-
-def _cosface(e: int) -> list[str]:
-    # CosFace (Wang et al. 2018; a baseline of seeds 000 and 002): cos - m with m = 0.35 as the
-    # paper; s = 32 instead of 64, ample for 1,262 classes (the bound s >= log((C-1) P/(1-P)) ~ 9).
-    return [_stages({"name": "CosFace", "epochs": e, "head": {"type": "cosface", "s": 32.0, "m": 0.35}})]
-
-
-def _arcface(e: int) -> list[str]:
-    # ArcFace (Deng et al. 2019; a baseline of seeds 000 and 002): cos(theta + m), m = 0.5 as the
-    # paper, s = 32 (see CosFace).
-    return [_stages({"name": "ArcFace", "epochs": e, "head": {"type": "arcface", "s": 32.0, "m": 0.5}})]
-
-
-def _lsoftmax(e: int) -> list[str]:
-    # L-Softmax (Liu et al. 2016), one fixed integer margin m = 3 for every class, with its lambda
-    # annealing: Khan et al.'s baseline, i.e. UMM without the uncertainty.
-    return [_stages({"name": "L-Softmax m=3", "epochs": e, "head": {"type": "lsoftmax", "m": 3}})]
-
-
-def _umm(e: int) -> list[str]:
-    # Khan et al. UMM: L-Softmax whose per-class integer margins come from MC-dropout class
-    # uncertainty (the most uncertain class gets m_max = 3), refreshed every
-    # train.uncertainty.refresh_every_epochs epochs (N = 10 passes, model.dropout = 0.5).
-    return [_stages({"name": "UMM", "epochs": e,
-                     "head": {"type": "lsoftmax", "m": 3, "margin_source": "uncertainty"}})]
-
-
-def umm_sum_split(e: int) -> tuple[int, int]:
-    """(UMM epochs, SUM epochs) of E: Khan et al. Sec. 6.1.1 runs UMM + SUM for the last 10 of its 22
-    margin epochs, so SUM gets round(E * 10 / 22) of them (at least 1)."""
-    if e < 2:
-        return 0, e
-    sum_epochs = min(e - 1, max(1, round(e * 10 / 22)))
-    return e - sum_epochs, sum_epochs
-
-
-def _umm_sum(e: int) -> list[str]:
-    # Khan et al. UMM then UMM + SUM: a UMM stage, then a stage where each sample gets the share of
-    # its class margin given by its probability of being misclassified (sample_uncertainty).
-    umm_epochs, sum_epochs = umm_sum_split(e)
-    head = {"type": "lsoftmax", "m": 3, "margin_source": "uncertainty"}
-    stages = [{"name": "UMM", "epochs": umm_epochs, "head": head}] if umm_epochs else []
-    stages.append({"name": "UMM + SUM", "epochs": sum_epochs, "head": head, "sample_uncertainty": True})
-    return [_stages(*stages)]
-
-
-def _clmle(e: int) -> list[str]:
-    # Huang et al. CLMLE: the cluster loss (Eq. 8-9) on cluster mini-batches of M = 12 clusters of
-    # k = 10 images, clusters of l = 5 images (Huang et al. use l = 200 on CASIA; LFW identities are
-    # small) from spherical k-means of the pre-trained model's features, re-clustered every 200
-    # steps; scale 16, margins a1 = 0.3 / a2 = 0.1, cost-sensitive, no classification term (the
-    # head's classifier is then not trained: no softmax-argmax in the closed-set view).
-    return [_stages({"name": "CLMLE", "epochs": e, "head": {"type": "cosface", "s": 30.0, "m": 0.35},
-                     "loss": {"type": "clmle", "scale": 16.0, "inter_margin": 0.3, "intra_margin": 0.1,
-                              "cost_sensitive": True, "classification_weight": 0.0}}),
-            "train.clusters.cluster_size=5", "train.clusters.images_per_cluster=10",
-            "train.clusters.clusters_per_batch=12", "train.clusters.refresh_every_steps=200"]
-
-
-def _mm_ldam_drw(e: int) -> list[str]:
-    # Kang MM-LDAM with deferred re-weighting (Algorithm 1): the MM loss with LDAM margins and
-    # scale on cosines (head {cosface, s 1, m 0}), delta_minus 0.6, beta 1.5, LDAM max margin 0.5,
-    # scale 30; DRW (effective number, beta 0.9999) from 2/3 of the epochs on (LDAM-DRW defers
-    # re-weighting to the late phase of training).
-    return [_stages({"name": "MM-LDAM-DRW", "epochs": e, "head": {"type": "cosface", "s": 1.0, "m": 0.0},
-                     "loss": {"type": "mm", "ldam": True, "delta_minus": 0.6, "beta": 1.5,
-                              "max_margin": 0.5, "scale": 30.0},
-                     "drw": {"start_epoch": (2 * e) // 3}})]
-
-
-def _arconvl(e: int) -> list[str]:
-    # Li et al. ARConvL: learnable class centres and radii, region loss + adaptive distribution
-    # loss + adaptive-margin cross-entropy (Eq. 1-8); radii lr 0.001 for 3 epochs, then 0.01.
-    # The margin heads inherit the pre-trained classifier; ARConvL's centres are no classifier, so
-    # they start at the class means of the pre-trained features (head.init_centers). With seed
-    # 003's random start near 0 the first run here began at loss 5e4 (features of norm in the
-    # tens) and after three epochs was still at 2e3-5e3, with 5-9 % training accuracy.
-    return [_stages({"name": "ARConvL", "epochs": e, "head": {"type": "arconvl", "init_centers": "class_means"}})]
-
-
-@dataclass(frozen=True)
-class Method:
-    label: str
-    overrides: Callable[[int], list[str]]
-
-
-METHODS: dict[str, Method] = {
-    "softmax": Method("Softmax (continued)", _softmax),
-    "cosface": Method("CosFace (s 32, m 0.35)", _cosface),
-    "arcface": Method("ArcFace (s 32, m 0.5)", _arcface),
-    "lsoftmax": Method("L-Softmax (m 3)", _lsoftmax),
-    "umm": Method("UMM (Khan et al.)", _umm),
-    "umm_sum": Method("UMM + SUM (Khan et al.)", _umm_sum),
-    "clmle": Method("CLMLE (Huang et al., l 5)", _clmle),
-    "mm_ldam_drw": Method("MM-LDAM-DRW (Kang)", _mm_ldam_drw),
-    "arconvl": Method("ARConvL (Li et al.)", _arconvl),
-}
-# Rows whose runs did not run the method as its paper intends: bench/mechanisms.py measured each
-# defect on this study's own data and init.pt, and the trainer now fixes it. The rows stay as the
-# record of what was run, marked; the second edition of the study replaces them.
-SUPERSEDED = {
-    "lsoftmax": "lambda annealing restarted with the fine-tuning head: the margin weight 1/(1+lambda) never "
-                "passed 0.106",
-    "umm": "lambda restart as L-Softmax, and the max-scaled margin map gave 1,238-1,260 of 1,262 classes m = 1 "
-           "(softmax)",
-    "umm_sum": "as UMM; its SUM stage restarted lambda again (margin weight at most 0.056)",
-    "clmle": "each sample was a large part of its own batch centroid (drawn with replacement from 2-5 image "
-             "clusters), and BatchNorm normalised the mined batches with their own statistics",
-    "arconvl": "one global gradient clip over the radii scaled every centre and backbone step by about 0.01",
-}
-# The issue asks for 2+ seeds for softmax, CLMLE, UMM+SUM and the best other method (add that one
-# with --extra-seeds METHOD:1 once the single-seed table shows which it is).
-DEFAULT_SEEDS = {"softmax": [0, 1], "clmle": [0, 1], "umm_sum": [0, 1]}
+# The methods: a method table in YAML (each a label, the seeds run, the fine-tuning stages and
+# overrides, and for the rows whose runs did not run the method as its paper intends, why:
+# bench/mechanisms.py measured each defect on this study's own data and init.pt, and the trainer
+# now fixes it; the rows stay as the record of what was run, marked, and the second edition of
+# the study replaces them). Every run starts from the shared softmax pre-training (train.init_from).
+METHOD_TABLE = Path(__file__).resolve().parents[1] / "configs" / "studies" / "lfw_first.yaml"
+TABLE = load_method_table(METHOD_TABLE)
+METHODS = TABLE.methods
+SUPERSEDED = {key: method.superseded for key, method in METHODS.items() if method.superseded}
 PRETRAIN = "pretrain"
 PRETRAIN_LABEL = "Pre-training only (softmax)"
 
@@ -295,7 +176,7 @@ class Study:
 
     def method_config(self, method: str, seed: int) -> Config:
         init = self.pretrain_dir(self.pretrain_seed(seed)) / "latest.pt"
-        return self.config(seed, self.run_dir(method, seed), METHODS[method].overrides(self.args.epochs), init)
+        return self.config(seed, self.run_dir(method, seed), TABLE.method_overrides(method), init)
 
 
 # ============================================================================================
@@ -1048,7 +929,7 @@ def sync_readme(path: Path, markdown: str) -> None:
 # Driver
 # ============================================================================================
 def parse_seeds(args: argparse.Namespace) -> dict[str, list[int]]:
-    seeds = {m: list(DEFAULT_SEEDS.get(m, [0])) for m in METHODS}
+    seeds = {m: list(METHODS[m].seeds) for m in METHODS}
     plain: list[int] = []
     for item in args.seeds or []:
         if ":" in item:
@@ -1102,13 +983,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--study", default="runs/lfw_study", help="study folder (default runs/lfw_study)")
     parser.add_argument("--config", default="lfw_study", help="config name or path (default lfw_study)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--epochs", type=int, default=10,
-                        help="fine-tuning epochs of every method (default 10: 12-14 min a run with 2 threads on this 2-core CPU)")
     parser.add_argument("--pretrain-epochs", type=int, default=None,
                         help="softmax pre-training epochs (default: the config's, 8)")
     parser.add_argument("--seeds", nargs="+", default=None, metavar="[METHOD:]S[,S]",
-                        help="seeds: plain numbers for every method, or METHOD:S,S for one (default: 0 and 1 for "
-                             "softmax, clmle, umm_sum; 0 for the rest)")
+                        help="seeds: plain numbers for every method, or METHOD:S,S for one (default: each method's "
+                             "seeds in the method table)")
     parser.add_argument("--extra-seeds", nargs="+", default=None, metavar="METHOD:SEED",
                         help="add a seed to a method (e.g. the best other method: arcface:1)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -1145,10 +1024,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.show_methods:
         study = Study(args)
-        print(f"fine-tuning epochs {args.epochs}; every run also gets seed=, output_dir=, data.root=, "
+        print(f"{METHOD_TABLE.name}: fine-tuning epochs {TABLE.epochs}; every run also gets seed=, output_dir=, data.root=, "
               "train.init_from=<pretraining>/latest.pt, then --set overrides")
         for key, method in METHODS.items():
-            overrides = method.overrides(args.epochs)
+            overrides = TABLE.method_overrides(key)
             study.method_config(key, 0)  # validates
             print(f"{key:12s} {method.label}\n             " + "\n             ".join(overrides))
         return 0
@@ -1202,7 +1081,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("pretrain-only: done in %s", _minutes(time.perf_counter() - started))
         return 0
     log.info("study %s: %d runs (%s), %d fine-tuning epochs each", study.root, len(order),
-             ", ".join(f"{m} s{s}" for s, m in order), args.epochs)
+             ", ".join(f"{m} s{s}" for s, m in order), TABLE.epochs)
     for number, (seed, method) in enumerate(order, 1):
         pretrain(study.pretrain_seed(seed))
         label = f"[{number}/{len(order)}] {method} seed {seed}"
@@ -1211,7 +1090,7 @@ def main(argv: list[str] | None = None) -> int:
             if not mine:
                 log.info("%s: being trained by another process of this study; skipped here", label)
                 continue
-            finish_run(study, config, method, seed, label, METHODS[method].overrides(args.epochs))
+            finish_run(study, config, method, seed, label, TABLE.method_overrides(method))
             if not args.no_closed_set:
                 closed_set_view(study, split, study.run_dir(method, seed), label)
             if args.megaface and seed == seeds[method][0]:

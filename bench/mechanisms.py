@@ -57,7 +57,7 @@ from facepipe.runtime.io import write_json_atomic, write_text_atomic  # noqa: E4
 
 log = logging.getLogger("mechanisms")
 
-METHOD_ORDER = ["softmax", "cosface", "arcface", "lsoftmax", "umm", "umm_sum", "clmle", "mm_ldam_drw", "arconvl"]
+METHOD_ORDER = list(lfw_study.METHODS)
 MARGIN_PRODUCT = ("lsoftmax", "sphereface")
 REPORT = "mechanisms.json"
 
@@ -88,7 +88,7 @@ def method_config(method: str, mode: str, args: argparse.Namespace) -> Config:
                  f"data.root={Path(args.study) / 'data' / 'train'}", f"train.init_from={args.init}",
                  f"train.max_steps_per_epoch={args.steps_per_epoch}", "train.log_every_steps=1",
                  f"data.num_workers={args.workers}",
-                 *lfw_study.METHODS[method].overrides(args.epochs)]
+                 *lfw_study.TABLE.method_overrides(method, epochs=args.epochs)]
     data = load_config(find_config(args.config), overrides).to_dict()
     for stage in data["train"]["stages"]:
         _stage_settings(stage, mode)
@@ -343,8 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="lfw_study")
     parser.add_argument("--epochs", type=int, default=4, help="epochs of each short fine-tuning (default 4)")
     parser.add_argument("--steps-per-epoch", type=int, default=15, help="steps per short epoch (default 15)")
-    parser.add_argument("--study-epochs", type=int, default=10,
-                        help="epochs of the full fine-tuning, for the projected lambda (default 10)")
+    parser.add_argument("--study-epochs", type=int, default=lfw_study.TABLE.epochs,
+                        help="epochs of the full fine-tuning, for the projected lambda (default: the method table's, 10)")
     parser.add_argument("--views", action="store_true",
                         help="only measure Spearman(class uncertainty, class size) on clean and augmented views")
     parser.add_argument("--report-only", action="store_true",

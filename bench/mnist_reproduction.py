@@ -31,29 +31,15 @@ from pathlib import Path
 
 import numpy as np
 
-from facepipe.config import find_config, load_config
+from facepipe.config import load_config
 from facepipe.runtime.io import write_json_atomic, write_text_atomic
+from facepipe.study.spec import load_method_table
 from facepipe.train.classify import RESULTS, run_classification
 from facepipe.train.run_log import read_run_log
 
-METHODS = {
-    "ce": [],  # cross-entropy on the prototype head's -d^2 logits: Li et al.'s CPL
-    "la": ["train.stages.0.loss={type: logit_adjusted, tau: 1.0}"],
-    # Kang MM with DRW (effective number, beta 0.9999) from the first lr decay, as LDAM-DRW
-    # defers re-weighting to its first decay; delta_minus 0.6, beta 1.5 (Kang Table 2 CIFAR-10).
-    "mm_drw": ["train.stages.0.loss={type: mm, delta_minus: 0.6, beta: 1.5}",
-               "train.stages.0.drw={start_epoch: 25}"],
-    "arconvl": ["train.stages.0.head={type: arconvl}"],
-}
-LABELS = {"ce": "CE (CPL)", "la": "LA", "mm_drw": "MM-DRW", "arconvl": "ARConvL"}
-# Li et al. Table 1, G-mean (%) mean +- std of 10 runs: (CPL, LA, ARConvL) per MNIST-q.
-PAPER = {
-    1: {"ce": (99.2, 0.1), "la": (99.2, 0.1), "arconvl": (99.4, 0.1)},
-    10: {"ce": (98.2, 0.2), "la": (98.5, 0.1), "arconvl": (99.1, 0.0)},
-    20: {"ce": (97.3, 0.2), "la": (98.1, 0.3), "arconvl": (98.8, 0.2)},
-    50: {"ce": (95.1, 0.3), "la": (97.1, 0.4), "arconvl": (98.4, 0.3)},
-    100: {"ce": (92.3, 0.8), "la": (96.0, 0.5), "arconvl": (97.3, 0.6)},
-}
+# The methods, their labels and Li et al.'s published figures: a method table in YAML.
+TABLE = load_method_table(Path(__file__).resolve().parents[1] / "configs" / "studies" / "mnist_li.yaml")
+METHODS = TABLE.methods
 
 
 def run_dir(out: Path, q: int, method: str, seed: int) -> Path:
@@ -84,7 +70,7 @@ def collect(out: Path, ratios: list[int], methods: list[str]) -> list[dict]:
             results = [json.loads(path.read_text()) for path in finished]
             seconds = [training_seconds(path.parent / "metrics.jsonl") for path in finished]
             gmeans = np.array([100 * r["test_gmean"] for r in results])
-            paper = PAPER.get(q, {}).get(method)
+            paper = METHODS[method].published.get(f"MNIST-{q}")
             rows.append({
                 "dataset": f"MNIST-{q}", "method": method, "runs": len(results),
                 "gmean_mean": float(gmeans.mean()) if len(gmeans) else None,
@@ -110,7 +96,7 @@ def markdown(rows: list[dict]) -> str:
         wall = "—" if row["seconds_per_run"] is None else f"{row['seconds_per_run'] / 60:.1f} min"
         per_seed = ", ".join(f"{g:.2f}" for g in row["gmeans"]) or "—"
         epochs = ", ".join(str(e) for e in row["best_epochs"]) or "—"
-        lines.append(f"| {row['dataset']} | {LABELS[row['method']]} | {row['runs']} | {here} | {per_seed} | {epochs} "
+        lines.append(f"| {row['dataset']} | {METHODS[row['method']].label} | {row['runs']} | {here} | {per_seed} | {epochs} "
                      f"| {paper} | {delta} | {wall} |")
     return "\n".join(lines) + "\n"
 
@@ -130,7 +116,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench/reports/mnist_reproduction")
     parser.add_argument("--ratios", type=int, nargs="+", default=[100, 10, 50])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="seeds of every method (default: each method's seeds in the method table)")
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="K/N",
                         help="run only runs K, K+N, K+2N, ... of the full list (0 <= K < N)")
@@ -142,14 +129,16 @@ def main() -> None:
     out = Path(args.out)
     if not args.table_only:
         shard, shards = args.shard
-        runs = [(q, seed, method) for q in args.ratios for seed in args.seeds for method in args.methods]
+        seeds = sorted({seed for method in args.methods for seed in (args.seeds or METHODS[method].seeds)})
+        runs = [(q, seed, method) for q in args.ratios for seed in seeds for method in args.methods
+                if seed in (args.seeds or METHODS[method].seeds)]
         for q, seed, method in runs[shard::shards]:
             folder = run_dir(out, q, method, seed)
             if (folder / RESULTS).is_file():
                 continue
-            config = load_config(find_config("mnist_imbalanced"), [
+            config = load_config(TABLE.base(), [
                 f"seed={seed}", f"output_dir={folder}", f"classify.imbalance_ratio={q}",
-                *METHODS[method], *args.overrides])
+                *TABLE.method_overrides(method), *args.overrides])
             started = time.perf_counter()
             result = run_classification(config, resume=True, progress=False)
             logging.info("MNIST-%d %s seed %d: test G-mean %.2f%% in %.1f min", q, method, seed,

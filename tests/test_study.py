@@ -20,7 +20,7 @@ from facepipe.config import ConfigError
 from facepipe.eval.bootstrap import bootstrap_weights, paired_difference, weighted_tar_at_far
 from facepipe.eval.closed_set import closed_set_identify, group_recall
 from facepipe.study.runner import StudyError, StudyRunner, config_differences
-from facepipe.study.spec import StudyRun, expand_stages, load_study_spec, slug
+from facepipe.study.spec import StudyRun, expand_stages, load_method_table, load_study_spec, shorten_stages, slug
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,6 +138,70 @@ def test_sweep_from_must_name_a_method_with_a_sweep(tmp_path):
     methods["arcface"]["sweep_from"] = "nosuch"
     with pytest.raises(ConfigError, match=r"sweep_from 'nosuch'"):
         load_study_spec(write_spec(tmp_path, base, paper_data(tmp_path), methods))
+
+
+def write_method_table(folder: Path, base: Path, methods: dict, **top) -> Path:
+    path = folder / "methods.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "title": "T", "base_config": str(base), "methods": methods, **top},
+                                   sort_keys=False), encoding="utf-8")
+    return path
+
+
+def test_a_method_table_gives_each_method_its_overrides_over_the_base_config(tmp_path):
+    base = write_base(tmp_path, str(tmp_path / "val" / "pairs.txt"))
+    methods = {
+        # no stages: the base config's stage, changed by overrides (the MNIST reproduction's form)
+        "la": {"label": "LA", "seeds": [0], "overrides": ["train.stages.0.head={type: cosface, s: 8.0, m: 0.1}"],
+               "published": {"MNIST-10": [98.5, 0.1]}},
+        "two": {"label": "Two stages", "seeds": [0, 1], "superseded": "ran before a fix",
+                "stages": [{"epochs": 2, "head": {"type": "softmax"}}, {"epochs": 2, "head": {"type": "arcface"}}],
+                "overrides": ["train.stages.*.bn=frozen"]},
+    }
+    table = load_method_table(write_method_table(tmp_path, base, methods, epochs=4))
+    from facepipe.config import load_config
+    la = load_config(table.base(), table.method_overrides("la"))
+    assert [stage.epochs for stage in la.train.stages] == [1] and la.train.stages[0].head.type == "cosface"
+    assert la.train.stages[0].head.m == pytest.approx(0.1)
+    two = load_config(table.base(), table.method_overrides("two"))
+    assert [(s.epochs, s.head.type, s.bn) for s in two.train.stages] == [(2, "softmax", "frozen"), (2, "arcface", "frozen")]
+    assert table.methods["la"].published == {"MNIST-10": [98.5, 0.1]} and table.methods["two"].superseded
+    # shortened, same shape: 2 + 2 -> 1 + 1 over 2 epochs
+    short = load_config(table.base(), table.method_overrides("two", epochs=2))
+    assert [s.epochs for s in short.train.stages] == [1, 1]
+    # the epochs check names the table's key, and a bad override names the method
+    methods["two"]["stages"][1]["epochs"] = 3
+    with pytest.raises(ConfigError, match=r"method two: its stages train 5 epochs, not epochs = 4"):
+        load_method_table(write_method_table(tmp_path, base, methods, epochs=4))
+    methods["two"]["stages"][1]["epochs"] = 2
+    methods["la"]["overrides"] = ["train.stages.0.head.nosuchkey=1"]
+    with pytest.raises(ConfigError, match=r"methods.yaml, method la: "):
+        load_method_table(write_method_table(tmp_path, base, methods, epochs=4))
+
+
+def test_a_study_method_must_give_its_stages(tmp_path):
+    base = write_base(tmp_path, str(tmp_path / "val" / "pairs.txt"))
+    methods = method_table()
+    del methods["softmax"]["stages"]
+    with pytest.raises(ConfigError, match=r"method softmax: give its stages"):
+        load_study_spec(write_spec(tmp_path, base, paper_data(tmp_path), methods))
+
+
+def test_shorten_stages_keeps_the_proportions_and_scales_the_drw_start():
+    umm_sum = [{"name": "UMM", "epochs": 5}, {"name": "UMM + SUM", "epochs": 5, "sample_uncertainty": True}]
+    assert [s["epochs"] for s in shorten_stages(umm_sum, 4)] == [2, 2]
+    assert [s["epochs"] for s in shorten_stages(umm_sum, 3)] == [2, 1]  # round half to even: 1.5 -> 2
+    assert shorten_stages(umm_sum, 4)[1]["sample_uncertainty"] is True and umm_sum[0]["epochs"] == 5  # a copy
+    drw = [{"epochs": 10, "drw": {"start_epoch": 6}}]
+    assert shorten_stages(drw, 4) == [{"epochs": 4, "drw": {"start_epoch": 2}}]
+    assert shorten_stages(drw, 20) == [{"epochs": 20, "drw": {"start_epoch": 12}}]
+    with pytest.raises(ValueError, match="1 epochs cannot hold 2 stages"):
+        shorten_stages(umm_sum, 1)
+
+
+@pytest.mark.parametrize("name", ["lfw_first", "mnist_li"])
+def test_the_kept_studies_method_tables_load(name):
+    table = load_method_table(REPO / "configs" / "studies" / f"{name}.yaml")
+    assert table.name == name and len(table.methods) >= 4
 
 
 def test_a_sweep_setting_that_does_not_validate_is_refused_naming_it(tmp_path):

@@ -25,7 +25,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from facepipe.config import Config, ConfigError, StrictModel, find_config, load_config
 
-__all__ = ["StudySpec", "StudyRun", "load_study_spec", "PRETRAIN"]
+__all__ = ["MethodTable", "StudySpec", "StudyRun", "load_method_table", "load_study_spec", "PRETRAIN"]
 
 PRETRAIN = "pretrain"
 
@@ -77,10 +77,18 @@ class StudyMethod(StrictModel):
     label: str
     note: str = ""
     seeds: list[int] = Field(min_length=1)
-    stages: list[dict[str, Any]] = Field(min_length=1)
+    # The method's whole training schedule (``train.stages``); None keeps the base config's stages,
+    # which the method's ``overrides`` then change (as the MNIST reproduction's methods do).
+    stages: list[dict[str, Any]] | None = Field(None, min_length=1)
     overrides: list[str] = []
     sweep: dict[str, list[str]] | None = None
     sweep_from: str | None = None
+    # Why this method's kept runs did not run it as its paper intends ("" when they did): the rows
+    # stay as the record of what was run, marked in the tables.
+    superseded: str = ""
+    # The paper's own figures for this method, per readout or data set (e.g. ``MNIST-100: [92.3, 0.8]``
+    # for mean and std); tables print them in columns of their own, labelled as published.
+    published: dict[str, list[float]] = {}
 
     @model_validator(mode="after")
     def _sweep(self) -> "StudyMethod":
@@ -93,10 +101,65 @@ class StudyMethod(StrictModel):
         return self
 
 
-class StudySpec(StrictModel):
+class MethodTable(StrictModel):
+    """The methods of a comparison and the config they change: what every study shares (the
+    second LFW study's :class:`StudySpec`, and the first LFW study and the MNIST reproduction of
+    ``bench/``, whose protocols are their own)."""
+
     name: str
     title: str
     base_config: str
+    # Every method's stages add up to this many epochs (checked), when given.
+    epochs: int | None = Field(None, ge=1)
+    methods: dict[str, StudyMethod] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _methods_consistent(self) -> "MethodTable":
+        epochs, setting = self.method_epochs()
+        for key, method in self.methods.items():
+            if not re.fullmatch(r"[a-z0-9_]+", key):
+                raise ValueError(f"method key {key!r}: lower-case letters, digits and _ only (a folder name)")
+            if method.stages is not None and epochs is not None:
+                trained = sum(int(stage.get("epochs", 0)) for stage in method.stages)
+                if trained != epochs:
+                    raise ValueError(f"method {key}: its stages train {trained} epochs, not {setting} = {epochs} "
+                                     "(every method trains the same epochs)")
+            if method.sweep_from is not None:
+                source = self.methods.get(method.sweep_from)
+                if source is None or source.sweep is None:
+                    raise ValueError(f"method {key}: sweep_from {method.sweep_from!r} is not a method with a sweep")
+        return self
+
+    def method_epochs(self) -> tuple[int | None, str]:
+        """The epochs every method's stages add up to (None: not checked), and the key that sets them."""
+        return self.epochs, "epochs"
+
+    def base(self) -> Path:
+        return find_config(self.base_config)
+
+    def common_overrides(self) -> list[str]:
+        """Overrides every method's runs share, before the method's own."""
+        return []
+
+    def method_overrides(self, method: str, setting: str = "", inherited: list[str] = (),
+                         epochs: int | None = None) -> list[str]:
+        """The overrides of one run: common ones, the method's stages and overrides, then the
+        settings it inherits (``sweep_from``) and its own sweep setting. ``epochs``: a shorter (or
+        longer) schedule of the same shape (:func:`shorten_stages`)."""
+        spec = self.methods[method]
+        own = list(spec.sweep[setting]) if spec.sweep is not None and setting else []
+        schedule = spec.stages if epochs is None or spec.stages is None else shorten_stages(spec.stages, epochs)
+        stages = [] if schedule is None else \
+            ["train.stages=" + yaml.safe_dump(schedule, default_flow_style=True, width=10 ** 6).strip()]
+        num_stages = len(spec.stages) if spec.stages is not None else len(load_config(self.base()).train.stages)
+        return [*self.common_overrides(), *stages,
+                *expand_stages([*spec.overrides, *inherited, *own], num_stages)]
+
+
+class StudySpec(MethodTable):
+    """A study run by ``facepipe study``: one shared pre-training, then every method fine-tuned
+    from it for ``finetune.epochs`` epochs, with the readouts of :mod:`facepipe.study.readouts`."""
+
     root: str
     results: str
     readme_section: str | None = None
@@ -104,27 +167,26 @@ class StudySpec(StrictModel):
     readouts: StudyReadouts = StudyReadouts()
     pretrain: StudyPretrain = StudyPretrain()
     finetune: StudyFinetune
-    methods: dict[str, StudyMethod] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> "StudySpec":
         for key, method in self.methods.items():
-            if not re.fullmatch(r"[a-z0-9_]+", key):
-                raise ValueError(f"method key {key!r}: lower-case letters, digits and _ only (a folder name)")
-            epochs = sum(int(stage.get("epochs", 0)) for stage in method.stages)
-            if epochs != self.finetune.epochs:
-                raise ValueError(f"method {key}: its stages train {epochs} epochs, not finetune.epochs = "
-                                 f"{self.finetune.epochs} (every method trains the same epochs)")
-            if method.sweep_from is not None:
-                source = self.methods.get(method.sweep_from)
-                if source is None or source.sweep is None:
-                    raise ValueError(f"method {key}: sweep_from {method.sweep_from!r} is not a method with a sweep")
+            if method.stages is None:
+                raise ValueError(f"method {key}: give its stages (a study's methods say their whole fine-tuning)")
+        if self.epochs is not None and self.epochs != self.finetune.epochs:
+            raise ValueError("give the epochs of a study as finetune.epochs only")
         for key in self.readouts.compare_to:
             if key not in self.methods:
                 raise ValueError(f"readouts.compare_to: {key!r} is not a method of the study")
         if not set(self.pretrain.seeds) >= {0}:
             raise ValueError("pretrain.seeds must include 0")
         return self
+
+    def method_epochs(self) -> tuple[int | None, str]:
+        return self.finetune.epochs, "finetune.epochs"
+
+    def common_overrides(self) -> list[str]:
+        return list(self.finetune.overrides)
 
     # ------------------------------------------------------------------ runs
     @property
@@ -153,20 +215,9 @@ class StudySpec(StrictModel):
         base = self.root_path / "runs" / run.method
         return (base / slug(run.setting) if run.setting else base) / f"seed{run.seed}"
 
-    def base(self) -> Path:
-        return find_config(self.base_config)
-
     def pretrain_config(self, seed: int) -> Config:
         return load_config(self.base(), [f"seed={seed}", f"output_dir={self.pretrain_dir(seed)}",
                                          f"data.root={self.data.train}", *self.pretrain.overrides])
-
-    def method_overrides(self, method: str, setting: str, inherited: list[str] = ()) -> list[str]:
-        """The overrides of one fine-tuning: common ones, the method's stages and overrides, then the
-        settings it inherits (``sweep_from``) and its own sweep setting."""
-        spec = self.methods[method]
-        stages = "train.stages=" + yaml.safe_dump(spec.stages, default_flow_style=True, width=10 ** 6).strip()
-        own = list(spec.sweep[setting]) if spec.sweep is not None and setting else []
-        return [*self.finetune.overrides, stages, *expand_stages([*spec.overrides, *inherited, *own], len(spec.stages))]
 
     def run_config(self, run: "StudyRun", inherited: list[str] = ()) -> Config:
         init = self.pretrain_dir(self.pretrain_seed(run.seed)) / "init.pt"  # written by the runner
@@ -199,6 +250,27 @@ def expand_stages(overrides: list[str], num_stages: int) -> list[str]:
     return out
 
 
+def shorten_stages(stages: list[dict[str, Any]], epochs: int) -> list[dict[str, Any]]:
+    """``stages`` rescaled to ``epochs`` in all, keeping their proportions: every stage but the
+    last gets round(its epochs x scale) (at least 1), the last the rest; a DRW start epoch is
+    scaled and rounded down (e.g. a quick mechanism check of a 10-epoch method in 4 epochs:
+    UMM 5 + SUM 5 -> 2 + 2, DRW from epoch 6 -> from epoch 2)."""
+    total = sum(int(stage.get("epochs", 0)) for stage in stages)
+    if epochs < len(stages):
+        raise ValueError(f"{epochs} epochs cannot hold {len(stages)} stages")
+    scale = epochs / total
+    out = [dict(stage) for stage in stages]
+    for stage in out[:-1]:
+        stage["epochs"] = max(1, round(int(stage["epochs"]) * scale))
+    out[-1]["epochs"] = epochs - sum(stage["epochs"] for stage in out[:-1])
+    if out[-1]["epochs"] < 1:
+        raise ValueError(f"{epochs} epochs leave the last of the stages none")
+    for stage in out:
+        if isinstance(stage.get("drw"), dict) and "start_epoch" in stage["drw"]:
+            stage["drw"] = {**stage["drw"], "start_epoch": int(stage["drw"]["start_epoch"] * scale)}
+    return out
+
+
 def slug(text: str) -> str:
     """A folder name for a sweep setting: ``l 5, a1 0.3`` -> ``l-5_a1-0.3``."""
     text = re.sub(r"\s*,\s*", "_", text.strip())
@@ -206,33 +278,53 @@ def slug(text: str) -> str:
     return text.strip("-_") or "default"
 
 
-def load_study_spec(path: str | Path) -> StudySpec:
-    """Read and check a study spec; every method's config (each sweep setting, seed 0) is validated
-    here, so a typo fails before hours of training rather than in the middle of them."""
+def _read_table(path: str | Path, model: type[MethodTable], what: str) -> MethodTable:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"study spec {path} does not exist")
+        raise ConfigError(f"{what} {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
-        raise ConfigError(f"study spec {path} is not valid YAML: {error}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML: {error}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"study spec {path} must be a mapping of keys")
+        raise ConfigError(f"{what} {path} must be a mapping of keys")
     try:
-        spec = StudySpec.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<spec>'}: {e['msg']}" for e in error.errors())
-        raise ConfigError(f"study spec {path}: {problems}") from None
-    spec.pretrain_config(0)
-    for key, method in spec.methods.items():
+        raise ConfigError(f"{what} {path}: {problems}") from None
+
+
+def _validate_runs(table: MethodTable, path: str | Path, config_of) -> None:
+    """Build every method's config (each sweep setting and inherited setting, seed 0), so that a
+    typo fails before hours of training rather than in the middle of them."""
+    for key, method in table.methods.items():
         inherited_options = [[]]
         if method.sweep_from is not None:
-            inherited_options = list(spec.methods[method.sweep_from].sweep.values())
+            inherited_options = list(table.methods[method.sweep_from].sweep.values())
         for inherited in inherited_options:
             for setting in (method.sweep or {"": []}):
                 try:
-                    spec.run_config(StudyRun(key, setting, 0), inherited)
+                    config_of(key, setting, inherited)
                 except ConfigError as error:
-                    raise ConfigError(f"study spec {path}, method {key}"
+                    raise ConfigError(f"{path}, method {key}"
                                       f"{f' setting {setting!r}' if setting else ''}: {error}") from None
+
+
+def load_method_table(path: str | Path) -> MethodTable:
+    """Read and check a method table (``configs/studies/lfw_first.yaml``, ``mnist_li.yaml``): every
+    method's overrides are applied to the base config and validated."""
+    table = _read_table(path, MethodTable, "method table")
+    _validate_runs(table, path, lambda key, setting, inherited: load_config(
+        table.base(), table.method_overrides(key, setting, inherited)))
+    return table
+
+
+def load_study_spec(path: str | Path) -> StudySpec:
+    """Read and check a study spec; every method's config (each sweep setting, seed 0) is validated
+    here, so a typo fails before hours of training rather than in the middle of them."""
+    spec = _read_table(path, StudySpec, "study spec")
+    spec.pretrain_config(0)
+    _validate_runs(spec, f"study spec {path}", lambda key, setting, inherited: spec.run_config(
+        StudyRun(key, setting, 0), inherited))
     return spec
