@@ -438,3 +438,21 @@ def test_only_searching_commands_log_the_faiss_search_device(synthetic, capsys, 
     assert device_lines(["index", "remove", index, names[6]]) == []
     searched = device_lines(["search", "--index", index, str(tmp_path / "queries.npy")])
     assert len(searched) == 1 and searched[0].startswith("faiss: identity index search on ")
+
+
+def test_labels_from_an_embed_manifest_are_read_by_the_embeddings_folder_reader(tmp_path):
+    """``read_labels`` of a ``manifest.csv`` takes the identity column through the one manifest
+    reader (facepipe.embed.folder), so it checks the header and the row numbers as every reader of
+    an embeddings folder does."""
+    from facepipe.index.jobs import read_labels
+    from facepipe.index.store import ClusterIndexError
+
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("row,path,identity\n0,a/1.png,a\n1,b/1.png,/b/\n2,c\\1.png,c\\d\n", encoding="utf-8")
+    assert read_labels(manifest) == ["a", "b", "c/d"]
+    manifest.write_text("row,path,identity\n0,a/1.png,a\n2,b/1.png,b\n", encoding="utf-8")
+    with pytest.raises(ClusterIndexError, match=r"manifest.csv: line 3: expected row 1,path,identity"):
+        read_labels(manifest)
+    manifest.write_text("path,identity\na/1.png,a\n", encoding="utf-8")
+    with pytest.raises(ClusterIndexError, match=r"line 1: expected header row,path,identity"):
+        read_labels(manifest)

@@ -4,8 +4,7 @@ Names load lazily, so reading a manifest (``facepipe.align.manifest``) does not 
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from facepipe.utils.lazy import lazy_exports
 
 _EXPORTS = {
     "DecodedImage": "decode", "decode_for_alignment": "decode",
@@ -19,8 +18,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"facepipe.align.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'facepipe.align' has no attribute '{name}'")
+__getattr__ = lazy_exports(__name__, {name: f"{__name__}.{module}" for name, module in _EXPORTS.items()})

@@ -31,6 +31,7 @@ __all__ = [
     "EmbeddingsFolderError",
     "is_embeddings_folder",
     "load_npy",
+    "read_embeddings_manifest",
 ]
 
 EMBEDDINGS_FILE = "embeddings.npy"
@@ -61,7 +62,8 @@ def load_npy(path: str | os.PathLike, mmap: bool = False,
         raise error(f"{path}: not a plain numeric .npy array ({exc})") from None
 
 
-def _read_manifest(path: Path, error: type[Exception]) -> tuple[list[str], list[str]]:
+def read_embeddings_manifest(path: str | os.PathLike,
+                             error: type[Exception] = EmbeddingsFolderError) -> tuple[list[str], list[str]]:
     """(paths, identities) of a ``manifest.csv``, rows numbered 0, 1, ... in order; identities
     with ``/`` separators and no leading or trailing ``/``."""
     paths: list[str] = []
@@ -152,7 +154,7 @@ class EmbeddingsFolder:
             raise error(f"{npy}: expected a 2-D float array, got shape {embeddings.shape}, dtype {embeddings.dtype}")
         paths = identities = None
         if own and (folder / MANIFEST_FILE).is_file():
-            paths, identities = _read_manifest(folder / MANIFEST_FILE, error)
+            paths, identities = read_embeddings_manifest(folder / MANIFEST_FILE, error)
             if len(paths) != len(embeddings):
                 raise error(f"{folder}: {MANIFEST_FILE} lists {len(paths)} images but {EMBEDDINGS_FILE} has "
                             f"{len(embeddings)} rows")

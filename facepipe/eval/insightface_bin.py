@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from facepipe.embed.folder import load_npy
 from facepipe.eval.report import EvalReport, Table, verification_rows, write_report
 from facepipe.eval.verification import EvalInputError, cosine_scores, evaluate_verification
 
@@ -247,8 +248,8 @@ def evaluate_bin(
     fingerprint = None
     if embeddings is not None:
         try:
-            vectors = np.load(embeddings, allow_pickle=False)
-        except (OSError, ValueError) as exc:
+            vectors = load_npy(embeddings, error=EvalInputError)
+        except OSError as exc:
             raise EvalInputError(f"cannot read embeddings {embeddings}: {exc}") from None
         if vectors.ndim != 2 or vectors.shape[0] != len(pairs.images):
             raise EvalInputError(f"embeddings {embeddings} have shape {vectors.shape}; {pairs.path} holds "

@@ -3,7 +3,6 @@ files, ``facepipe embed`` folders, aligned identity folders through a checkpoint
 through the alignment stage) turned into :class:`facepipe.index.store.ClusterIndex` operations."""
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import tempfile
@@ -13,7 +12,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from facepipe.embed.folder import MANIFEST_FILE, EmbeddingsFolder
+from facepipe.embed.folder import MANIFEST_FILE, EmbeddingsFolder, read_embeddings_manifest
 from facepipe.index.flat_search import unit_rows
 from facepipe.index.knc import DEFAULT_NUM_NEIGHBOURS_GRID, choose_num_neighbours
 from facepipe.index.store import (
@@ -71,12 +70,8 @@ def read_labels(path: str | os.PathLike) -> list[str]:
     except UnicodeDecodeError as exc:
         raise ClusterIndexError(f"labels file {path} is not UTF-8 text ({exc})") from None
     if path.suffix.lower() == ".csv":
-        rows = list(csv.reader(text.splitlines()))
-        if not rows or [h.strip() for h in rows[0]] != ["row", "path", "identity"]:
-            raise ClusterIndexError(f"{path}: a .csv of labels must be a 'facepipe embed' manifest "
-                                    "(header row,path,identity)")
-        return check_identity_names([row[2].strip().replace("\\", "/").strip("/") for row in rows[1:] if row],
-                                    f"labels file {path}")
+        _, identities = read_embeddings_manifest(path, ClusterIndexError)  # a 'facepipe embed' manifest
+        return check_identity_names([name.strip().strip("/") for name in identities], f"labels file {path}")
     lines = text.splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
