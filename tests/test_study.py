@@ -379,13 +379,21 @@ def test_study_runs_everything_and_keeps_results(study):
     assert cos["config"]["train"]["stages"][0]["head"]["m"] == m and cos["validation_best"] == max(scores.values())
     assert arc["config"]["train"]["init_from"] == str(spec.pretrain_dir(0) / "init.pt")
     # Kept files of every run (no checkpoints in the kept results but the pre-training's init.pt).
+    # The sweep setting the validation people did not choose is trained and summarised, never read
+    # out on the test sets.
+    other = next(s for s in SETTINGS if s != chosen)
     folders = [kept(spec, "pretrain", "seed0"), kept(spec, "softmax", "seed0"), kept(spec, "softmax", "seed1"),
-               kept(spec, "cosface", "m-0.1", "seed0"), kept(spec, "cosface", "m-0.4_lr-1", "seed0"),
+               kept(spec, "cosface", slug(chosen), "seed0"), kept(spec, "cosface", slug(other), "seed0"),
                kept(spec, "arcface", "seed0")]
     for f in folders:
-        for name in ("study_result.json", "train_done.json", "readouts.json", "readouts.npz", "mechanisms.json",
-                     "metrics.jsonl", "config.yaml"):
+        read_out = f != kept(spec, "cosface", slug(other), "seed0")
+        for name in ("study_result.json", "train_done.json", "mechanisms.json", "metrics.jsonl", "config.yaml"):
             assert (f / name).is_file(), f / name
+        for name in ("readouts.json", "readouts.npz"):
+            assert (f / name).is_file() == read_out, f / name
+        record = json.loads((f / "study_result.json").read_text())
+        assert record.get("readouts", "done") == ("done" if read_out else "pending")
+        assert (record["readout_seconds"] is not None) == read_out
         assert [p.name for p in f.glob("*.pt")] == (["init.pt"] if f.parent.name == "pretrain" else [])
     softmax1 = json.loads((kept(spec, "softmax", "seed1") / "study_result.json").read_text())
     assert softmax1["seed"] == 1 and softmax1["config"]["seed"] == 1
@@ -395,7 +403,8 @@ def test_study_runs_everything_and_keeps_results(study):
 
 def test_readouts_have_every_protocol_in_range(study):
     spec = study["spec"]
-    for f in (kept(spec, "softmax", "seed0"), kept(spec, "cosface", "m-0.1", "seed0")):
+    chosen = StudyRunner(spec).chosen_setting("cosface")
+    for f in (kept(spec, "softmax", "seed0"), kept(spec, "cosface", slug(chosen), "seed0")):
         record = json.loads((f / "readouts.json").read_text())
         assert {"validation", "devtest", "megaface", "closed_set"} <= set(record)
         assert 0 <= record["validation"]["accuracy"] <= 1 and record["validation"]["pairs"] >= 2
@@ -452,6 +461,37 @@ def no_training(monkeypatch):
 def test_second_run_all_trains_nothing(study, monkeypatch):
     no_training(monkeypatch)
     assert StudyRunner(study["spec"]).run_all() == {"finished": 5, "deferred": 0, "claimed_elsewhere": 0}
+
+
+def test_chosen_sweep_readouts_left_undone_by_a_stop_run_on_the_next_start(study, monkeypatch):
+    """A process stopped after the last sweep setting trained but before the chosen one's readouts:
+    the next run_all reads the chosen setting out (same numbers), trains nothing, and leaves the
+    losing setting without readouts."""
+    spec = study["spec"]
+    runner = StudyRunner(spec)
+    chosen = runner.chosen_setting("cosface")
+    run = StudyRun("cosface", chosen, 0)
+    before = json.loads((kept(spec, "cosface", slug(chosen), "seed0") / "readouts.json").read_text())
+    for folder in (spec.run_dir(run), kept(spec, "cosface", slug(chosen), "seed0")):
+        for name in ("readouts.json", "readouts.npz"):
+            (folder / name).unlink()
+        record = json.loads((folder / "study_result.json").read_text())
+        (folder / "study_result.json").write_text(json.dumps({**record, "readouts": "pending", "readout_seconds": None}))
+    backbone = Path(spec.results) / "backbones" / "cosface.pt"
+    backbone.unlink()
+    monkeypatch.setattr(facepipe.train, "Trainer", lambda *a, **k: pytest.fail("trained again"))
+    calls = []
+    real = readouts_module.compute_readouts
+    monkeypatch.setattr(readouts_module, "compute_readouts", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    assert runner.run_all() == {"finished": 5, "deferred": 0, "claimed_elsewhere": 0}
+    assert calls == [spec.run_dir(run)]
+    after = json.loads((kept(spec, "cosface", slug(chosen), "seed0") / "readouts.json").read_text())
+    timings = ("seconds", "embed_seconds")
+    assert {k: v for k, v in after.items() if k not in timings} == {k: v for k, v in before.items() if k not in timings}
+    assert json.loads((spec.run_dir(run) / "study_result.json").read_text())["readouts"] == "done"
+    assert backbone.is_file()
+    other = next(s for s in SETTINGS if s != chosen)
+    assert not (kept(spec, "cosface", slug(other), "seed0") / "readouts.json").is_file()
 
 
 def test_fresh_checkout_restores_finished_runs_from_kept_results(study, tmp_path, monkeypatch):

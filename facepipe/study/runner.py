@@ -15,6 +15,11 @@ then its small files are copied to the kept results (``<results>/runs/...``, in 
 seed 0, its backbone in fp16 (``<results>/backbones/<method>.pt``, loadable by ``facepipe eval``,
 ``embed`` and ``index``). A run whose kept results exist counts as finished in a fresh checkout
 (its files are restored into the study folder), so the study goes on where it stopped.
+
+Sweeps are chosen on the validation people only, so the seed-0 run of each sweep setting is
+trained and summarised (validation accuracy, mechanisms) but read out on the test sets only when
+it is the chosen setting: once every setting has trained, the chosen one's readouts run (a
+losing setting's test figures would be read by nobody, and cost a quarter of a run each).
 """
 from __future__ import annotations
 
@@ -261,20 +266,38 @@ class StudyRunner:
         return self._sets
 
     def _finish(self, run_dir: Path, config: Config, record: dict, label: str, keep_backbone: Path | None,
-                kept: Path) -> dict:
+                kept: Path, read_out: bool = True) -> dict:
+        """The run's mechanism summary and result record, then (``read_out``) its readouts."""
         from facepipe.study.mechanisms import mechanism_summary
-        from facepipe.study.readouts import compute_readouts
 
         checkpoint = run_dir / "best.pt"
         if not checkpoint.is_file():
             raise StudyError(f"{label}: no best.pt in {run_dir}: the study's base config must set train.validation")
-        readouts = compute_readouts(self.spec, run_dir, checkpoint, self.sets(), device=self.device)
         write_json_atomic(run_dir / "mechanisms.json", mechanism_summary(run_dir))
+        result = {**record, "label": label, "run_dir": str(run_dir), "checkpoint": str(checkpoint),
+                  "config": config.to_dict(), "readout_seconds": None, "readouts": "pending",
+                  "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        write_json_atomic(run_dir / RESULT, result)
+        if not read_out:
+            self._keep(run_dir, kept)
+            log.info("%s: trained; validation %.2f %%; test readouts only if the sweep chooses it", label,
+                     100 * (record.get("validation_best") or float("nan")))
+            return result
+        return self._read_out(run_dir, label, keep_backbone, kept)
+
+    def _read_out(self, run_dir: Path, label: str, keep_backbone: Path | None, kept: Path) -> dict:
+        """Readouts of a trained run from its ``best.pt`` (:mod:`facepipe.study.readouts`), into its
+        result record; then its files are kept (and ``keep_backbone``: its fp16 backbone)."""
+        from facepipe.study.readouts import compute_readouts
+
+        checkpoint = run_dir / "best.pt"
+        if not checkpoint.is_file():
+            raise StudyError(f"{label}: its readouts are still to do, but its weights {checkpoint} are not here "
+                             "(trained in another checkout: run the study there, or copy the run folder over)")
+        readouts = compute_readouts(self.spec, run_dir, checkpoint, self.sets(), device=self.device)
         if keep_backbone is not None:
             keep_fp16_backbone(checkpoint, keep_backbone)
-        result = {**record, "label": label, "run_dir": str(run_dir), "checkpoint": str(checkpoint),
-                  "config": config.to_dict(), "readout_seconds": readouts["seconds"],
-                  "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        result = {**_read_json(run_dir / RESULT), "readout_seconds": readouts["seconds"], "readouts": "done"}
         write_json_atomic(run_dir / RESULT, result)
         self._keep(run_dir, kept)
         dev = readouts.get("devtest", {})
@@ -282,6 +305,23 @@ class StudyRunner:
                  100 * readouts["validation"]["accuracy"], 100 * dev.get("cv10_accuracy", float("nan")),
                  readouts["seconds"] / 60)
         return result
+
+    def read_out_chosen(self, method: str) -> None:
+        """Once a method's sweep has trained every setting: the chosen setting's readouts (and kept
+        backbone), if they are still to do."""
+        if self.spec.methods[method].sweep is None:
+            return
+        setting = self.chosen_setting(method)
+        if setting is None:
+            return
+        run = StudyRun(method, setting, 0)
+        run_dir = self.spec.run_dir(run)
+        if self.finished(run).get("readouts", "done") == "done":
+            return
+        with self.claim(f"{method}-{setting}-0-readouts") as mine:
+            if mine and _read_json(run_dir / RESULT).get("readouts", "done") != "done":
+                log.info("%s: the sweep chose %r; its readouts", run.label(), setting)
+                self._read_out(run_dir, run.label(), self.backbone_path(method), self.kept_dir(run))
 
     def pretrain(self, seed: int, need_weights: bool = True) -> dict:
         """Train (or find) pre-training ``seed``. ``need_weights``: a fine-tuning is about to start
@@ -336,8 +376,12 @@ class StudyRunner:
             record = self._train(config, label)
             record.update({"method": run.method, "setting": run.setting, "seed": run.seed,
                            "inherited_setting": inherited_setting})
-            chosen = self.chosen_setting(run.method) if self.spec.methods[run.method].sweep else ""
-            keep = self.backbone_path(run.method) if run.seed == 0 and (chosen == run.setting) else None
+            if self.spec.methods[run.method].sweep is not None and run.seed == 0:
+                result = self._finish(Path(config.output_dir), config, record, label, None, self.kept_dir(run),
+                                      read_out=False)
+                self.read_out_chosen(run.method)
+                return self.finished(run) or result
+            keep = self.backbone_path(run.method) if run.seed == 0 else None
             return self._finish(Path(config.output_dir), config, record, label, keep, self.kept_dir(run))
 
     def plan(self) -> list[StudyRun]:
@@ -395,9 +439,10 @@ class StudyRunner:
                 counts["deferred"] = len(still)
                 break
             pending = still
-        # A sweep chosen after its seed-0 runs finished: keep the chosen setting's backbone.
+        # A sweep whose choice came in an earlier session, or a process stopped between the last
+        # setting's training and the chosen one's readouts: read it out now.
         for method in self.methods:
-            self._keep_chosen_backbone(method)
+            self.read_out_chosen(method)
         return counts
 
     def status_lines(self) -> list[str]:
@@ -425,14 +470,6 @@ class StudyRunner:
             lines.append(f"{run.label()}: finished (validation {100 * (result.get('validation_best') or float('nan')):.2f} %"
                          f"{extra}, train {result['train_seconds'] / 60:.1f} min)")
         return lines
-
-    def _keep_chosen_backbone(self, method: str) -> None:
-        setting = self.chosen_setting(method)
-        if setting is None or self.backbone_path(method).is_file():
-            return
-        run_dir = self.spec.run_dir(StudyRun(method, setting, 0))
-        if (run_dir / "best.pt").is_file():
-            keep_fp16_backbone(run_dir / "best.pt", self.backbone_path(method))
 
 
 def keep_init_weights(checkpoint: Path, target: Path) -> None:
