@@ -155,7 +155,7 @@ def write_table(out: Path, results: list[dict], pending: list[str], header_note:
 
 def lfw_overlap_note(config, pairs: str) -> str | None:
     # Persons of the validation pairs that are also training identities make the selection in-sample.
-    from facepipe.eval.lfw_pairs import parse_lfw_pairs
+    from facepipe.data.lfw_pairs import parse_lfw_pairs
 
     root = config.data.root
     if root is None or not Path(root).is_dir():

@@ -46,7 +46,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from facepipe.index.clusters import balanced_spherical_kmeans
+from facepipe.data.clusters import balanced_spherical_kmeans
 from facepipe.index.store import ClusterIndex
 
 RESULTS = Path(__file__).resolve().parent / "results" / "index_knc_speed.json"

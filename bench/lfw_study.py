@@ -231,7 +231,7 @@ def build_split(study: Study) -> dict:
     """Training images and held-out closed-set probes of the people not in pairsDevTest.txt."""
     from facepipe.align.manifest import USABLE_STATUSES, alignment_statuses
     from facepipe.data.dataset import IMAGE_EXTENSIONS
-    from facepipe.eval.lfw_pairs import parse_lfw_pairs
+    from facepipe.data.lfw_pairs import parse_lfw_pairs
 
     args = study.args
     settings = {"min_images": args.min_images, "holdout_fraction": args.holdout_fraction,
@@ -326,8 +326,8 @@ def train_run(config: Config, label: str) -> dict:
 
 def verify_devtest(study: Study, run_dir: Path, label: str) -> dict:
     """LFW DevTest verification (threshold from DevTrain) and 10-fold CV on DevTest from the same scores."""
+    from facepipe.data.lfw_pairs import parse_lfw_pairs
     from facepipe.eval.lfw import evaluate_lfw
-    from facepipe.eval.lfw_pairs import parse_lfw_pairs
     from facepipe.eval.verification import evaluate_verification
 
     out = run_dir / "eval_devtest"

@@ -309,7 +309,7 @@ def with_replacement_distinct(run_dir: Path, config: Config, batches: int = 200)
     """Mean distinct images per batch had each of the M clusters of a batch given k draws with
     replacement, as facepipe's sampler did before the fix (on the run's last clusters)."""
     from facepipe.data.cluster_sampler import ClusterBatchSampler
-    from facepipe.index.clusters import ClusterAssignment
+    from facepipe.data.clusters import ClusterAssignment
 
     clusters = config.train.clusters
     assignment = ClusterAssignment.from_npz(run_dir / "clusters.npz")

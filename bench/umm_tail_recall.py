@@ -30,9 +30,9 @@ import torch
 
 from facepipe.config import config_from_dict, head_kwargs
 from facepipe.data.synth import generate_dataset, identity_counts
-from facepipe.runtime.model import load_model
 from facepipe.eval.imbalance import imbalance_metrics
 from facepipe.losses import build_head
+from facepipe.models.loaded import load_model
 from facepipe.runtime.checkpoint import load_checkpoint
 from facepipe.train.trainer import Trainer
 from facepipe.data.dataset import ImageListDataset

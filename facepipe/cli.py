@@ -217,8 +217,8 @@ def cmd_align(args: argparse.Namespace) -> int:
 
 
 def cmd_subset(args: argparse.Namespace) -> int:
+    from facepipe.data.lfw_pairs import parse_lfw_pairs
     from facepipe.data.subset import link_identity_subset
-    from facepipe.eval.lfw_pairs import parse_lfw_pairs
 
     excluded: set[str] = set()
     for pairs in args.exclude_pairs:
@@ -470,7 +470,7 @@ def cmd_index_margins(args: argparse.Namespace) -> int:
     from collections import Counter
 
     from facepipe.errors import UsageError
-    from facepipe.index.clusters import format_margin_bounds, suggest_margins
+    from facepipe.losses.clmle import format_margin_bounds, suggest_margins
 
     if (args.data_root is None) == (args.labels is None):
         raise UsageError("give DATA_ROOT (identity folders) or --labels, not both or neither")

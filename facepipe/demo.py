@@ -30,10 +30,10 @@ from facepipe.eval.verification import (
     write_pairs_csv,
 )
 from facepipe.models import build_backbone
+from facepipe.models.loaded import extract_embeddings
 from facepipe.runtime.checkpoint import LATEST, copy_checkpoint, load_checkpoint
 from facepipe.runtime.device import resolve_device
 from facepipe.runtime.io import write_json_atomic, write_text_atomic
-from facepipe.runtime.model import extract_embeddings
 from facepipe.runtime.seed import seed_everything
 from facepipe.train.run_log import read_run_log
 from facepipe.train.trainer import Trainer

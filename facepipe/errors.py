@@ -21,6 +21,15 @@ class UsageError(ValueError, FacepipeUserError):
     for checks that belong to no more specific class (a ValueError too, as these always were)."""
 
 
+class EvalInputError(ValueError, FacepipeUserError):
+    """Evaluation input that cannot be used: a malformed pairs/splits file, a pair naming a
+    missing image, an unsafe or malformed .bin file, embeddings that do not match a manifest.
+
+    Defined here, below every stage, because the LFW pairs-file parser
+    (:mod:`facepipe.data.lfw_pairs`, used by data's merge as well as by eval) raises it;
+    :mod:`facepipe.eval.verification` exports it as before."""
+
+
 # Not facepipe's classes, yet still the user's to fix when the operating system names the path:
 # an input that is not there, a folder they may not read or write, a file given for a folder.
 # Wrapping every open() of a user-given path in a facepipe class would miss some; a bug that

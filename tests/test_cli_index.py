@@ -285,7 +285,7 @@ def test_build_checks_its_destination_before_any_work(synthetic, capsys, monkeyp
     import os
     from pathlib import Path
 
-    import facepipe.index.clusters as clusters
+    import facepipe.data.clusters as clusters
     import facepipe.index.jobs as jobs
     from facepipe.index.store import ClusterIndex, ClusterIndexError
     from facepipe.runtime.io import UnwritableOutputError

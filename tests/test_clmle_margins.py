@@ -8,7 +8,7 @@ import pytest
 
 from facepipe.cli import main
 from facepipe.config import find_config, load_config
-from facepipe.index.clusters import suggest_margins
+from facepipe.losses.clmle import suggest_margins
 
 
 def identity_tree(root, counts):

@@ -12,7 +12,7 @@ import torch
 
 from facepipe.config import ConfigError, config_from_dict
 from facepipe.data.cluster_sampler import ClusterBatchSampler
-from facepipe.index.clusters import ClusterAssignment
+from facepipe.data.clusters import ClusterAssignment
 from facepipe.runtime.checkpoint import load_checkpoint
 from facepipe.train.batchnorm import stage_batchnorm_mode
 from facepipe.train.cluster_stage import RankClusterBatches

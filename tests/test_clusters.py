@@ -1,6 +1,6 @@
-"""Tests for facepipe.index.clusters: K_c (Huang et al. Eq. 6 reading), balanced sizes, membership,
-centroids (Eq. 7), blob recovery, determinism, npz round trip, errors and the paper's 2-D
-margin bounds."""
+"""Tests for facepipe.data.clusters: K_c (Huang et al. Eq. 6 reading), balanced sizes, membership,
+centroids (Eq. 7), blob recovery, determinism, npz round trip, errors; and the paper's 2-D
+margin bounds (facepipe.losses.clmle)."""
 from __future__ import annotations
 
 import math
@@ -8,14 +8,13 @@ import math
 import numpy as np
 import pytest
 
-from facepipe.index.clusters import (
+from facepipe.data.clusters import (
     ClusterAssignment,
     balanced_assignment,
     balanced_spherical_kmeans,
     clusters_per_identity,
-    format_margin_bounds,
-    paper_margin_bounds,
 )
+from facepipe.losses.clmle import format_margin_bounds, paper_margin_bounds
 
 
 def random_data(counts, dim=16, seed=0):

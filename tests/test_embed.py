@@ -10,7 +10,7 @@ from facepipe.data.dataset import DatasetError
 from facepipe.embed import embed_folder, list_images
 from facepipe.embed.extract import embed_paths
 from facepipe.models import IRSEBackbone
-from facepipe.runtime.model import extract_embeddings, load_model
+from facepipe.models.loaded import extract_embeddings, load_model
 from facepipe.train import Trainer
 
 

@@ -143,7 +143,7 @@ def test_bin_of_real_lfw_images_with_a_checkpoint(tmp_path):
     """A tiny lfw.bin-like file of real LFW JPEGs, embedded by a (random-initialisation) checkpoint."""
     import torch
 
-    from facepipe.runtime.model import extract_embeddings, load_model
+    from facepipe.models.loaded import extract_embeddings, load_model
 
     lfw = require(SHARED_DATA / "lfw" / "lfw-deepfunneled")
     # Pairs 0-4: two images of Abdullah Gul each; pairs 5-9: Adrien Brody against Al Gore.

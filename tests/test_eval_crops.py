@@ -41,12 +41,12 @@ def view1_pairs(path: Path) -> Path:
 @pytest.fixture
 def no_embedding(monkeypatch):
     """Fails the test if anything is embedded (the check must come first)."""
-    import facepipe.runtime.model as runtime_model
+    import facepipe.models.loaded as loaded_module
 
     def refuse(*args, **kwargs):
         raise AssertionError("images were embedded before the raw-photo check")
 
-    monkeypatch.setattr(runtime_model, "extract_embeddings", refuse)
+    monkeypatch.setattr(loaded_module, "extract_embeddings", refuse)
 
 
 def lfw_command(pairs: Path, images: Path, checkpoint: Path, out: Path, *extra: str) -> list[str]:
@@ -101,7 +101,7 @@ def test_eval_pairs_refuses_raw_photos_unless_told(tmp_path, capsys, monkeypatch
     command = ["eval", "pairs", "--checkpoint", str(checkpoint), "--pairs", str(pairs), "--root", str(raw),
                "--device", "cpu", "--quiet"]
     with monkeypatch.context() as patch:
-        patch.setattr("facepipe.runtime.model.extract_embeddings",
+        patch.setattr("facepipe.models.loaded.extract_embeddings",
                       lambda *a, **k: pytest.fail("embedded before the raw-photo check"))
         assert main([*command, "--out", str(tmp_path / "stop")]) == 2
     err = capsys.readouterr().err.strip()

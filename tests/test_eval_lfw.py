@@ -12,9 +12,9 @@ from scipy.stats import norm
 
 from conftest import SHARED_DATA, tiny_config
 from facepipe.cli import main
+from facepipe.data.lfw_pairs import parse_lfw_pairs
 from facepipe.eval import EvalInputError, best_threshold, evaluate_verification, kfold_accuracy, roc_metrics
 from facepipe.eval.lfw import evaluate_lfw
-from facepipe.eval.lfw_pairs import parse_lfw_pairs
 
 LFW = SHARED_DATA / "lfw"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -318,7 +318,7 @@ def test_lfw_images_through_the_cli(tmp_path, capsys):
     assert set(metrics["files"]) >= {"metrics.json", "report.md", "roc.png", "scores.csv"}
 
     # The scores are the cosine similarities of the checkpoint's flip-summed embeddings.
-    from facepipe.runtime.model import extract_embeddings, load_model
+    from facepipe.models.loaded import extract_embeddings, load_model
 
     loaded = load_model(checkpoint)
     row = next(csv.DictReader(open(out / "scores.csv")))

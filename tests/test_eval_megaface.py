@@ -11,6 +11,7 @@ from scipy.stats import norm
 
 from conftest import SHARED_DATA
 from facepipe.cli import main
+from facepipe.data.lfw_pairs import parse_lfw_pairs
 from facepipe.eval import EvalInputError, roc_metrics, tail_roc
 from facepipe.eval.megaface import (
     distractor_levels,
@@ -19,7 +20,6 @@ from facepipe.eval.megaface import (
     megaface_identification,
     search_distractors,
 )
-from facepipe.eval.lfw_pairs import parse_lfw_pairs
 from test_eval_lfw import require, write_embeddings_folder
 
 

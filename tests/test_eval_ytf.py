@@ -123,7 +123,7 @@ def test_video_embedding_is_the_normalised_mean_of_unit_frames():
 def test_ytf_images_set_to_set_on_the_lfw_fixture(ytf_fixture, tmp_path):
     import torch
 
-    from facepipe.runtime.model import extract_embeddings, load_model
+    from facepipe.models.loaded import extract_embeddings, load_model
 
     root, people = ytf_fixture
     checkpoint = random_init_checkpoint(tmp_path / "random.pt")

@@ -144,7 +144,7 @@ def _unit(x):
 
 
 def test_cluster_kmeans_on_gpu_matches_cpu(two_gpus, monkeypatch):
-    from facepipe.index.clusters import balanced_spherical_kmeans
+    from facepipe.data.clusters import balanced_spherical_kmeans
 
     rng = np.random.default_rng(0)
     x = _unit(rng.normal(size=(120, 8)))

@@ -363,7 +363,7 @@ def test_eval_bin_names_the_unreadable_image_of_the_set(tmp_path):
 def test_search_gives_each_unreadable_query_the_readers_status(tmp_path):
     from facepipe.index.jobs import search_images
     from facepipe.index.store import ClusterIndex
-    from facepipe.runtime.model import load_model
+    from facepipe.models.loaded import load_model
     from test_eval_lfw import random_init_checkpoint
 
     checkpoint = random_init_checkpoint(tmp_path / "model" / "random.pt")

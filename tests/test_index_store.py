@@ -182,7 +182,7 @@ def test_holdout_tuning_equals_a_gallery_rebuilt_without_each_query(cluster_size
     # In both a gallery re-clustered without the held-out image is known exactly, so the
     # leave-one-out shortcut must reproduce its accuracy at every N.
     x, codes = noisy_gallery()
-    from facepipe.index.clusters import balanced_spherical_kmeans
+    from facepipe.data.clusters import balanced_spherical_kmeans
 
     assignment = balanced_spherical_kmeans(x, codes, cluster_size)
     held = np.array([np.flatnonzero(codes == c)[c % 5] for c in range(0, 30, 2)])
@@ -213,7 +213,7 @@ def test_build_time_tuning_stores_the_chosen_n_and_keeps_a_users_n(tmp_path):
     x, codes = noisy_gallery()
     names = [f"id{c:02d}" for c in codes]  # sorted as the codes are: the same identities drawn
     index = build_index_from_embeddings(tmp_path / "tuned", x, names, cluster_size=2, seed=3)
-    from facepipe.index.clusters import balanced_spherical_kmeans
+    from facepipe.data.clusters import balanced_spherical_kmeans
 
     expected = tune_num_neighbours_on_holdout(x, codes, balanced_spherical_kmeans(x, codes, 2, seed=3), seed=3)
     assert expected["method"] == "tuned" and expected["num_neighbours"] != 1  # not the default by chance
@@ -537,7 +537,7 @@ def test_raw_photos_are_aligned_before_search(tmp_path):
     Image.new("RGB", (250, 250), (128, 128, 128)).save(raw / "grey.jpg", format="JPEG")
     checkpoint = random_checkpoint(tmp_path / "m.pt", seed=0, align={"no_face": "skip"})
     rng = np.random.default_rng(0)
-    from facepipe.runtime.model import load_model
+    from facepipe.models.loaded import load_model
 
     fingerprint = load_model(checkpoint).fingerprint
     # N = 4 retrieves both identities' clusters, so each photo lists two matches (the default N,

@@ -20,7 +20,7 @@ from conftest import tiny_config
 from facepipe.cli import main
 from facepipe.config import ConfigError, load_align_config
 from facepipe.data.dataset import DatasetError, scan_identity_folders
-from facepipe.eval.lfw_pairs import parse_lfw_pairs
+from facepipe.data.lfw_pairs import parse_lfw_pairs
 from facepipe.eval.pairs_job import evaluate_pairs_file, load_pairs
 from facepipe.eval.verification import EvalInputError
 from facepipe.utils.names import IdentityNameError, check_identity_name
@@ -427,8 +427,8 @@ def test_zero_neighbours_and_far_above_one_are_refused_by_the_api(tmp_path):
 # Non-finite weights and embeddings, damaged labels
 # --------------------------------------------------------------------------------------------
 def test_checkpoint_with_nan_weights_is_refused_for_embedding(tiny_dataset, tmp_path, checkpoint, capsys):
+    from facepipe.models.loaded import load_model
     from facepipe.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-    from facepipe.runtime.model import load_model
 
     state = load_checkpoint(checkpoint)
     name = next(key for key, value in state["model"].items() if value.is_floating_point() and value.numel() > 1)
@@ -445,7 +445,7 @@ def test_checkpoint_with_nan_weights_is_refused_for_embedding(tiny_dataset, tmp_
 
 def test_non_finite_embeddings_are_never_written(tiny_dataset, tmp_path, checkpoint, monkeypatch):
     import facepipe.embed.extract as extract
-    import facepipe.runtime.model as runtime_model
+    import facepipe.models.loaded as loaded_module
     from facepipe.runtime.io import OutputError
 
     def overflowing(model, paths, *args, **kwargs):
@@ -453,7 +453,7 @@ def test_non_finite_embeddings_are_never_written(tiny_dataset, tmp_path, checkpo
         vectors[3] = np.inf
         return vectors
 
-    monkeypatch.setattr(runtime_model, "extract_embeddings", overflowing)
+    monkeypatch.setattr(loaded_module, "extract_embeddings", overflowing)
     with pytest.raises(OutputError, match="1 of .* embeddings hold NaN or infinite values"):
         extract.embed_folder(checkpoint, tiny_dataset, tmp_path / "emb", device="cpu", num_workers=0, progress=False)
     assert not (tmp_path / "emb").exists()

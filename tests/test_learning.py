@@ -6,7 +6,7 @@ from facepipe.data.dataset import IdentityFolderDataset
 from facepipe.data.synth import generate_dataset
 from facepipe.eval.verification import cosine_scores, evaluate_verification, make_pairs
 from facepipe.models import build_backbone
-from facepipe.runtime.model import extract_embeddings
+from facepipe.models.loaded import extract_embeddings
 from facepipe.train import Trainer
 from facepipe.train.run_log import read_run_log
 

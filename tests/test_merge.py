@@ -13,10 +13,10 @@ from PIL import Image
 import facepipe
 from facepipe.cli import main
 from facepipe.data.dataset import DatasetError, IdentityFolderDataset, scan_identity_folders
+from facepipe.data.lfw_pairs import parse_lfw_pairs
 from facepipe.data.merge import MergeSource, merge_identity_sources
 from facepipe.data.subset import link_identity_subset
 from facepipe.errors import FacepipeUserError
-from facepipe.eval.lfw_pairs import parse_lfw_pairs
 from facepipe.runtime.io import OutputError
 from facepipe.utils.names import IdentityNameError
 

@@ -430,7 +430,7 @@ def test_readouts_have_every_protocol_in_range(study):
 
 def test_fp16_backbones_load_and_embed_like_best_pt(study):
     from facepipe.embed.extract import embed_paths, list_images
-    from facepipe.runtime.model import load_model
+    from facepipe.models.loaded import load_model
 
     spec = study["spec"]
     chosen = StudyRunner(spec).chosen_setting("cosface")

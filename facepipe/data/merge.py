@@ -324,7 +324,7 @@ def merge_identity_sources(
     holds out closed-set probe images of the training identities (module docstring). Returns the record
     written to ``destination/merge.json`` with a one-paragraph ``summary`` added.
     """
-    from facepipe.eval.lfw_pairs import parse_lfw_pairs
+    from facepipe.data.lfw_pairs import parse_lfw_pairs
 
     sources = [_as_source(source) for source in sources]
     if not sources:

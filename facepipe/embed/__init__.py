@@ -1,5 +1,5 @@
 """Embeddings of image files with a trained checkpoint and the ``facepipe embed`` job
-(``extract``; the loaded model and its forward pass are :mod:`facepipe.runtime.model`), and the
+(``extract``; the loaded model and its forward pass are :mod:`facepipe.models.loaded`), and the
 embeddings folder format (``folder``). Loaded on first use: reading an embeddings folder does not
 import torch."""
 from facepipe.utils.lazy import lazy_exports

@@ -1,6 +1,6 @@
 """Embeddings of image files with a checkpoint's model (:func:`embed_paths`), and the ``facepipe
 embed`` job that writes them as an embeddings folder. The model and its forward pass are
-:mod:`facepipe.runtime.model`'s."""
+:mod:`facepipe.models.loaded`'s."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +12,7 @@ import torch
 
 from facepipe.data.dataset import IMAGE_EXTENSIONS, DatasetError
 from facepipe.embed.folder import EMBED_RECORD, EMBEDDINGS_FILE, MANIFEST_FILE, MANIFEST_HEADER
+from facepipe.models.loaded import LoadedModel, load_model
 from facepipe.runtime.device import resolve_device
 from facepipe.runtime.distributed import barrier, gather_rows, init_distributed, rank_slice
 from facepipe.runtime.io import (
@@ -22,7 +23,6 @@ from facepipe.runtime.io import (
     write_csv_atomic,
     write_json_atomic,
 )
-from facepipe.runtime.model import LoadedModel, load_model
 from facepipe.utils.names import check_identity_name
 from facepipe.utils.walk import walk_tree
 
@@ -41,10 +41,10 @@ def embed_paths(
     """Embeddings of the image files ``paths``, in order, with a checkpoint's model: the one
     way every job (embed, eval, index, search) turns a checkpoint and images into embeddings.
 
-    ``model``: a checkpoint (loaded on ``device`` with :func:`~facepipe.runtime.model.load_model`'s
-    checks) or a :class:`~facepipe.runtime.model.LoadedModel` (already on its device; ``device``
+    ``model``: a checkpoint (loaded on ``device`` with :func:`~facepipe.models.loaded.load_model`'s
+    checks) or a :class:`~facepipe.models.loaded.LoadedModel` (already on its device; ``device``
     is then not used). The images are embedded by :meth:`LoadedModel.embed
-    <facepipe.runtime.model.LoadedModel.embed>`: read at the checkpoint's input size; flip fusion
+    <facepipe.models.loaded.LoadedModel.embed>`: read at the checkpoint's input size; flip fusion
     is ``flip`` or else the config's ``embed.flip``, the batch size ``batch_size`` or else
     ``embed.batch_size``, and the forward runs under the config's mixed precision (``train.amp``,
     CUDA only).

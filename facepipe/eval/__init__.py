@@ -25,8 +25,6 @@ from facepipe.eval.verification import (
 )
 
 _LAZY = {
-    "LFWPairs": "facepipe.eval.lfw_pairs",
-    "parse_lfw_pairs": "facepipe.eval.lfw_pairs",
     "EmbeddingTable": "facepipe.eval.lfw",
     "evaluate_lfw": "facepipe.eval.lfw",
     "load_embeddings_folder": "facepipe.eval.lfw",

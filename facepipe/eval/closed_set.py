@@ -52,7 +52,7 @@ def _codes(labels: Sequence[str], identities: list[str]) -> np.ndarray:
 
 def knc_predict(assignment, queries: np.ndarray, num_neighbours: int) -> np.ndarray:
     """Huang et al. Eq. 10 over the ``num_neighbours`` nearest cluster centroids of ``assignment``
-    (a :class:`facepipe.index.clusters.ClusterAssignment`): the predicted identity code per query."""
+    (a :class:`facepipe.data.clusters.ClusterAssignment`): the predicted identity code per query."""
     import faiss
 
     from facepipe.index.knc import knc_scores
@@ -70,7 +70,7 @@ def choose_knc_neighbours(embeddings: np.ndarray, labels: Sequence[str], cluster
     """N of Eq. 10 chosen on the people of ``labels`` (e.g. validation people, disjoint from the
     probes): their embeddings are clustered and one image of each 2+-image identity is held out
     (:func:`facepipe.index.jobs.tune_num_neighbours_on_holdout`). Returns its record."""
-    from facepipe.index.clusters import balanced_spherical_kmeans
+    from facepipe.data.clusters import balanced_spherical_kmeans
     from facepipe.index.jobs import tune_num_neighbours_on_holdout
 
     x = np.ascontiguousarray(embeddings, dtype=np.float32)
@@ -84,7 +84,7 @@ def closed_set_identify(gallery: np.ndarray, gallery_labels: Sequence[str], prob
                         seed: int = 0) -> ClosedSetPredictions:
     """Every probe identified among the gallery's identities by 1-NN, k-NC with N = 1 and k-NC
     with N = ``num_neighbours`` (rules ``"1-NN"``, ``"k-NC N=1"``, ``"k-NC tuned N"``)."""
-    from facepipe.index.clusters import balanced_spherical_kmeans
+    from facepipe.data.clusters import balanced_spherical_kmeans
 
     identities = sorted(set(gallery_labels))
     gallery_codes = _codes(gallery_labels, identities)

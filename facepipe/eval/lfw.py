@@ -30,8 +30,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from facepipe.align.manifest import USABLE_STATUSES, alignment_statuses
+from facepipe.data.lfw_pairs import LFWPairs, parse_lfw_pairs
 from facepipe.embed.folder import EmbeddingsFolder
-from facepipe.eval.lfw_pairs import LFWPairs, parse_lfw_pairs
 from facepipe.eval.report import EvalReport, Table, verification_rows, write_report
 from facepipe.eval.verification import (
     EvalInputError,
@@ -126,8 +126,8 @@ def embed_files(
     # torch is imported only here, so metric-only evaluation (precomputed embeddings) never
     # pays for it.
     from facepipe.embed.extract import embed_paths
+    from facepipe.models.loaded import load_model
     from facepipe.runtime.device import resolve_device
-    from facepipe.runtime.model import load_model
 
     loaded = load_model(checkpoint, resolve_device(device))
     keys = list(keys)

@@ -38,9 +38,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from facepipe.data.lfw_pairs import parse_lfw_pairs
 from facepipe.embed.folder import is_embeddings_folder, load_npy
 from facepipe.eval.lfw import EmbeddingTable, embed_files, load_embeddings_folder
-from facepipe.eval.lfw_pairs import parse_lfw_pairs
 from facepipe.eval.report import EvalReport, Table, format_percent, write_report
 from facepipe.eval.verification import EvalInputError, format_far, tail_roc
 from facepipe.index.flat_search import DEFAULT_CHUNK, chunked_top_k, unit_rows

@@ -4,7 +4,7 @@ Two formats are accepted, told apart by content (not by the file name):
 
 - a pairs CSV, header ``path_a,path_b,is_same``, paths relative to the root;
 - an LFW pairs file (View 1 ``N`` or View 2 ``SETS N`` header, then ``Name<TAB>i<TAB>j`` and
-  ``A<TAB>i<TAB>B<TAB>j`` lines; see :mod:`facepipe.eval.lfw_pairs`), such as the ``pairs.txt``
+  ``A<TAB>i<TAB>B<TAB>j`` lines; see :mod:`facepipe.data.lfw_pairs`), such as the ``pairs.txt``
   that ``facepipe merge --val-pairs`` writes beside its validation people: the first non-empty
   line of one or two integers marks it. Image ``i`` of ``Name`` is ``<root>/Name/Name_%04d.jpg``,
   or, where that file is absent, the one of another image extension
@@ -16,7 +16,7 @@ A pairs file is read strictly where a silent change would move the accuracy:
   dropped with a warning, and the number dropped is reported (``duplicate_pairs_removed`` in
   ``metrics.json``, the summary line); the same pair listed once as same and once as not is an
   error, as no answer can be right for both; an LFW pairs file with a repeated pair is refused
-  (:func:`facepipe.eval.lfw_pairs.parse_lfw_pairs`), as for ``facepipe eval lfw``;
+  (:func:`facepipe.data.lfw_pairs.parse_lfw_pairs`), as for ``facepipe eval lfw``;
 - a missing image is an error listing the missing files (dropping its pairs would change the
   protocol);
 - a path must stay under the root (no absolute path, no ``..`` climbing out of it), unless
@@ -33,13 +33,13 @@ from pathlib import Path
 import numpy as np
 
 from facepipe.data.dataset import IMAGE_EXTENSIONS, DatasetError
+from facepipe.data.lfw_pairs import lfw_image_name, parse_lfw_pairs
 from facepipe.embed.extract import embed_paths
-from facepipe.eval.lfw_pairs import lfw_image_name, parse_lfw_pairs
 from facepipe.eval.plots import plot_roc
 from facepipe.eval.verification import cosine_scores, evaluate_verification, read_pairs_csv
+from facepipe.models.loaded import load_model
 from facepipe.runtime.device import resolve_device
 from facepipe.runtime.io import staged_files, write_csv_atomic, write_json_atomic
-from facepipe.runtime.model import load_model
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from facepipe.errors import FacepipeUserError
+from facepipe.errors import EvalInputError
 from facepipe.runtime.io import atomic_write
 
 __all__ = [
@@ -51,11 +51,6 @@ SEPARATE_THRESHOLD = "separate"
 # Pairs are scored in chunks so that scoring millions of pairs (MegaFace-style distractor
 # protocols) never materialises two (num_pairs, dim) float64 copies at once.
 _SCORE_CHUNK = 65536
-
-
-class EvalInputError(ValueError, FacepipeUserError):
-    """Evaluation input that cannot be used: a malformed pairs/splits file, a pair naming a
-    missing image, an unsafe or malformed .bin file, embeddings that do not match a manifest."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
-"""Identity search over clusters (Huang et al., TPAMI 2019): balanced spherical k-means
-clusters per identity (``clusters``), the k-nearest-cluster rule (``knc``), the on-disk FAISS +
-SQLite gallery (``store``) and the jobs behind ``facepipe index`` / ``facepipe search`` (``jobs``)."""
+"""Identity search over clusters (Huang et al., TPAMI 2019): the k-nearest-cluster rule
+(``knc``), the on-disk FAISS + SQLite gallery (``store``), the jobs behind ``facepipe index`` /
+``facepipe search`` (``jobs``) and the exact chunked top-k search (``flat_search``). The
+per-identity clusters are :mod:`facepipe.data.clusters`, shared with training and evaluation."""
 
 # The k-nearest-cluster rule (Huang et al. Eq. 10) and the on-disk cluster index. Loaded on first
-# use: importing facepipe.index (e.g. for the clusters) does not pay for FAISS.
+# use: importing facepipe.index does not pay for FAISS.
 _LAZY = {
     "knc": (
         "DEFAULT_NUM_NEIGHBOURS_GRID", "KNCResult", "NeighbourChoice", "PAPER_NUM_NEIGHBOURS_GRID",

@@ -126,7 +126,7 @@ def tune_num_neighbours_on_holdout(
     """Choose N of Eq. 10 for a gallery being built, on images held out of it.
 
     ``embeddings`` [M, D] unit rows, ``codes`` [M] their identity index, ``assignment`` their
-    :class:`facepipe.index.clusters.ClusterAssignment`. One image of each identity with 2+
+    :class:`facepipe.data.clusters.ClusterAssignment`. One image of each identity with 2+
     images (a subset of at most ``max_queries`` identities, drawn with ``seed``) becomes a
     query against a gallery without it: its own cluster's centroid is recomputed as the
     normalised mean of the other members (Eq. 7), or dropped if it was the only member, and
@@ -227,7 +227,7 @@ def build_index_from_embeddings(
     images, and is DEFAULT_NUM_NEIGHBOURS (1) when not; the index records which
     (:attr:`ClusterIndex.num_neighbours_source`). The index itself holds every image.
     """
-    from facepipe.index.clusters import balanced_spherical_kmeans
+    from facepipe.data.clusters import balanced_spherical_kmeans
 
     check_index_destination(folder, overwrite)  # before the clustering, not after it
     x = unit_rows(embeddings, "embeddings", ClusterIndexError)
@@ -541,8 +541,8 @@ def _embed_search_images(index: ClusterIndex, checkpoint: str | os.PathLike, ima
                          progress: bool) -> None:
     from facepipe.data.dataset import UnreadableImageError, decode_image
     from facepipe.embed.extract import embed_paths
+    from facepipe.models.loaded import load_model
     from facepipe.runtime.device import resolve_device
-    from facepipe.runtime.model import load_model
 
     loaded = load_model(checkpoint, resolve_device(device))
     index.check_fingerprint(loaded.fingerprint)

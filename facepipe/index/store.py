@@ -984,13 +984,13 @@ class ClusterIndex:
         (:meth:`check_fingerprint`).
 
         The rows of each name are clustered with balanced spherical k-means (Huang et al. Eq. 6-7,
-        :func:`facepipe.index.clusters.balanced_spherical_kmeans`, clusters of ``cluster_size``,
+        :func:`facepipe.data.clusters.balanced_spherical_kmeans`, clusters of ``cluster_size``,
         default the index's). A new name becomes a new identity. For a name already in the
         gallery the new clusters are *added* to its existing ones: the index keeps centroids,
         not the embeddings they came from, so the old clusters cannot be re-clustered together
         with the new images. Returns counts of new/extended identities and added clusters.
         """
-        from facepipe.index.clusters import balanced_spherical_kmeans
+        from facepipe.data.clusters import balanced_spherical_kmeans
 
         self.check_fingerprint(fingerprint, allow_unfingerprinted=allow_unfingerprinted)
         x = np.asarray(embeddings)

@@ -44,8 +44,8 @@ class StudySets:
     """Image lists of every readout, read once per study (paths in embedding order)."""
 
     def __init__(self, spec) -> None:
+        from facepipe.data.lfw_pairs import parse_lfw_pairs
         from facepipe.embed.extract import list_images
-        from facepipe.eval.lfw_pairs import parse_lfw_pairs
         from facepipe.eval.megaface import lfw_megaface_sets
         from facepipe.eval.pairs_job import read_lfw_pairs_paths, load_pairs
 
@@ -183,8 +183,8 @@ def compute_readouts(spec, run_dir: str | Path, checkpoint: str | Path, sets: St
     ``run_dir``; returns the JSON record."""
     from facepipe.embed.extract import embed_paths
     from facepipe.eval.verification import best_threshold, cosine_scores
+    from facepipe.models.loaded import load_model
     from facepipe.runtime.device import resolve_device
-    from facepipe.runtime.model import load_model
 
     run_dir = Path(run_dir)
     started = time.perf_counter()

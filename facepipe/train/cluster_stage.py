@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from facepipe.data.cluster_sampler import ClusterBatchSampler, LossCache
-from facepipe.index.clusters import ClusterAssignment, balanced_spherical_kmeans, format_margin_bounds
-from facepipe.losses.clmle import ClusterLossOutput, ClusterMarginLoss
+from facepipe.data.clusters import ClusterAssignment, balanced_spherical_kmeans
+from facepipe.losses.clmle import ClusterLossOutput, ClusterMarginLoss, format_margin_bounds
 from facepipe.runtime.distributed import DistributedContext, broadcast_object, gather_rows
 
 if TYPE_CHECKING:

@@ -30,10 +30,10 @@ from facepipe.data.stats import class_statistics
 from facepipe.data.transforms import build_train_transform
 from facepipe.losses import build_head
 from facepipe.models import build_backbone
+from facepipe.models.loaded import embed_dataset
 from facepipe.runtime.checkpoint import BEST, LATEST, copy_checkpoint, load_checkpoint, save_checkpoint
 from facepipe.runtime.device import autocast, resolve_amp_dtype
 from facepipe.runtime.distributed import RankSlicedSampler, all_true, barrier, gather_rows, init_distributed, rank_slice
-from facepipe.runtime.model import embed_dataset
 from facepipe.runtime.seed import rng_state, seed_everything, set_rng_state
 from facepipe.train.batchnorm import apply_stage_batchnorm
 from facepipe.train.clipping import ClipGroups, clip_gradients, clipping_groups

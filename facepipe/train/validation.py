@@ -9,8 +9,8 @@ from typing import Any, Protocol
 from facepipe.config import ValidationConfig
 from facepipe.eval.pairs_job import PairsOnDisk, load_pairs
 from facepipe.eval.verification import cosine_scores, evaluate_verification
+from facepipe.models.loaded import extract_embeddings
 from facepipe.runtime.checkpoint import BEST
-from facepipe.runtime.model import extract_embeddings
 
 log = logging.getLogger(__name__)
 

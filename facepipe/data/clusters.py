@@ -6,14 +6,17 @@ clusters of (almost) equal size l: spherical k-means finds the modes (Eq. 6), a 
 assignment makes the sizes differ by at most one (the paper asks for equal sizes |I_ck| = l,
 which L_c is rarely a multiple of), and each centroid is the normalised mean of its members
 (Eq. 7). Embeddings are compared by inner product on the unit hypersphere.
+
+Shared by the CLMLE training stage (:mod:`facepipe.train.cluster_stage`), the identity index
+(:mod:`facepipe.index`) and the closed-set evaluation, so it sits in data, below all of them. The
+paper's margin bounds and the suggested CLMLE margins are next to the loss, in
+:mod:`facepipe.losses.clmle`.
 """
 from __future__ import annotations
 
-import math
 import os
 import zipfile
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -24,9 +27,6 @@ __all__ = [
     "balanced_assignment",
     "balanced_spherical_kmeans",
     "clusters_per_identity",
-    "format_margin_bounds",
-    "paper_margin_bounds",
-    "suggest_margins",
 ]
 
 _NPZ_KEYS = ("sample_cluster", "centroids", "cluster_identity")
@@ -248,83 +248,3 @@ def balanced_spherical_kmeans(
         cluster_identity.append(np.full(k, identity, dtype=np.int64))
         offset += k
     return ClusterAssignment(sample_cluster, np.concatenate(centroids), np.concatenate(cluster_identity))
-
-
-def _positive_counts(class_counts: Sequence[int] | np.ndarray) -> np.ndarray:
-    counts = np.asarray(class_counts, dtype=np.float64)
-    if counts.ndim != 1 or counts.size == 0:
-        raise ValueError(f"class_counts must be a non-empty vector [C], got shape {list(counts.shape)}")
-    if not np.isfinite(counts).all() or (counts <= 0).any():
-        raise ValueError("class_counts must be finite and > 0 for every identity")
-    return counts
-
-
-def paper_margin_bounds(class_counts: Sequence[int] | np.ndarray) -> tuple[float, np.ndarray]:
-    """Upper bounds of the CLMLE margins (Huang et al. Sec. 3.2, "Angular margin derivation").
-
-    a1max = 1 - cos(2 pi / C) and a2max_c = 1 - cos(2 pi L_c / L), with C identities and L
-    samples in all. The paper derives them in 2-D, where C collapsed identities share the unit
-    circle; on a D-dimensional hypersphere far more directions are mutually distant, so the
-    bounds are loose there and only a range for a grid search, not a constraint.
-
-    Returns:
-        (a1max, a2max [C] float64).
-    """
-    counts = _positive_counts(class_counts)
-    a1max = 1.0 - math.cos(2.0 * math.pi / counts.size)
-    a2max = 1.0 - np.cos(2.0 * np.pi * counts / counts.sum())
-    return a1max, a2max
-
-
-def format_margin_bounds(class_counts: Sequence[int] | np.ndarray) -> str:
-    """One-line summary of :func:`paper_margin_bounds`."""
-    a1max, a2max = paper_margin_bounds(class_counts)
-    return (
-        f"paper 2-D margin bounds over {a2max.size} identities: a1max={a1max:.4g}; "
-        f"a2max min={a2max.min():.4g} median={np.median(a2max):.4g} max={a2max.max():.4g}"
-    )
-
-
-# Range in which suggest_margins keeps the inter-identity margin a1: the floor is the config
-# default (and the middle of bench/clmle_margin_sweep.py's grid), the cap keeps a1 well below
-# the cosine distance 1 of orthogonal directions, which CLMLE batches of many identities need.
-SUGGESTED_INTER_MARGIN_RANGE = (0.3, 0.5)
-# a2 = a1 / 3: clusters of one identity stay closer than identities (Huang et al. need a2 < a1).
-SUGGESTED_INTRA_RATIO = 1.0 / 3.0
-
-
-def suggest_margins(class_counts: Sequence[int] | np.ndarray) -> dict:
-    """A starting point for CLMLE's margins (Huang et al. Eq. 8-9) from the 2-D bounds of
-    :func:`paper_margin_bounds`, by a simple documented rule:
-
-        inter_margin a1 = min(0.5, max(0.3, a1max)),   intra_margin a2 = a1 / 3.
-
-    Why the clamp: a1max = 1 - cos(2 pi / C) is the 2-D bound (C identities sharing the unit
-    circle); it falls below 0.3 from C = 8 identities on and to ~1e-6 for thousands. On the
-    D-dimensional hypersphere of real embeddings C directions can stay far apart (up to D + 1 of
-    them at cosine -1/(C-1), and exponentially many in D nearly orthogonal), so the bound is loose
-    and the rule lets it bind only where it lies inside [0.3, 0.5], i.e. for C = 6 or 7
-    identities (fewer are capped at 0.5); otherwise a1 = 0.3, the config default. The result is a grid-search centre
-    (``bench/clmle_margin_sweep.py``), not a tuned value.
-
-    Returns a1max, a2max (quantiles), inter_margin, intra_margin, and ``tail_below_intra``: the
-    share of identities whose own 2-D bound a2max_c = 1 - cos(2 pi L_c / L) is below a2 (the
-    2-D derivation would forbid a2 for them; in high dimension it does not).
-    """
-    counts = _positive_counts(class_counts)
-    a1max, a2max = paper_margin_bounds(counts)
-    low, high = SUGGESTED_INTER_MARGIN_RANGE
-    inter = round(min(high, max(low, a1max)), 4)
-    intra = round(inter * SUGGESTED_INTRA_RATIO, 4)
-    return {
-        "num_identities": int(counts.size),
-        "num_samples": int(counts.sum()),
-        "a1max": float(a1max),
-        "a2max_min": float(a2max.min()),
-        "a2max_median": float(np.median(a2max)),
-        "a2max_max": float(a2max.max()),
-        "inter_margin": inter,
-        "intra_margin": intra,
-        "a1max_binds": bool(low <= a1max <= high),
-        "tail_below_intra": float(np.mean(a2max < intra)),
-    }

@@ -1,6 +1,9 @@
 """A checkpoint's backbone loaded for inference (:class:`LoadedModel`, :func:`load_model`) and the
 one forward pass that turns images into embeddings (flip fusion, mixed precision, L2
 normalisation): what every stage (embed, eval, index, the trainer's validation) runs a model with.
+
+It builds the checkpoint's backbone (:func:`facepipe.models.build_backbone`) and reads images with
+the eval transform (:mod:`facepipe.data`), so it sits in models, above data, and not in runtime.
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from facepipe.eval.verification import EvalInputError
+from facepipe.errors import EvalInputError
 
 __all__ = ["LFWPairs", "lfw_image_name", "parse_lfw_pairs"]
 
