@@ -463,10 +463,9 @@ def closed_set_view(study: Study, split: dict, run_dir: Path, label: str) -> dic
     """Identification of the held-out probes among the training identities by three rules."""
     import torch
 
-    from facepipe.config import head_kwargs
     from facepipe.data.stats import head_class_mask
     from facepipe.index.jobs import build_index_from_embeddings
-    from facepipe.losses import ARConvLHead, build_head
+    from facepipe.losses.trained_head import NO_TRAINED_CLASSIFIER, load_trained_head
     from facepipe.models import build_backbone
     from facepipe.runtime.checkpoint import load_checkpoint, model_fingerprint
     from facepipe.runtime.device import resolve_device
@@ -528,24 +527,10 @@ def closed_set_view(study: Study, split: dict, run_dir: Path, label: str) -> dic
             rules[name] = _rule_metrics(truth, [p if p is not None else "<none>" for p in predicted], head_names)
 
     # The head's own prediction, over the chosen identities' classes.
-    stage = config.train.stages[int(state["head_stage"])]
-    head_rule = None
-    if stage.head.type == "arconvl":
-        head = ARConvLHead(len(identities), config.model.embedding_size, train_counts.tolist(),
-                           gamma=stage.head.gamma, radius_init=stage.head.radius_init)
-        head.load_state_dict(state["head"])
-        scores = head.scores(torch.from_numpy(raw_q), use_prior=stage.head.use_prior)
-        head_rule = "ARConvL nearest centre"
-    elif stage.loss.type == "clmle" and not stage.loss.classification_weight:
-        head_rule = None  # the classifier is not trained in a CLMLE stage without classification term
-    else:
-        head = build_head(stage.head.type, len(identities), config.model.embedding_size, **head_kwargs(stage.head))
-        head.load_state_dict(state["head"])
-        with torch.no_grad():
-            scores = head.inference_logits(torch.from_numpy(raw_q))
-        head_rule = "softmax argmax"
+    trained = load_trained_head(state, train_counts.tolist())
+    head_rule = None if isinstance(trained, str) else trained.rule
     if head_rule is not None:
-        scores = scores[:, torch.tensor(chosen)]
+        scores = trained.scores(torch.from_numpy(raw_q))[:, torch.tensor(chosen)]
         predicted = [chosen_names[i] for i in scores.argmax(dim=1).tolist()]
         rules[head_rule] = _rule_metrics(truth, predicted, head_names)
 
@@ -553,7 +538,7 @@ def closed_set_view(study: Study, split: dict, run_dir: Path, label: str) -> dic
     result = {"settings": settings, "identities": len(chosen_names), "gallery_images": len(gallery),
               "probe_images": len(probes), "clusters": num_clusters, "head_share": config.data.head_share,
               "head_identities": len(head_names & set(chosen_names)), "rules": rules,
-              "head_rule": head_rule or "none (CLMLE stage without classification term: classifier not trained)",
+              "head_rule": head_rule or NO_TRAINED_CLASSIFIER,
               "embed_seconds": embed_seconds, "seconds": seconds}
     write_json_atomic(out_file, result)
     log.info("%s: closed set (%d probes, %d identities, %d training images, %d clusters): %s (%s)", label,

@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from facepipe.config import config_from_dict, head_kwargs
+from facepipe.config import config_from_dict
 from facepipe.data.synth import generate_dataset, identity_counts
 from facepipe.eval.imbalance import imbalance_metrics
-from facepipe.losses import build_head
+from facepipe.losses.trained_head import load_trained_head
 from facepipe.models.loaded import load_model
 from facepipe.runtime.checkpoint import load_checkpoint
 from facepipe.train.trainer import Trainer
@@ -75,14 +75,10 @@ def split_data(out: Path, identities: int, max_images: int, min_images: int, tes
 @torch.no_grad()
 def predict(checkpoint: Path, test: list[tuple[str, int]]) -> np.ndarray:
     loaded = load_model(checkpoint)
-    state = load_checkpoint(checkpoint)
-    stage = loaded.config.train.stages[int(state["head_stage"])]
-    head = build_head(stage.head.type, len(loaded.identities), loaded.config.model.embedding_size,
-                      **head_kwargs(stage.head))
-    head.load_state_dict(state["head"])
+    trained = load_trained_head(load_checkpoint(checkpoint))
     transform = build_eval_transform(loaded.config.data.image_size)
     images = torch.stack([ImageListDataset([p], transform)[0][0] for p, _ in test])
-    return head.inference_logits(loaded.model.eval()(images)).argmax(1).numpy()
+    return trained.scores(loaded.model.eval()(images)).argmax(1).numpy()
 
 
 def main() -> None:

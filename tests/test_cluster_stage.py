@@ -204,6 +204,29 @@ def test_loss_for_uses_the_stored_centroid_of_a_sample_alone_in_its_cluster(tiny
     assert stage.diagnostics["alone"].tolist() == [False, False, True]
 
 
+def test_batch_stats_count_images_with_a_positive_and_single_image_people(tiny_dataset, tmp_path):
+    """Of a batch's distinct images: the share with another image of their identity in the batch
+    (repeats of one image are no positive) and the share of single-image people."""
+    import dataclasses
+
+    trainer = Trainer(clmle_config(tiny_dataset, tmp_path / "run"), progress=False)
+    trainer.fit(max_epochs=2)
+    stage = cluster_stage(trainer)
+    labels = trainer.dataset.labels
+    a, b, c = [np.flatnonzero(labels == k) for k in range(3)]
+    # two images of person 0, one image of person 1 drawn twice, one image of person 2
+    indices = np.array([a[0], a[1], b[0], b[0], c[0]])
+    embeddings = torch.nn.functional.normalize(torch.randn(len(indices), stage.assignment.centroids.shape[1]), dim=1)
+    stage.loss_for(embeddings, torch.as_tensor(labels[indices]), torch.as_tensor(indices))
+    counts = list(trainer.class_counts)
+    counts[2] = 1  # as if person 2 had a single training image
+    stage.ctx = dataclasses.replace(stage.ctx, class_counts=counts)
+    stats = stage.batch_stats(torch.as_tensor(indices))
+    assert stats["clmle_distinct_images"] == 4
+    assert stats["clmle_positive_fraction"] == pytest.approx(2 / 4)
+    assert stats["clmle_single_image_fraction"] == pytest.approx(1 / 4)
+
+
 def test_clmle_mechanism_is_logged_with_every_training_record(tiny_dataset, tmp_path):
     trainer = Trainer(clmle_config(tiny_dataset, tmp_path / "run"), progress=False)
     trainer.fit()
@@ -216,6 +239,8 @@ def test_clmle_mechanism_is_logged_with_every_training_record(tiny_dataset, tmp_
         assert record["clmle_clusters"] >= 4
         assert 0.0 <= record["clmle_zero_loss_fraction"] <= 1.0
         assert 0.0 <= record["clmle_alone_fraction"] < 1.0
+        # every person of the tiny set has several images, and cluster batches hold their mates
+        assert record["clmle_single_image_fraction"] == 0.0 and record["clmle_positive_fraction"] > 0.5
         # The sample pulls its own batch centroid towards itself: leaving it out lowers the cosine.
         assert record["clmle_own_cos_with"] > record["clmle_own_cos_without"]
     softmax = [e for e in events if e["event"] == "train" and e["epoch"] == 0]

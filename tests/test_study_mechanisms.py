@@ -113,6 +113,9 @@ def test_clmle_run_shows_its_batch_mechanism(clmle_run):
     assert clmle["distinct_images"]["end"] == 12  # 4 clusters x 3 images, drawn without replacement
     assert 1 <= clmle["clusters_per_batch"]["end"] <= 4
     assert clmle["cluster_refreshes"] >= 2  # on entering the stage, then every 2 steps
+    # every tiny-set person has several images: no single-image share, and most images have a positive
+    assert clmle["single_image_fraction"]["mean"] == 0.0
+    assert 0.5 < clmle["positive_fraction"]["mean"] <= 1.0
     assert summary["margin_product"] is None and summary["umm"] is None and summary["arconvl"] is None
 
 
@@ -144,6 +147,7 @@ def test_markdown_is_one_table_with_a_row_per_run(umm_run, clmle_run, arconvl_ru
     umm, clmle, arconvl, softmax = table[2:]
     assert umm.startswith("| umm |") and "UMM margins m1:" in umm and "Spearman" in umm and "1/(1+λ)" in umm
     assert "zero-loss fraction" in clmle and "own-centroid" in clmle
+    assert "% of images with another of their identity in the batch, 0 % from single-image people" in clmle
     assert "mean radius" in arconvl and "R_ben" in arconvl and "radius " in arconvl
     assert softmax.startswith("| a\\|b |") and "no mechanism of its own" in softmax and "main " in softmax
     for column in ("**run**", "**stages**", "**mechanism**", "**clip factor**"):

@@ -3,6 +3,8 @@
 ``facepipe search`` (``jobs``) and the exact chunked top-k search (``flat_search``). The
 per-identity clusters are :mod:`facepipe.data.clusters`, shared with training and evaluation."""
 
+from facepipe.utils.lazy import lazy_exports
+
 # The k-nearest-cluster rule (Huang et al. Eq. 10) and the on-disk cluster index. Loaded on first
 # use: importing facepipe.index does not pay for FAISS.
 _LAZY = {
@@ -20,13 +22,6 @@ _LAZY = {
     ),
 }
 
-__all__ = [*globals().get("__all__", []), *(name for names in _LAZY.values() for name in names)]
+__all__ = [name for names in _LAZY.values() for name in names]
 
-
-def __getattr__(name: str):
-    import importlib
-
-    for module, names in _LAZY.items():
-        if name in names:
-            return getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, {name: f"{__name__}.{module}" for module, names in _LAZY.items() for name in names})

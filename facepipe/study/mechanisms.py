@@ -52,7 +52,9 @@ METRICS = "metrics.jsonl"
 _MARGIN_PRODUCT_KEYS = ("lambda", "margin_weight")
 _CLMLE_KEYS = {"own_cos_with": "clmle_own_cos_with", "own_cos_without": "clmle_own_cos_without",
                "alone_fraction": "clmle_alone_fraction", "zero_loss_fraction": "clmle_zero_loss_fraction",
-               "distinct_images": "clmle_distinct_images", "clusters_per_batch": "clmle_clusters"}
+               "distinct_images": "clmle_distinct_images", "clusters_per_batch": "clmle_clusters",
+               "positive_fraction": "clmle_positive_fraction", "single_image_fraction": "clmle_single_image_fraction"}
+_CLMLE_MEANS = ("zero_loss_fraction", "positive_fraction", "single_image_fraction")
 _ARCONVL_KEYS = ("radius_mean", "r_ben", "r_upp", "region", "beta", "sigma2")
 
 
@@ -198,7 +200,7 @@ def _clmle(records: list[dict[str, Any]], train: list[dict[str, Any]]) -> dict[s
         return None
     out: dict[str, Any] = {"records": len(with_clmle)}
     for name, key in _CLMLE_KEYS.items():
-        out[name] = _span(_numbers(with_clmle, key), "mean") if name == "zero_loss_fraction" \
+        out[name] = _span(_numbers(with_clmle, key), "mean") if name in _CLMLE_MEANS \
             else _span(_numbers(with_clmle, key))
     out["cluster_refreshes"] = sum(1 for r in records if r.get("event") == "clusters")
     return out
@@ -337,6 +339,16 @@ def _g(value: Any, digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}g}"
 
 
+def _positive_text(clmle: dict[str, Any]) -> str:
+    """The mean shares of a batch's images with a positive (another image of their identity in
+    the batch) and from single-image people; nothing for runs logged before they were."""
+    positive, single = clmle.get("positive_fraction") or {}, clmle.get("single_image_fraction") or {}
+    if positive.get("mean") is None:
+        return ""
+    return (f"; {100 * positive['mean']:.0f} % of images with another of their identity in the batch, "
+            f"{100 * single['mean']:.0f} % from single-image people")
+
+
 def format_span(span: dict[str, Any] | None, digits: int = 3) -> str:
     """``start → end`` of a span of :func:`mechanism_summary` (— when absent)."""
     if not span or (span.get("start") is None and span.get("end") is None):
@@ -395,7 +407,8 @@ def _mechanism_text(summary: dict[str, Any]) -> str:
                f"{_g(without['end'], 2)}") if with_["start"] is not None else "—"
         parts.append(f"CLMLE own-centroid cos with / without sample {own}; zero-loss fraction "
                      f"{format_span(clmle['zero_loss_fraction'], 2)}; {_g(clmle['distinct_images']['end'])} images "
-                     f"in {_g(clmle['clusters_per_batch']['end'])} clusters per batch")
+                     f"in {_g(clmle['clusters_per_batch']['end'])} clusters per batch"
+                     + _positive_text(clmle))
     arconvl = summary.get("arconvl")
     if arconvl:
         parts.append(f"ARConvL mean radius {format_span(arconvl['radius_mean'])} vs R_ben "
@@ -449,7 +462,8 @@ def mechanism_markdown(rows: list[tuple[str, dict[str, Any]]]) -> str:
         "no class-dependent margin); Khan et al. expect Spearman(class uncertainty, class size) below 0 and "
         "larger margins for the rarer half. CLMLE (Huang et al., TPAMI 2019): an own-centroid cosine without "
         "the sample far below the one with it means the sample inflated its own similarity; a zero-loss "
-        "fraction near 1 means the margins no longer push. ARConvL (Li et al.): radii far below R_ben (half "
+        "fraction near 1 means the margins no longer push; an image without another of its identity in the "
+        "batch (always so for single-image people) gets no intra-identity pull, only the push from the others. ARConvL (Li et al.): radii far below R_ben (half "
         "the smallest centre distance) leave the features outside their class regions, which the region "
         "loss L_R counts. \"—\": the method logs nothing of its own (softmax, fixed margins, MM).",
         "- **clip factor**: per clipping group, the smallest and the mean factor the gradient was scaled by "

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from facepipe.config import Config
+from facepipe.config import Config, config_from_dict
 from facepipe.errors import FacepipeUserError
 from facepipe.runtime.io import write_json_atomic
 from facepipe.study.spec import PRETRAIN, StudyRun, StudySpec, slug
@@ -218,8 +218,6 @@ class StudyRunner:
     def run_config(self, run: StudyRun, inherited: list[str]) -> Config:
         config = self.spec.run_config(run, inherited)
         if self.extra:
-            from facepipe.config import config_from_dict
-
             config = config_from_dict(config.to_dict(), self.extra)
         return config
 
@@ -344,8 +342,6 @@ class StudyRunner:
                 return _read_json(run_dir / RESULT)
             config = self.spec.pretrain_config(seed)
             if self.extra:
-                from facepipe.config import config_from_dict
-
                 config = config_from_dict(config.to_dict(), self.extra)
             record = self._train(config, label)
             # The fine-tunings start from the epoch the validation people chose (best.pt).

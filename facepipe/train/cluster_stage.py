@@ -131,8 +131,10 @@ class ClusterStage:
     def batch_stats(self, indices: torch.Tensor) -> dict[str, float]:
         """The mechanism of the last batch in numbers, for the training log: mean cosine of a sample
         to its own batch centroid with and without itself (samples with cluster mates in the
-        batch), the share of samples alone in their cluster, the share at zero loss, and the
-        distinct images and clusters of the step (``indices``, this rank's share)."""
+        batch), the share of samples alone in their cluster, the share at zero loss, the distinct
+        images and clusters of the step (``indices``, this rank's share), and the shares of its
+        distinct images that have another image of their identity in the batch and that belong to
+        single-image people."""
         diagnostics = self.diagnostics
         if not diagnostics:
             return {}
@@ -143,8 +145,17 @@ class ClusterStage:
             stats["clmle_own_cos_with"] = float(diagnostics["own_cosine_inclusive"][mates].mean())
             stats["clmle_own_cos_without"] = float(diagnostics["own_cosine_leave_one_out"][mates].mean())
         chosen = indices.cpu().numpy()
-        stats["clmle_distinct_images"] = float(len(np.unique(chosen)))
+        distinct = np.unique(chosen)
+        stats["clmle_distinct_images"] = float(len(distinct))
         stats["clmle_clusters"] = float(len(np.unique(self.assignment.sample_cluster[chosen])))
+        # What the batch offers each sample beyond negatives: another image of its own identity (a
+        # positive for the intra term or an own-cluster mate). A person with one training image
+        # never has one, so the share of such samples says how much of the batch CLMLE can only
+        # push away from the others (LFW's tail is mostly single-image people).
+        labels = np.asarray(self.ctx.dataset.labels)[distinct]
+        _, inverse, per_identity = np.unique(labels, return_inverse=True, return_counts=True)
+        stats["clmle_positive_fraction"] = float((per_identity[inverse] >= 2).mean())
+        stats["clmle_single_image_fraction"] = float((np.asarray(self.ctx.class_counts)[labels] == 1).mean())
         return stats
 
     def record_losses(self, indices: torch.Tensor, per_sample: torch.Tensor) -> None:
