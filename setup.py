@@ -37,8 +37,12 @@ setup(
         "filelock>=3.12",
     ],
     extras_require={
-        "gpu": ["faiss-gpu-cu12"],
-        "dev": ["pytest>=8", "tensorboard"],
+        # ONNX out (`facepipe export`: onnx, and onnxscript for torch's exporter) and in (ONNX Runtime
+        # behind every --checkpoint); `gpu` adds onnxruntime-gpu for CUDA.
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.3"],
+        "gpu": ["faiss-gpu-cu12", "onnxruntime-gpu>=1.18"],
+        # The tests check the ONNX parity on CPU, so they need the onnx extra too.
+        "dev": ["pytest>=8", "tensorboard", "onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.3"],
     },
     entry_points={"console_scripts": ["facepipe=facepipe.cli:main"]},
 )

@@ -205,6 +205,41 @@ def cmd_eval_bin(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from facepipe.models.export import export_onnx
+
+    result = export_onnx(args.checkpoint, args.out, opset=args.opset, overwrite=args.overwrite)
+    print(f"{result['out']}: {result['bytes'] / 1e6:.1f} MB, opset {result['opset']}, input "
+          f"{result['input_size'].replace(',', 'x')} {result['channel_order'].upper()} (x - {result['input_mean']}) / "
+          f"{result['input_scale']}, flip {result['flip']}, {result['embedding_size']}-d embeddings, fingerprint "
+          f"{result['model_fingerprint']}; ONNX Runtime matches PyTorch (min cosine {result['parity_min_cosine']:.7f})")
+    return 0
+
+
+def _add_model_input_options(parser: argparse.ArgumentParser) -> None:
+    """The preprocessing of a foreign ``.onnx`` model, on every command that takes --checkpoint."""
+    group = parser.add_argument_group("a foreign .onnx model (facepipe's own exports carry these)")
+    group.add_argument("--input-order", choices=["rgb", "bgr"], default=None, help="channel order the model wants")
+    group.add_argument("--input-mean", type=float, default=None, help="model input = (pixel - MEAN) / SCALE")
+    group.add_argument("--input-scale", type=float, default=None, help="see --input-mean")
+
+
+def _model_file(args: argparse.Namespace) -> None:
+    """Give the --input-* options to the command as part of its --checkpoint (a ModelFile)."""
+    stated = [getattr(args, name, None) for name in ("input_order", "input_mean", "input_scale")]
+    if all(value is None for value in stated):
+        return
+    from facepipe.errors import UsageError
+    from facepipe.models.onnx_backend import InputContract, ModelFile
+
+    if any(value is None for value in stated):
+        raise UsageError("give --input-order, --input-mean and --input-scale together (the whole preprocessing "
+                         "of a foreign .onnx model)")
+    if getattr(args, "checkpoint", None) is None:
+        raise UsageError("the --input-* options describe the model of --checkpoint; give --checkpoint")
+    args.checkpoint = ModelFile(args.checkpoint, InputContract(*stated))
+
+
 def cmd_align(args: argparse.Namespace) -> int:
     from facepipe.align.job import align_images, parse_shard
     from facepipe.config import load_align_config
@@ -778,7 +813,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="processes on this machine (torchrun with DistributedDataParallel; one per GPU)")
 
     p = sub.add_parser("embed", help="embed every image of a folder with a trained checkpoint")
-    p.add_argument("--checkpoint", required=True, help="trained model checkpoint (.pt, e.g. RUN/latest.pt)")
+    p.add_argument("--checkpoint", required=True,
+                    help="trained model checkpoint (.pt, e.g. RUN/latest.pt) or .onnx model")
     p.add_argument("--images", required=True, help="folder of images (identity subfolders optional)")
     p.add_argument("--out", required=True, help="folder for embeddings.npy, manifest.csv, embed.json")
     p.add_argument("--flip", choices=["sum", "concat", "none"], default=None, help="flip fusion (default: config)")
@@ -788,11 +824,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     p.set_defaults(func=cmd_embed)
 
+    p = sub.add_parser("export", help="a checkpoint's embedding network as ONNX (dynamic batch, preprocessing in "
+                       "its metadata), checked against PyTorch before it is written")
+    p.add_argument("--checkpoint", required=True, help="trained model checkpoint (.pt)")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--opset", type=_whole(14), default=18, help="ONNX opset")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("eval", help="evaluate a checkpoint")
     eval_sub = p.add_subparsers(dest="protocol", metavar="PROTOCOL", required=True)
     q = eval_sub.add_parser("pairs", help="verification on a file of pairs: a CSV (path_a,path_b,is_same) or an "
                             "LFW pairs file (e.g. the pairs.txt of 'facepipe merge --val-pairs')")
-    q.add_argument("--checkpoint", required=True, help="model checkpoint (.pt) that embeds the pair images")
+    q.add_argument("--checkpoint", required=True,
+                    help="model checkpoint (.pt) or .onnx model that embeds the pair images")
     q.add_argument("--pairs", required=True,
                    help="CSV with header path_a,path_b,is_same, or an LFW pairs file (first line N or SETS N; "
                         "images <Name>/<Name>_%%04d.jpg, or another image extension where no .jpg exists), "
@@ -825,7 +870,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-align-check", action="store_true",
                    help="without --align, evaluate --images that are not of the model's input size, outside any "
                         "'facepipe align' output, as they are (resized whole); refused otherwise as raw photos")
-    q.add_argument("--checkpoint", default=None, help="model checkpoint (.pt) that embeds --images")
+    q.add_argument("--checkpoint", default=None, help="model checkpoint (.pt) or .onnx model that embeds --images")
     q.add_argument("--embeddings", default=None, help="'facepipe embed' output folder of those images instead")
     q.add_argument("--threshold-pairs", default=None,
                    help="separate pairs file to choose the threshold on (View 1: pairsDevTrain.txt)")
@@ -840,7 +885,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = eval_sub.add_parser("ytf", help="YouTube Faces video verification on a splits file")
     q.add_argument("--splits", required=True, help="splits.txt: split, first video, second video, ..., is same")
     q.add_argument("--videos", default=None, help="folder of person/n/<frames> (needs --checkpoint)")
-    q.add_argument("--checkpoint", default=None, help="model checkpoint (.pt) that embeds the frames of --videos")
+    q.add_argument("--checkpoint", default=None,
+                    help="model checkpoint (.pt) or .onnx model that embeds the frames of --videos")
     q.add_argument("--embeddings", default=None, help="'facepipe embed' output folder of the video frames instead")
     q.add_argument("--max-frames", type=_whole(1), default=None, help="at most F evenly spaced frames per video")
     q.add_argument("--allow-missing", action="store_true", help="count pairs with a missing video as wrong")
@@ -855,7 +901,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of distractor images, an embed output folder, or a .npy array (memory-mapped)")
     q.add_argument("--lfw-images", default=None, help="LFW mini protocol: lfw-deepfunneled folder (or its embeddings)")
     q.add_argument("--lfw-dev-pairs", default=None, help="LFW mini protocol: pairsDevTest.txt (the probe people)")
-    q.add_argument("--checkpoint", default=None, help="needed when probes or distractors are images")
+    q.add_argument("--checkpoint", default=None,
+                    help="model checkpoint (.pt) or .onnx model; needed when probes or distractors are images")
     q.add_argument("--impostor-top-k", type=_whole(1), default=100,
                    help="distractor scores kept per probe for the verification ROC (default 100)")
     q.add_argument("--seed", type=_whole(0), default=0, help="seed of the distractor order (nested subsets)")
@@ -865,7 +912,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = eval_sub.add_parser("bin", help="verification on an insightface .bin set (lfw.bin, cfp_fp.bin, agedb_30.bin)")
     q.add_argument("--bin", required=True, help="the .bin file")
-    q.add_argument("--checkpoint", default=None, help="model checkpoint (.pt) that embeds the images of the .bin")
+    q.add_argument("--checkpoint", default=None,
+                    help="model checkpoint (.pt) or .onnx model that embeds the images of the .bin")
     q.add_argument("--embeddings", default=None, help=".npy with one row per image of the .bin, in file order")
     q.add_argument("--out", required=True, help="report folder")
     model_options(q)
@@ -876,7 +924,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def index_source(q: argparse.ArgumentParser) -> None:
         q.add_argument("dir", metavar="DIR", help="index folder")
-        q.add_argument("--checkpoint", default=None, help="model that embeds --images")
+        q.add_argument("--checkpoint", default=None, help="model checkpoint (.pt) or .onnx model that embeds --images")
         q.add_argument("--images", default=None, help="aligned identity folders: IMAGES/<identity>/<image>")
         q.add_argument("--embeddings", default=None,
                        help="X.npy of embeddings (one row per image), or a 'facepipe embed' output folder")
@@ -951,7 +999,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search",
                        help="identify faces against a cluster index (k-nearest-cluster rule, Huang et al. Eq. 10)")
     p.add_argument("--index", required=True, help="index folder made by 'facepipe index build'")
-    p.add_argument("--checkpoint", default=None, help="model of the index (needed for images)")
+    p.add_argument("--checkpoint", default=None, help="model of the index, .pt or .onnx (needed for images)")
     p.add_argument("--top-k", type=_whole(1), default=5, help="identities listed per input (default 5)")
     p.add_argument("--num-neighbours", type=_whole(1), default=None,
                    help="N of Eq. 10 (default: the index's; the output says where it came from)")
@@ -989,6 +1037,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--readme", default=None, metavar="FILE",
                    help="README whose section (spec readme_section) is rewritten (default: none)")
     q.set_defaults(func=cmd_study_report)
+    for words, _, child in _commands(parser):
+        if words != ("export",) and any("--checkpoint" in action.option_strings for action in child._actions):
+            _add_model_input_options(child)
     _finish_help(parser)
     return parser
 
@@ -1034,6 +1085,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from facepipe.errors import USER_ERRORS, user_error_message
 
     try:
+        _model_file(args)
         status = args.func(args)
         # Output is block-buffered into a pipe: flushed here, a closed pipe is met in the
         # handler below instead of in the interpreter's exit, which would print a warning.

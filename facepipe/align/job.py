@@ -417,11 +417,16 @@ def align_for_model(checkpoint: str | os.PathLike, raw_root: str | os.PathLike, 
                     destination: str | os.PathLike, progress: bool = True) -> Path:
     """Align the raw photos ``raw_root/key`` the way a checkpoint's model expects them (its
     config's ``align`` settings at its input size) into ``destination``; resumable. What
-    ``eval lfw --align`` and ``search`` do with raw photos."""
+    ``eval lfw --align`` and ``search`` do with raw photos. An ``.onnx`` model carries no config:
+    the default alignment (the ArcFace template) at its input size."""
+    from facepipe.models.onnx_backend import is_onnx, onnx_input_size
     from facepipe.runtime.checkpoint import checkpoint_config, load_checkpoint
 
-    config = checkpoint_config(load_checkpoint(checkpoint), checkpoint)
-    align_config = config.align.model_copy(update={"image_size": config.data.image_size})
+    if is_onnx(checkpoint):
+        align_config = AlignConfig(image_size=onnx_input_size(checkpoint))
+    else:
+        config = checkpoint_config(load_checkpoint(checkpoint), checkpoint)
+        align_config = config.align.model_copy(update={"image_size": config.data.image_size})
     destination = Path(destination)
     listing = destination / "images.txt"
     write_text_atomic(listing, "".join(f"{key}\n" for key in keys))

@@ -4,6 +4,7 @@ embed`` job that writes them as an embeddings folder. The model and its forward 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -13,6 +14,7 @@ import torch
 from facepipe.data.dataset import IMAGE_EXTENSIONS, DatasetError
 from facepipe.embed.folder import EMBED_RECORD, EMBEDDINGS_FILE, MANIFEST_FILE, MANIFEST_HEADER
 from facepipe.models.loaded import LoadedModel, load_model
+from facepipe.models.onnx_backend import OnnxModel
 from facepipe.runtime.device import resolve_device
 from facepipe.runtime.distributed import barrier, gather_rows, init_distributed, rank_slice
 from facepipe.runtime.io import (
@@ -30,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def embed_paths(
-    model: str | Path | LoadedModel,
+    model: str | Path | LoadedModel | OnnxModel,
     paths: Sequence[str],
     flip: str | None = None,
     batch_size: int | None = None,
@@ -41,9 +43,10 @@ def embed_paths(
     """Embeddings of the image files ``paths``, in order, with a checkpoint's model: the one
     way every job (embed, eval, index, search) turns a checkpoint and images into embeddings.
 
-    ``model``: a checkpoint (loaded on ``device`` with :func:`~facepipe.models.loaded.load_model`'s
-    checks) or a :class:`~facepipe.models.loaded.LoadedModel` (already on its device; ``device``
-    is then not used). The images are embedded by :meth:`LoadedModel.embed
+    ``model``: a checkpoint or ``.onnx`` file (loaded on ``device`` with
+    :func:`~facepipe.models.loaded.load_model`'s checks) or a loaded
+    :class:`~facepipe.models.loaded.LoadedModel` / :class:`~facepipe.models.onnx_backend.OnnxModel`
+    (already on its device; ``device`` is then not used). The images are embedded by :meth:`LoadedModel.embed
     <facepipe.models.loaded.LoadedModel.embed>`: read at the checkpoint's input size; flip fusion
     is ``flip`` or else the config's ``embed.flip``, the batch size ``batch_size`` or else
     ``embed.batch_size``, and the forward runs under the config's mixed precision (``train.amp``,
@@ -52,8 +55,8 @@ def embed_paths(
     Returns ``(embeddings, info)``: L2-normalised float32 rows and ``{"checkpoint",
     "model_fingerprint", "flip"}``.
     """
-    loaded = model if isinstance(model, LoadedModel) else load_model(
-        model, device if isinstance(device, torch.device) else resolve_device(device))
+    loaded = load_model(model, device if isinstance(device, torch.device) else resolve_device(device)) \
+        if isinstance(model, (str, os.PathLike)) else model
     flip = flip or loaded.flip
     embeddings = loaded.embed(list(paths), flip=flip, batch_size=batch_size, num_workers=num_workers,
                               progress=progress)

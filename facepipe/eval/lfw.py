@@ -134,7 +134,7 @@ def embed_files(
     if crop_check is not None:
         from facepipe.eval.crops import check_aligned_crops
 
-        check_aligned_crops(root, [Path(root) / key for key in keys], loaded.config.data.image_size, crop_check)
+        check_aligned_crops(root, [Path(root) / key for key in keys], loaded.input_size, crop_check)
     vectors, info = embed_paths(loaded, [str(Path(root) / key) for key in keys], flip=flip, batch_size=batch_size,
                                 progress=progress)
     if not keys:

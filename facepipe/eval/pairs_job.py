@@ -176,7 +176,7 @@ def evaluate_pairs_file(checkpoint: str | Path, pairs: str | Path, root: str | P
     if align_check:
         from facepipe.eval.crops import check_aligned_crops
 
-        check_aligned_crops(Path(root) if root else Path(pairs).parent, resolved.paths, loaded.config.data.image_size,
+        check_aligned_crops(Path(root) if root else Path(pairs).parent, resolved.paths, loaded.input_size,
                             "align them with 'facepipe align' (at the model's input size) and point --root at its "
                             "output, or give --no-align-check (align_check=False) to evaluate them as they are")
     # The checkpoint's input size, flip fusion, batch size and mixed precision (train.amp), as

@@ -546,7 +546,7 @@ def _embed_search_images(index: ClusterIndex, checkpoint: str | os.PathLike, ima
 
     loaded = load_model(checkpoint, resolve_device(device))
     index.check_fingerprint(loaded.fingerprint)
-    height, width = loaded.config.data.image_size
+    height, width = loaded.input_size
     crops: list[tuple[dict, Path]] = []
     photos: list[tuple[dict, Path]] = []
     for entry, path in images:

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
-from tqdm import tqdm
+from torch.utils.data import Dataset, TensorDataset
 
 from facepipe.config import Config
-from facepipe.data.dataset import ImageListDataset
-from facepipe.data.transforms import build_eval_transform
 from facepipe.models import build_backbone
 from facepipe.runtime.checkpoint import (
     CheckpointError,
@@ -28,16 +25,19 @@ from facepipe.runtime.checkpoint import (
     load_weights,
     model_fingerprint,
 )
+from facepipe.models.forward import FLIP_MODES, embed_batches, image_dataset
 from facepipe.runtime.device import autocast, resolve_amp_dtype
 
-FLIP_MODES = ("sum", "concat", "none")
+if TYPE_CHECKING:
+    from facepipe.models.onnx_backend import OnnxModel
+
 
 
 def extract_embeddings(model: nn.Module, paths: Sequence[str], image_size: tuple[int, int], device: torch.device,
                        **options: Any) -> np.ndarray:
     """L2-normalised float32 embeddings of the image files ``paths``, in order; ``options`` are
     :func:`embed_dataset`'s (batch_size, flip, num_workers, amp_dtype, progress)."""
-    return embed_dataset(model, ImageListDataset(paths, build_eval_transform(image_size)), device, **options)
+    return embed_dataset(model, image_dataset(paths, image_size), device, **options)
 
 
 @torch.no_grad()
@@ -52,42 +52,25 @@ def embed_dataset(
     progress: bool = False,
     normalize: bool = True,
 ) -> np.ndarray:
-    """L2-normalised (``normalize=False``: raw) float32 embeddings of a dataset of ``(image,
-    position)`` items, in order.
-
-    Flip fusion: ``sum`` adds the embeddings of the image and its mirror, ``concat`` stacks them
-    (twice the dimension), ``none`` uses the image alone. The model is put in eval mode and
-    every module is restored to its previous mode afterwards.
-    """
+    """:func:`embed_batches` with a PyTorch model on ``device`` under ``amp_dtype``. The model is
+    put in eval mode and every module is restored to its previous mode afterwards."""
     if flip not in FLIP_MODES:
         raise ValueError(f"unknown flip mode '{flip}'; choose one of {FLIP_MODES}")
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        with autocast(device, amp_dtype):
+            return model(batch.to(device, non_blocking=True))
+
     # Per module, not model.train(was_training): a mid-epoch call (CLMLE re-clustering) must not
     # switch a stage's frozen BatchNorm layers back to batch statistics.
     modes = {module: module.training for module in model.modules()}
     model.eval()
-    loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
-    chunks: list[torch.Tensor] = []
     try:
-        for images, _ in tqdm(loader, desc="embed", unit="batch", disable=not progress, leave=False):
-            images = images.to(device, non_blocking=True)
-            if flip != "none":
-                # One forward over image and mirror together halves the number of launches.
-                both = torch.cat([images, images.flip(-1)])
-                with autocast(device, amp_dtype):
-                    out = model(both).float()
-                plain, mirrored = out.chunk(2)
-                feats = plain + mirrored if flip == "sum" else torch.cat([plain, mirrored], dim=1)
-            else:
-                with autocast(device, amp_dtype):
-                    feats = model(images).float()
-            chunks.append((nn.functional.normalize(feats, dim=1) if normalize else feats).cpu())
+        return embed_batches(forward, images, batch_size, flip, num_workers, progress, normalize,
+                             pin_memory=device.type == "cuda")
     finally:
         for module, training in modes.items():
             module.train(training)
-    if not chunks:
-        return np.zeros((0, 0), dtype=np.float32)
-    return torch.cat(chunks).numpy().astype(np.float32)
 
 
 @dataclass
@@ -132,20 +115,12 @@ class LoadedModel:
         :attr:`amp_dtype`."""
         flip = flip or self.flip
         batch_size = batch_size or self.config.embed.batch_size
-        if isinstance(paths_or_array, torch.Tensor) or (isinstance(paths_or_array, np.ndarray)
-                                                         and paths_or_array.dtype.kind not in "USO"):
-            images = torch.as_tensor(paths_or_array)
-            if not images.is_floating_point() or images.dim() != 4 \
-                    or tuple(images.shape[2:]) != tuple(self.input_size):
-                raise ValueError(f"images must be a float array [N, C, {self.input_size[0]}, {self.input_size[1]}] "
-                                 f"(the model's input size); got {images.dtype} {list(images.shape)}")
-            # float32, as the eval transform gives the image files
-            dataset = TensorDataset(images.to(torch.float32), torch.arange(len(images)))
-            return embed_dataset(self.model, dataset, self.device, batch_size, flip, num_workers, self.amp_dtype,
-                                 progress)
-        return extract_embeddings(self.model, list(paths_or_array), self.input_size, self.device,
-                                  batch_size=batch_size, flip=flip, num_workers=num_workers,
-                                  amp_dtype=self.amp_dtype, progress=progress)
+        options = dict(batch_size=batch_size, flip=flip, num_workers=num_workers, amp_dtype=self.amp_dtype,
+                       progress=progress)
+        dataset = image_dataset(paths_or_array, self.input_size)
+        if isinstance(dataset, TensorDataset):
+            return embed_dataset(self.model, dataset, self.device, **options)
+        return extract_embeddings(self.model, list(paths_or_array), self.input_size, self.device, **options)
 
 
 def _check_finite_weights(weights: dict, checkpoint: str | Path) -> None:
@@ -160,8 +135,21 @@ def _check_finite_weights(weights: dict, checkpoint: str | Path) -> None:
                               "use an earlier checkpoint")
 
 
-def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
-    """Backbone from a training checkpoint (the head is not needed for embeddings)."""
+def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> "LoadedModel | OnnxModel":
+    """Backbone from a training checkpoint (the head is not needed for embeddings), or an ``.onnx``
+    embedding network in ONNX Runtime (:mod:`facepipe.models.onnx_backend`; a
+    :class:`~facepipe.models.onnx_backend.ModelFile` carries the preprocessing the user stated for
+    a foreign one). Both embed with the same ``embed()``."""
+    from facepipe.models.onnx_backend import ModelFile, OnnxModelError, is_onnx, load_onnx_model
+
+    contract = checkpoint.contract if isinstance(checkpoint, ModelFile) else None
+    if is_onnx(checkpoint):
+        return load_onnx_model(checkpoint, device, contract)
+    if contract is not None:
+        raise OnnxModelError(f"{checkpoint}: the --input-* options describe a foreign .onnx model; a facepipe "
+                             "checkpoint carries its own preprocessing (leave them out)")
+    if isinstance(checkpoint, ModelFile):
+        checkpoint = checkpoint.path
     state = load_checkpoint(checkpoint)
     config = checkpoint_config(state, checkpoint)
     model = build_backbone(config.model, config.data.image_size)
