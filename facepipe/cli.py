@@ -334,6 +334,17 @@ class _MergeRuleAction(argparse.Action):
             source[self.dest] = values
 
 
+def cmd_import_weights(args: argparse.Namespace) -> int:
+    from facepipe.models.foreign import import_arcface_backbone
+
+    info = import_arcface_backbone(args.weights, args.out, args.depth, embedding_size=args.embedding_size,
+                                   image_size=tuple(args.image_size), overwrite=args.overwrite)
+    print(f"wrote {info['out']}: {args.arch}{args.depth} with the {info['keys']} tensors of {args.weights} "
+          f"({info['parameters'] / 1e6:.1f} M parameters, model {info['fingerprint']}); use it as --checkpoint "
+          "or train.init_from")
+    return 0
+
+
 def _regex(text: str) -> str:
     import re
 
@@ -811,6 +822,22 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             p.add_argument("--nproc", type=_whole(1), default=1,
                            help="processes on this machine (torchrun with DistributedDataParallel; one per GPU)")
+
+    p = sub.add_parser("import-weights", help="make a facepipe checkpoint of an insightface arcface_torch IResNet "
+                       "backbone.pth, loaded strictly by its published parameter names")
+    p.add_argument("--arch", choices=["iresnet"], default="iresnet",
+                   help="architecture of the weights: iresnet (arcface_torch's r18 .. r200)")
+    p.add_argument("--depth", type=int, choices=[18, 34, 50, 100, 200], required=True, help="IResNet depth")
+    p.add_argument("--weights", required=True,
+                   help="the state dict (torch.save(backbone.state_dict()), e.g. arcface_torch's backbone.pth or "
+                   "model.pt; also its checkpoint_gpu_N.pt), read with torch.load(weights_only=True)")
+    p.add_argument("--out", required=True, help="the facepipe checkpoint to write (.pt)")
+    p.add_argument("--embedding-size", type=_whole(2), default=512,
+                   help="output dimension of the weights' fc, as published")
+    p.add_argument("--image-size", type=_whole(16), nargs=2, default=[112, 112], metavar=("H", "W"),
+                   help="crop size the weights take: the published fc reads the 7x7 maps of 112x112 crops")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (refused otherwise)")
+    p.set_defaults(func=cmd_import_weights)
 
     p = sub.add_parser("embed", help="embed every image of a folder with a trained checkpoint")
     p.add_argument("--checkpoint", required=True,

@@ -81,13 +81,24 @@ class DataConfig(StrictModel):
 
 # ----------------------------------------------------------------------------- model
 class ModelConfig(StrictModel):
-    # irse: the IR-SE face backbone; mnist_cnn: Li et al.'s 28x28 grey-level classification CNN.
-    arch: Literal["irse", "mnist_cnn"] = "irse"
-    depth: Literal[18, 34, 50, 100] = 50
-    width: float = Field(1.0, gt=0, le=4)
+    # irse: the IR-SE face backbone; iresnet: insightface arcface_torch's IResNet (the parameter
+    # names of its backbone.pth files, `facepipe import-weights`); mnist_cnn: Li et al.'s 28x28
+    # grey-level classification CNN.
+    arch: Literal["irse", "iresnet", "mnist_cnn"] = "irse"
+    depth: Literal[18, 34, 50, 100, 200] = 50  # 200: iresnet only
+    width: float = Field(1.0, gt=0, le=4)  # irse only; iresnet has the published widths (1.0)
     embedding_size: int = Field(512, ge=2)
     dropout: float = Field(0.0, ge=0, lt=1)
-    se_reduction: int = Field(16, ge=1)
+    se_reduction: int = Field(16, ge=1)  # irse only
+
+    @model_validator(mode="after")
+    def _arch_options(self) -> "ModelConfig":
+        if self.depth == 200 and self.arch != "iresnet":
+            raise ValueError(f"depth 200 is only for arch iresnet; {self.arch} has depths 18, 34, 50 and 100")
+        if self.arch == "iresnet" and self.width != 1.0:
+            raise ValueError(f"width {self.width}: iresnet has the published channel widths (64 to 512), so width "
+                             "must be 1.0; arch irse takes a width multiplier")
+        return self
 
 
 # ----------------------------------------------------------------------------- heads
@@ -516,9 +527,10 @@ class Config(StrictModel):
     @model_validator(mode="after")
     def _input_size_fits_backbone(self) -> "Config":
         side_ok = all(side >= 16 and side % 16 == 0 for side in self.data.image_size)
-        if self.model.arch == "irse" and not side_ok:
+        if self.model.arch in ("irse", "iresnet") and not side_ok:
+            name = "IR-SE" if self.model.arch == "irse" else "IResNet"
             raise ValueError(f"data.image_size {list(self.data.image_size)}: both sides must be multiples of "
-                             "16 for the IR-SE backbone (four stride-2 stages)")
+                             f"16 for the {name} backbone (four stride-2 stages)")
         if self.model.arch == "mnist_cnn" and any(side % 4 for side in self.data.image_size):
             raise ValueError(f"data.image_size {list(self.data.image_size)}: both sides must be multiples of "
                              "4 for mnist_cnn (two 2x2 poolings)")

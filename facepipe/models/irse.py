@@ -17,6 +17,22 @@ UNITS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (
 BASE_CHANNELS = (64, 128, 256, 512)
 
 
+def stride16_spatial(input_size: tuple[int, int]) -> tuple[int, int]:
+    """(H/16, W/16): the feature-map size after four stride-2 stages of (H, W) inputs; both sides
+    must be multiples of 16 (the IR-SE and IResNet backbones)."""
+    height, width = input_size
+    if height % 16 or width % 16:
+        raise ValueError(f"input size {tuple(input_size)} must be a multiple of 16 on both sides")
+    return height // 16, width // 16
+
+
+def check_input_size(images: torch.Tensor, input_size: tuple[int, int]) -> None:
+    """A clear error for images of another size than the backbone (and its fc) was built for."""
+    if tuple(images.shape[-2:]) != tuple(input_size):
+        raise ValueError(f"the backbone was built for {input_size[0]}x{input_size[1]} inputs, "
+                         f"got {images.shape[-2]}x{images.shape[-1]}")
+
+
 def _scaled(channels: int, width: float) -> int:
     # Keep channel counts multiples of 8 (tensor-core friendly) and at least 8 (SE needs room).
     return max(8, int(round(channels * width / 8)) * 8)
@@ -100,10 +116,8 @@ class IRSEBackbone(nn.Module):
         super().__init__()
         if depth not in UNITS_PER_STAGE:
             raise ValueError(f"depth {depth} is not supported; choose one of {sorted(UNITS_PER_STAGE)}")
-        height, width_px = input_size
-        if height % 16 or width_px % 16:
-            raise ValueError(f"input size {input_size} must be a multiple of 16 on both sides")
-        self.input_size = (height, width_px)
+        self.feature_spatial = stride16_spatial(input_size)
+        self.input_size = (input_size[0], input_size[1])
         channels = [_scaled(c, width) for c in BASE_CHANNELS]
         self.stem = nn.Sequential(
             nn.Conv2d(3, channels[0], 3, 1, 1, bias=False), nn.BatchNorm2d(channels[0]), nn.PReLU(channels[0])
@@ -116,7 +130,6 @@ class IRSEBackbone(nn.Module):
                 in_channels = out_channels
         self.body = nn.Sequential(*units)
         self.feature_channels = in_channels
-        self.feature_spatial = (height // 16, width_px // 16)
         self.output_stage = OutputStage(in_channels, self.feature_spatial, embedding_size, dropout)
         self.embedding_size = embedding_size
         self._init_weights()
@@ -134,11 +147,7 @@ class IRSEBackbone(nn.Module):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] (normalised (x - 127.5) / 128) to feature maps [B, C, H/16, W/16]."""
-        if tuple(images.shape[-2:]) != self.input_size:
-            raise ValueError(
-                f"the backbone was built for {self.input_size[0]}x{self.input_size[1]} inputs, "
-                f"got {images.shape[-2]}x{images.shape[-1]}"
-            )
+        check_input_size(images, self.input_size)
         return self.body(self.stem(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

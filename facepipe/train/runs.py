@@ -145,17 +145,20 @@ def open_run_folder(run_dir: Path, config: Any, class_stats: dict[str, Any], dis
 def initialise_from(path: str | Path, model: nn.Module, head: nn.Module, identities: Sequence[str],
                     device: torch.device) -> None:
     """Weights of another run: the backbone (same architecture required) and, when it was
-    trained on the same identities, the shared classifier weight."""
+    trained on the same identities, the shared classifier weight. A checkpoint without a
+    classifier (``facepipe import-weights``, a kept study backbone) gives the backbone only."""
     state = load_checkpoint(path, map_location=device)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
-        raise TrainingError(f"train.init_from={path}: its backbone does not fit this config's model ({exc})") \
-            from None
-    head_weight = state["head"].get("weight")
-    same_identities = list(state["identities"]) == list(identities)
-    if same_identities and head_weight is not None and hasattr(head, "weight") \
-            and head_weight.shape == head.weight.shape:
+        mismatch = " ".join(str(exc).split())  # one line, as the CLI prints user errors
+        raise TrainingError(f"train.init_from={path}: its backbone does not fit this config's model "
+                            f"({mismatch[:300]}{' ...' if len(mismatch) > 300 else ''}); model.arch, depth, width, "
+                            "embedding_size and data.image_size must be the checkpoint's") from None
+    head_weight = (state.get("head") or {}).get("weight")
+    with_classifier = list(state["identities"]) == list(identities) and head_weight is not None \
+        and hasattr(head, "weight") and head_weight.shape == head.weight.shape
+    if with_classifier:
         with torch.no_grad():
             head.weight.copy_(head_weight)
-    log.info("initialised from %s (backbone%s)", path, ", classifier" if same_identities else "")
+    log.info("initialised from %s (backbone%s)", path, ", classifier" if with_classifier else "")
