@@ -6,6 +6,7 @@ and the error names the offending key together with the valid ones.
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence, Union
@@ -374,18 +375,104 @@ class ClusterConfig(StrictModel):
     batch_size: int = Field(256, ge=1)  # feature extraction
 
 
-class ValidationConfig(StrictModel):
-    """Verification pairs checked at the end of epochs: a CSV ``path_a,path_b,is_same`` or an LFW
-    pairs file (e.g. the ``pairs.txt`` of ``facepipe merge --val-pairs``), told apart by content
-    (:func:`facepipe.eval.pairs_job.load_pairs`)."""
+# A validation set's name is part of its metric names (val_<name>_accuracy): letters, digits, '_'.
+_SET_NAME = re.compile(r"[A-Za-z0-9_]+")
+# The metric names of the sets' mean (val_mean_accuracy, ...).
+MEAN_SET_NAME = "mean"
 
-    pairs: str
+
+class ValidationSetConfig(StrictModel):
+    """One set of ``train.validation.sets``: an insightface ``.bin`` file (``bin``: its images are
+    in the file) or a pairs file (``pairs``, with ``root`` and ``allow_outside_root`` as in the
+    single-file form of :class:`ValidationConfig`). Its metrics are logged as
+    ``val_<name>_accuracy`` and so on."""
+
+    bin: str | None = None
+    pairs: str | None = None
+    root: str | None = None
+    allow_outside_root: bool = False
+    # Default: the file's stem (data/cfp_fp.bin -> cfp_fp), other characters than letters,
+    # digits and '_' replaced by '_'.
+    name: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("name") is None:
+            source = data.get("bin") if data.get("bin") is not None else data.get("pairs")
+            if isinstance(source, str) and source:
+                data = {**data, "name": re.sub(r"[^A-Za-z0-9_]+", "_", Path(source).stem).strip("_") or "set"}
+        return data
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ValidationSetConfig":
+        if (self.bin is None) == (self.pairs is None):
+            raise ValueError("a validation set is a .bin file (bin: FILE) or a pairs file (pairs: FILE), "
+                             f"exactly one of them; got {'both' if self.bin is not None else 'neither'}")
+        if self.bin is not None and (self.root is not None or self.allow_outside_root):
+            raise ValueError(f"set {self.name}: root and allow_outside_root apply to a pairs file; a .bin file "
+                             "holds its images")
+        if self.name is None or not _SET_NAME.fullmatch(self.name):
+            raise ValueError(f"set name {self.name!r}: use letters, digits and '_' only (it is part of the metric "
+                             "names, e.g. val_<name>_accuracy)")
+        if self.name == MEAN_SET_NAME:
+            raise ValueError(f"set name {MEAN_SET_NAME!r} is taken by the sets' mean (val_mean_accuracy): "
+                             "give the set another name")
+        return self
+
+
+class ValidationConfig(StrictModel):
+    """Verification pairs checked at the end of epochs, in one of two forms.
+
+    One pairs file (``pairs``): a CSV ``path_a,path_b,is_same`` or an LFW pairs file (e.g. the
+    ``pairs.txt`` of ``facepipe merge --val-pairs``), told apart by content
+    (:func:`facepipe.eval.pairs_job.load_pairs`); metrics ``val_accuracy``, ``val_auc``, ...
+
+    Several sets (``sets``): insightface ``.bin`` files and pairs files
+    (:class:`ValidationSetConfig`), each logged under its name (``val_lfw_accuracy``), with their
+    mean (``val_mean_accuracy``); ``select_by`` names what best.pt follows."""
+
+    pairs: str | None = None
     # Folder the pair paths are relative to (LFW: the folder of the <Name>/ folders); default: the
     # pairs file's folder.
     root: str | None = None
     every_epochs: int = Field(1, ge=1)
     # Pair paths that are absolute or climb out of root with '..' are refused unless this is set.
     allow_outside_root: bool = False
+    sets: list[ValidationSetConfig] | None = None
+    # With sets: best.pt is the epoch of the highest mean accuracy ("mean", the default) or of
+    # one set's accuracy (its name).
+    select_by: str | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "ValidationConfig":
+        if self.sets is None:
+            if self.pairs is None:
+                raise ValueError("give one pairs file (pairs: FILE) or a list of sets (sets: [{bin: FILE}, "
+                                 "{pairs: FILE, root: DIR}, ...])")
+            if self.select_by is not None:
+                raise ValueError("select_by chooses among sets (sets: [...]); one pairs file is selected by "
+                                 "val_accuracy")
+            return self
+        if self.pairs is not None or self.root is not None or self.allow_outside_root:
+            raise ValueError("give either pairs (with root, allow_outside_root) or sets, not both; a pairs file "
+                             "among sets takes its own root and allow_outside_root: sets: [{pairs: FILE, root: DIR}]")
+        if not self.sets:
+            raise ValueError("sets is empty: list at least one set, or remove train.validation")
+        names = [item.name for item in self.sets]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"set names {repeated} are used more than once (a name defaults to the file's stem): "
+                             "give each set its own name: {bin: FILE, name: NAME}")
+        if self.select_by is not None and self.select_by not in (MEAN_SET_NAME, *names):
+            raise ValueError(f"select_by {self.select_by!r} names no set; choose {MEAN_SET_NAME!r} (the default) or "
+                             f"one of {names}")
+        return self
+
+    @property
+    def selected(self) -> str:
+        """With sets: what best.pt follows, ``mean`` or a set's name."""
+        return self.select_by or MEAN_SET_NAME
 
 
 class TrainConfig(StrictModel):

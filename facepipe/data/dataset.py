@@ -201,3 +201,24 @@ class ImageListDataset(Dataset):
 
     def __getitem__(self, index: int):
         return self.transform(decode_image(self.paths[index])), index
+
+
+class DecodedImagesDataset(Dataset):
+    """Images decoded and transformed once, kept as ``[N, H, W, 3]`` uint8
+    (:meth:`facepipe.data.transforms.FaceTransform.pixels`), served as ``(image, position)``
+    items scaled by :func:`~facepipe.data.transforms.to_tensor`: the same tensors as an
+    :class:`ImageListDataset` with that transform gives, without reading the files again."""
+
+    def __init__(self, pixels: np.ndarray) -> None:
+        from facepipe.data.transforms import to_tensor
+
+        if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[3] != 3:
+            raise ValueError(f"pixels must be uint8 [N, H, W, 3], got {pixels.dtype} {list(pixels.shape)}")
+        self.pixels = pixels
+        self._to_tensor = to_tensor
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, position: int):
+        return self._to_tensor(self.pixels[position]), position

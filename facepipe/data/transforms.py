@@ -26,9 +26,14 @@ class FaceTransform:
         self.pipeline = pipeline
 
     def __call__(self, image: np.ndarray, seed: int | None = None) -> torch.Tensor:
+        return to_tensor(self.pixels(image, seed))
+
+    def pixels(self, image: np.ndarray, seed: int | None = None) -> np.ndarray:
+        """The transformed HxWx3 uint8 image before the scaling of :func:`to_tensor`: what images
+        decoded once and kept (a quarter of the float size) are stored as."""
         if seed is not None:
             self.pipeline.set_random_seed(seed)
-        return to_tensor(self.pipeline(image=image)["image"])
+        return self.pipeline(image=image)["image"]
 
 
 def _resize(image_size: tuple[int, int]) -> A.BasicTransform:

@@ -52,7 +52,14 @@ from facepipe.train.runs import (
 )
 from facepipe.train.stage_loss import build_stage_loss
 from facepipe.train.summary import run_summary
-from facepipe.train.validation import Validator, announce_selection, judge_epoch, pairs_validator, restored_best
+from facepipe.train.validation import (
+    Validator,
+    announce_selection,
+    configured_validator,
+    judge_epoch,
+    restored_best,
+    selection_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +164,9 @@ class Trainer:
         self.last_metrics: dict[str, Any] = {}
         self.step_stats: dict[str, float] = {}  # per-step diagnostics of a plug-in's step loss
         self.clip_stats: dict[str, float] = {}  # per clipping group: gradient norm and clip factor of the last step
-        self.validator = validator if validator is not None else pairs_validator(config.train.validation)
+        # Only rank 0 validates, so only rank 0 decodes the images of train.validation.sets.
+        self.validator = validator if validator is not None else configured_validator(
+            config.train.validation, config.data.image_size, decode=self.dist.is_main)
         if resume:
             self.resume(self.run_dir / LATEST)
         else:
@@ -324,9 +333,11 @@ class Trainer:
             "step_in_epoch": self.step_in_epoch,
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
-            # What best_metric measures (None: no validator, so no best.pt): a resume with another
-            # validator does not compare its metric with this one.
+            # What best_metric measures (None: no validator, so no best.pt), and over what (a mean
+            # over validation sets names them): a resume with another validator, or a mean over
+            # other sets, does not compare its metric with this one.
             "best_metric_name": self.validator.metric if self.validator is not None else None,
+            "best_selection": selection_id(self.validator),
             "nonfinite_steps": self.nonfinite_steps,
             "rng": rng_state(),
             "config": self.config.to_dict(),
@@ -513,7 +524,7 @@ class Trainer:
         }
 
     def validate(self) -> dict[str, Any] | None:
-        """The validator's metrics (verification pairs by default), or None without one."""
+        """The validator's metrics (``train.validation``'s pairs or sets by default), or None without one."""
         if self.validator is None:
             return None
         self.model.eval()
