@@ -206,6 +206,18 @@ def cmd_eval_bin(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from facepipe.errors import UsageError
+
+    if (args.detector is None) == (args.checkpoint is None) or (args.checkpoint is None) != (args.out is None):
+        raise UsageError("give --checkpoint CKPT --out MODEL.onnx (an embedding network), or --detector DIR "
+                         "(the MTCNN networks)")
+    if args.detector is not None:
+        from facepipe.align.export import export_detector
+
+        for name, item in export_detector(args.detector, opset=args.opset, overwrite=args.overwrite).items():
+            print(f"{item['out']}: {item['bytes'] / 1e3:.0f} kB, outputs {', '.join(item['outputs'])}; ONNX Runtime "
+                  f"matches PyTorch (largest difference {item['max_abs_difference']:.1e})")
+        return 0
     from facepipe.models.export import export_onnx
 
     result = export_onnx(args.checkpoint, args.out, opset=args.opset, overwrite=args.overwrite)
@@ -851,10 +863,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     p.set_defaults(func=cmd_embed)
 
-    p = sub.add_parser("export", help="a checkpoint's embedding network as ONNX (dynamic batch, preprocessing in "
-                       "its metadata), checked against PyTorch before it is written")
-    p.add_argument("--checkpoint", required=True, help="trained model checkpoint (.pt)")
-    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p = sub.add_parser("export", help="a checkpoint's embedding network (or the MTCNN detector) as ONNX, with its "
+                       "preprocessing in the metadata, checked against PyTorch before it is written")
+    p.add_argument("--checkpoint", default=None, help="trained model checkpoint (.pt) to export")
+    p.add_argument("--out", default=None, help="the .onnx file to write (with --checkpoint)")
+    p.add_argument("--detector", default=None, metavar="DIR",
+                   help="write the MTCNN networks facepipe aligns with as DIR/pnet.onnx, rnet.onnx, onet.onnx")
     p.add_argument("--opset", type=_whole(14), default=18, help="ONNX opset")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_export)

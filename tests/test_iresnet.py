@@ -134,7 +134,8 @@ def test_import_keeps_every_published_tensor_and_the_published_forward(r18_112, 
     assert not model.embedding_norm.weight.requires_grad  # published: frozen at 1.0
     images = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        expected = reference_forward(weights, images)
+        # facepipe feeds (x - 127.5) / 128; the published network was trained on (x - 127.5) / 127.5
+        expected = reference_forward(weights, images * 128.0 / 127.5)
         got = model(images)
         split = model.output_stage(model.features(images))
     assert expected.abs().mean() > 0.1  # not a degenerate (all-zero) comparison

@@ -29,13 +29,14 @@ LFW = SHARED_DATA / "lfw" / "lfw-deepfunneled"
 
 @pytest.fixture(scope="module")
 def aligned_faces(tmp_path_factory) -> Path:
-    """Real faces: eight LFW photos of four people, aligned by facepipe for the shipped model."""
+    """Real faces: eight LFW photos of four people, aligned by facepipe."""
     assert LFW.is_dir(), f"LFW missing: {LFW} (see ../shared/data/README.md)"
     people = sorted(p.name for p in LFW.iterdir() if p.is_dir() and len(list(p.iterdir())) >= 2)[:4]
     listing = tmp_path_factory.mktemp("raw") / "images.txt"
     listing.write_text("".join(f"{p}/{f.name}\n" for p in people for f in sorted((LFW / p).iterdir())[:2]))
     out = tmp_path_factory.mktemp("aligned") / "faces"
-    assert main(["align", str(listing), str(out), "--root", str(LFW), "image_size=[64,64]", "--quiet",
+    # at 112x112 (the IResNet input); the 64x64 shipped model reads them resized, as any larger crop
+    assert main(["align", str(listing), str(out), "--root", str(LFW), "image_size=[112,112]", "--quiet",
                  "--workers", "0"]) == 0
     return out
 
@@ -60,6 +61,36 @@ def test_export_matches_pytorch_on_real_aligned_faces(exported, aligned_faces):
     # batch sizes other than the export's example (1): the batch axis is dynamic
     single = np.concatenate([onnx_model.embed(paths[i:i + 1], batch_size=1) for i in range(3)])
     np.testing.assert_allclose(single, onnx_model.embed(paths[:3], batch_size=3), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def iresnet_checkpoint(tmp_path_factory) -> Path:
+    """An insightface-layout IResNet-18 (112x112) with random weights and BatchNorm statistics,
+    imported with `facepipe import-weights`."""
+    from facepipe.config import ModelConfig
+    from facepipe.models import build_backbone
+
+    torch.manual_seed(0)
+    network = build_backbone(ModelConfig(arch="iresnet", depth=18, embedding_size=512), (112, 112))
+    with torch.no_grad():
+        for module in network.modules():
+            if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    folder = tmp_path_factory.mktemp("iresnet")
+    torch.save(network.state_dict(), folder / "backbone.pth")
+    assert main(["import-weights", "--arch", "iresnet", "--depth", "18", "--weights", str(folder / "backbone.pth"),
+                 "--out", str(folder / "r18.pt")]) == 0
+    return folder / "r18.pt"
+
+
+def test_an_iresnet_export_matches_pytorch_on_real_aligned_faces(iresnet_checkpoint, aligned_faces, tmp_path):
+    out = tmp_path / "r18.onnx"
+    assert main(["export", "--checkpoint", str(iresnet_checkpoint), "--out", str(out)]) == 0
+    paths = [path for path, _ in list_images(aligned_faces)]
+    a, b = load_model(iresnet_checkpoint).embed(paths), load_model(out).embed(paths)
+    assert load_model(out).input_size == (112, 112) and a.shape == (8, 512)
+    assert (np.sum(a.astype(np.float64) * b, axis=1) >= PARITY_COSINE).all()
 
 
 def test_the_export_carries_its_contract_and_the_weights_fingerprint(exported):
@@ -191,3 +222,42 @@ def test_a_broken_onnx_file_is_a_user_error(tmp_path, capsys):
     assert main(["embed", "--checkpoint", str(broken), "--images", str(faces.parent), "--out",
                  str(tmp_path / "out"), "--quiet"]) == 2
     assert "ONNX Runtime cannot load it" in capsys.readouterr().err
+
+
+def test_the_mtcnn_networks_export_and_match_pytorch_on_a_real_photo(tmp_path, capsys):
+    from PIL import Image
+
+    from facepipe.align.export import DETECTOR_PARITY_ATOL
+    from facepipe.align.networks import load_networks
+
+    out = tmp_path / "detector"
+    assert main(["export", "--detector", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["onet.onnx", "pnet.onnx", "rnet.onnx"]
+    photo = next(p for p in sorted(LFW.iterdir()) if p.is_dir())
+    image = np.asarray(Image.open(next(iter(sorted(photo.iterdir())))).convert("RGB"), dtype=np.float32)
+
+    def scaled(size: tuple[int, int]) -> torch.Tensor:  # MTCNN input: RGB, (x - 127.5) / 128
+        pixels = np.asarray(Image.fromarray(image.astype(np.uint8)).resize(size[::-1]), dtype=np.float32)
+        return torch.from_numpy((pixels - 127.5) / 128).permute(2, 0, 1)[None]
+
+    inputs = {"pnet": torch.cat([scaled((125, 125)), scaled((125, 125)).flip(-1)]),  # a pyramid level
+              "rnet": torch.cat([scaled((24, 24)), scaled((24, 24)).flip(-1)]),
+              "onet": torch.cat([scaled((48, 48)), scaled((48, 48)).flip(-1)])}
+    import onnxruntime as ort
+
+    for name, network in zip(("pnet", "rnet", "onet"), load_networks()):
+        graph = onnx.load(str(out / f"{name}.onnx"))
+        meta = {p.key: p.value for p in graph.metadata_props}
+        assert meta["facepipe_format"] == "facepipe-mtcnn/1" and meta["network"] == name
+        assert (meta["channel_order"], meta["input_mean"], meta["input_scale"]) == ("rgb", "127.5", "128")
+        session = ort.InferenceSession(str(out / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"images": inputs[name].numpy()})
+        with torch.no_grad():
+            want = network.eval()(inputs[name])
+        assert [o.name for o in session.get_outputs()] == meta["outputs"].split(",")
+        for g, w in zip(got, want):
+            assert g.shape == tuple(w.shape)
+            np.testing.assert_allclose(g, w.numpy(), atol=DETECTOR_PARITY_ATOL)
+    capsys.readouterr()
+    assert main(["export", "--detector", str(out)]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err

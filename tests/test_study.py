@@ -494,6 +494,30 @@ def test_chosen_sweep_readouts_left_undone_by_a_stop_run_on_the_next_start(study
     assert not (kept(spec, "cosface", slug(other), "seed0") / "readouts.json").is_file()
 
 
+def test_an_interrupted_invocation_counts_until_the_runs_last_write(study, tmp_path):
+    """The training time of a run stopped and resumed: the stopped invocation (left open in
+    study_timing.json) is closed by the next at the time of the run's last log line or checkpoint."""
+    import os
+    import time
+
+    from facepipe.config import config_from_dict
+    from facepipe.study.runner import train_timed
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    started = time.time() - 100.0
+    (run_dir / "study_timing.json").write_text(json.dumps({"invocations": [{"started": started, "open": True}]}))
+    (run_dir / "metrics.jsonl").write_text("")
+    os.utime(run_dir / "metrics.jsonl", (started + 60.0, started + 60.0))  # its last write: 60 s in
+    config = config_from_dict(study["spec"].pretrain_config(0).to_dict(), [f"output_dir={run_dir}"])
+    _, timing = train_timed(config, "interrupted")
+    invocations = json.loads((run_dir / "study_timing.json").read_text())["invocations"]
+    assert [i["open"] for i in invocations] == [False, False] and invocations[0]["interrupted"]
+    assert invocations[0]["seconds"] == pytest.approx(60.0, abs=0.01)
+    assert timing["train_seconds"] == pytest.approx(60.0 + invocations[1]["seconds"])
+    assert timing["invocations"] == 2
+
+
 def test_fresh_checkout_restores_finished_runs_from_kept_results(study, tmp_path, monkeypatch):
     """The study folder (checkpoints) gone, the kept results there: status and run_all restore every
     run without training."""

@@ -32,7 +32,9 @@ Deviations, none of which changes a state dict or a forward in eval mode:
   published submodule name ``features`` and facepipe's ``features()`` method live together.
 
 facepipe reads images as RGB scaled (x - 127.5) / 128; arcface_torch's inference scales RGB
-by (x / 255 - 0.5) / 0.5 = (x - 127.5) / 127.5, 0.4 % larger.
+by (x / 255 - 0.5) / 0.5 = (x - 127.5) / 127.5, 0.4 % larger. :meth:`IResNet.features` rescales
+its input by 128 / 127.5 first (:data:`INPUT_RESCALE`), so that imported weights see exactly the
+input they were trained on (and an ONNX export carries that factor in its graph).
 """
 from __future__ import annotations
 
@@ -45,6 +47,8 @@ from facepipe.models.irse import check_input_size, stride16_spatial
 BLOCKS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3),
                     200: (6, 26, 60, 6)}
 STAGE_CHANNELS = (64, 128, 256, 512)
+# facepipe's (x - 127.5) / 128 -> arcface_torch's (x - 127.5) / 127.5.
+INPUT_RESCALE = 128.0 / 127.5
 BN_EPS = 1e-05
 
 
@@ -150,7 +154,7 @@ class IResNet(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] (normalised) to feature maps [B, 512, H/16, W/16]."""
         check_input_size(images, self.input_size)
-        x = self.prelu(self.bn1(self.conv1(images)))
+        x = self.prelu(self.bn1(self.conv1(images * INPUT_RESCALE)))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

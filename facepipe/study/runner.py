@@ -114,22 +114,41 @@ def resumable(run_dir: Path, config: Config, label: str) -> bool:
     return True
 
 
+def _last_activity(run_dir: Path) -> float | None:
+    """Wall-clock time of the last thing a run wrote (its log or its latest checkpoint)."""
+    times = [path.stat().st_mtime for path in (run_dir / "metrics.jsonl", run_dir / "latest.pt") if path.is_file()]
+    return max(times) if times else None
+
+
 def train_timed(config: Config, label: str) -> tuple[dict, dict]:
     """Train ``config`` into its output_dir, resuming a started run (:func:`resumable`); every
     invocation's wall time is added to ``study_timing.json`` there. Returns the final epoch's
-    metrics and ``{"train_seconds", "invocations", "epochs"}`` over every invocation."""
+    metrics and ``{"train_seconds", "invocations", "epochs"}`` over every invocation.
+
+    An invocation is written down as open when it starts; one that never closed (the process was
+    stopped) is closed by the next at the time of the run's last log line or checkpoint, so an
+    interrupted run's budget counts the time it trained before it stopped (the steps after its
+    last checkpoint, done again on resume, count twice: that is time the machine spent)."""
     from facepipe.train import Trainer
 
     run_dir = Path(config.output_dir)
     resume = resumable(run_dir, config, label)
     timing_file = run_dir / "study_timing.json"
     timing = _read_json(timing_file) if timing_file.is_file() else {"invocations": []}
+    for invocation in timing["invocations"]:
+        if invocation.get("open"):
+            end = _last_activity(run_dir)
+            invocation.update(open=False, interrupted=True,
+                              seconds=max(0.0, (end or invocation["started"]) - invocation["started"]))
     log.info("%s: %s training (%d epochs%s) in %s", label, "resuming" if resume else "starting",
              config.train.total_epochs, f", from {config.train.init_from}" if config.train.init_from else "", run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    current = {"started": time.time(), "open": True, "resumed": resume}
+    timing["invocations"].append(current)
+    write_json_atomic(timing_file, timing)
     started = time.perf_counter()
     metrics = Trainer(config, resume=resume, progress=False).fit()
-    timing["invocations"].append({"seconds": time.perf_counter() - started, "resumed": resume,
-                                  "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+    current.update(open=False, seconds=time.perf_counter() - started, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
     write_json_atomic(timing_file, timing)
     return metrics, {"train_seconds": sum(t["seconds"] for t in timing["invocations"]),
                      "invocations": len(timing["invocations"]), "epochs": config.train.total_epochs}
