@@ -177,8 +177,10 @@ def foreign(tmp_path_factory) -> Path:
 def test_a_foreign_onnx_model_with_its_contract_stated_embeds_as_torch(foreign, aligned_faces, tmp_path, capsys):
     paths = [path for path, _ in list_images(aligned_faces)]
     reference = load_model(SHIPPED).embed(paths, flip="none")
-    stated = InputContract("bgr", 127.5, 127.5)
-    model = load_model(ModelFile(foreign, stated))
+    import facepipe
+
+    stated = facepipe.InputContract("bgr", 127.5, 127.5)  # the Python API's names
+    model = facepipe.load_model(facepipe.ModelFile(foreign, stated))
     assert model.contract == stated and model.flip == "none" and model.input_size == (64, 64)
     assert model.fingerprint.startswith("onnx-")
     assert (np.sum(reference.astype(np.float64) * model.embed(paths), axis=1) >= PARITY_COSINE).all()
