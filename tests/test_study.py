@@ -563,6 +563,8 @@ def test_report_tables_plots_and_readme_section(study, tmp_path):
     for label in ("Softmax (continued)", "CosFace tiny", "ArcFace with the CosFace m", "Pre-training only"):
         assert label in report
     assert "### LFW DevTest" in report and "### Paired differences against Softmax (continued)" in report
+    # 10 impostor pairs cannot measure FAR 1e-3: the report says what that TAR rests on
+    assert "TAR @ FAR 1e-3 on DevTest rests on 10 impostor pairs" in report and "1/10 = 1e-1" in report
     assert "### Sweeps" in report and "chosen" in report
     import re
 
