@@ -555,6 +555,17 @@ class DetectorConfig(StrictModel):
     nms_refine: float = Field(0.7, gt=0, le=1)  # IoU, after R-Net
     nms_output: float = Field(0.7, gt=0, le=1)  # intersection over the smaller box, after O-Net
     batch_size: int = Field(16, ge=1)  # images of equal size per P-Net forward
+    # The networks run in PyTorch, or in ONNX Runtime (the onnx extra) from the files of
+    # `facepipe export --detector DIR` in onnx_dir, or exported once into a cache folder.
+    backend: Literal["torch", "onnx"] = "torch"
+    onnx_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _onnx_dir_needs_onnx(self) -> "DetectorConfig":
+        if self.onnx_dir is not None and self.backend != "onnx":
+            raise ValueError(f"detector.onnx_dir is set ({self.onnx_dir}) but detector.backend is "
+                             f"{self.backend!r}: set detector.backend=onnx, or leave onnx_dir out")
+        return self
 
 
 class AlignConfig(StrictModel):

@@ -216,13 +216,20 @@ class MTCNN:
     """Batched MTCNN cascade with the reference defaults (see ``DetectorConfig``).
 
     ``detect`` takes RGB uint8 images (HxWx3) of any sizes; images of equal size share forwards.
-    Runs on CUDA when present (``device="auto"``).
+    Runs on CUDA when present (``device="auto"``). With ``config.backend == "onnx"`` the three
+    networks run in ONNX Runtime (:mod:`facepipe.align.onnx_networks`); the cascade is the same.
     """
 
     def __init__(self, config: DetectorConfig | None = None, device: str | torch.device = "auto",
                  weights_dir: str | None = None) -> None:
         self.config = config or DetectorConfig()
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        if self.config.backend == "onnx":
+            from facepipe.align.onnx_networks import load_onnx_networks, resolve_onnx_dir
+
+            folder = resolve_onnx_dir(self.config.onnx_dir, weights_dir)
+            self.pnet, self.rnet, self.onet = load_onnx_networks(folder, self.device)
+            return
         self.pnet, self.rnet, self.onet = (net.to(self.device) for net in load_networks(weights_dir))
         if self.device.type == "cpu":
             self.rnet = frozen_for_cpu(self.rnet, RNET_SIZE, CPU_FORWARD_CHUNK["rnet"])

@@ -264,7 +264,10 @@ def _result_config(config: AlignConfig) -> dict:
     data = config.model_dump(mode="json")
     for key in RESULT_NEUTRAL_FIELDS:
         data.pop(key, None)
-    data["detector"].pop("batch_size", None)
+    # Batching, and where the networks run (PyTorch or ONNX Runtime, as CPU or CUDA), do not
+    # change the detections beyond rounding.
+    for key in ("batch_size", "backend", "onnx_dir"):
+        data["detector"].pop(key, None)
     return data
 
 
@@ -361,6 +364,12 @@ def _align_locked(source: str | Path, base: Path, relative: list[str], destinati
     from tqdm import tqdm
 
     _check_destination(destination, config, restart)
+    if config.detector.backend == "onnx" and config.detector.onnx_dir is None:
+        # Export the networks once here, not in every worker process.
+        from facepipe.align.onnx_networks import resolve_onnx_dir
+
+        onnx_dir = str(resolve_onnx_dir(None))
+        config = config.model_copy(update={"detector": config.detector.model_copy(update={"onnx_dir": onnx_dir})})
     rows = [] if restart else read_manifest(manifest)
     unique = latest_rows(rows)
     if len(unique) < len(rows):

@@ -180,16 +180,28 @@ def _static_input_size(path: str, session: Any) -> tuple[int, int]:
     return int(shape[2]), int(shape[3])
 
 
-def _session(path: str, providers: Sequence[str] = ("CPUExecutionProvider",)) -> Any:
+def _session(path: str, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int | None = None) -> Any:
     ort = require("onnxruntime")
     if not Path(path).is_file():
         raise FileNotFoundError(2, "No such file or directory", path)
     options = ort.SessionOptions()
     options.log_severity_level = 3  # warnings about unused initialisers are not the user's concern
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
     try:
         return ort.InferenceSession(path, sess_options=options, providers=list(providers))
     except Exception as exc:  # onnxruntime raises its own exception types for a bad file
         raise OnnxModelError(f"{path}: ONNX Runtime cannot load it ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def providers_for(device: torch.device | str) -> list[str]:
+    """ONNX Runtime providers for ``device``: CUDA first when it is a GPU and onnxruntime-gpu is installed."""
+    ort = require("onnxruntime")
+    providers = ["CPUExecutionProvider"]
+    if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return providers
 
 
 def onnx_input_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -203,12 +215,8 @@ def load_onnx_model(path: str | os.PathLike, device: torch.device | str = "cpu",
     """An ONNX Runtime session of ``path`` (CUDA when ``device`` is a GPU and onnxruntime-gpu is
     installed) with its preprocessing contract: the file's own (facepipe's exports), or
     ``contract`` (a foreign model; stating one for a facepipe export that says otherwise is refused)."""
-    ort = require("onnxruntime")
     path = os.fspath(path)
-    providers = ["CPUExecutionProvider"]
-    if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    session = _session(path, providers)
+    session = _session(path, providers_for(device))
     input_size = _static_input_size(path, session)
     metadata = dict(session.get_modelmeta().custom_metadata_map)
     if metadata.get("facepipe_format") == FORMAT:
