@@ -58,6 +58,9 @@ weight files through the distribution's metadata). ``--fixture-check N`` runs th
 the stand-in on N small images of ``../shared/fixtures/mtcnn_reference.json`` (made with the
 real torchvision) and reports how far it is from those detections.
 
+``--backend onnx`` runs facepipe's three networks in ONNX Runtime (``detector.backend: onnx``, as
+many threads as ``--threads``) instead of PyTorch; the reference is unchanged.
+
 Writes ``results.json`` and ``results.md`` (the printed tables, with the machine and the exact
 command) into ``--out``, each atomically.
 """
@@ -408,7 +411,7 @@ def machine_info(threads: int) -> dict:
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": threads, "torch_interop_threads": torch.get_num_interop_threads(),
             "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"), "numpy": np.__version__,
-            "opencv": cv2.__version__, "facenet_pytorch": version("facenet-pytorch"),
+            "opencv": cv2.__version__, "onnxruntime": version("onnxruntime"), "facenet_pytorch": version("facenet-pytorch"),
             "torchvision": "stand-in (installed: %s, not importable)" % version("torchvision")}
 
 
@@ -423,6 +426,8 @@ def markdown(result: dict) -> str:
         f"torch {m['torch']}, {m['torch_threads']} thread(s); facenet-pytorch {m['facenet_pytorch']} with the "
         f"torchvision stand-in (self-check {result['stand_in_check']['agree']}/{result['stand_in_check']['cases']}); "
         f"OpenCV {m['opencv']}.",
+        "",
+        f"facepipe's networks run in {'ONNX Runtime ' + m['onnxruntime'] if result.get('backend') == 'onnx' else 'PyTorch'}.",
         "",
         f"Settings: min face {MIN_FACE}, thresholds {list(THRESHOLDS)}, factor {FACTOR}; batches of "
         f"{result['batch_size']} images (the reference called once per equal-size group of a batch); "
@@ -509,6 +514,9 @@ def main() -> None:
                              "N px on the long side, map back) and compare it with the full-resolution reference")
     parser.add_argument("--fixture-check", type=int, default=0, metavar="N",
                         help="also run the reference with the stand-in on N small fixture images (default 0: off)")
+    parser.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                        help="where facepipe's MTCNN networks run (detector.backend; onnx needs the onnx extra and "
+                             "exports the networks once into its cache folder); the reference always runs PyTorch")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for results.json and results.md")
     args = parser.parse_args()
     if args.rounds < 1 or args.batch_size < 1 or args.threads < 1 or args.lfw < 0:
@@ -546,7 +554,8 @@ def main() -> None:
     if not sets:
         sys.exit("no images to run")
 
-    config = DetectorConfig(min_face_size=MIN_FACE, thresholds=THRESHOLDS, factor=FACTOR, batch_size=args.batch_size)
+    config = DetectorConfig(min_face_size=MIN_FACE, thresholds=THRESHOLDS, factor=FACTOR, batch_size=args.batch_size,
+                            backend=args.backend)
     facepipe = MTCNN(config, device="cpu")
     reference = ReferenceMTCNN(min_face_size=MIN_FACE, thresholds=list(THRESHOLDS), factor=FACTOR,
                                keep_all=True, device="cpu")
@@ -577,7 +586,7 @@ def main() -> None:
                   f"facepipe {fp_ips:.2f} images/s, ratio {fp_ips / ref_ips:.2f}", flush=True)
 
     result = {"command": command, "machine": machine_info(args.threads), "stand_in_check": stand_in,
-              "batch_size": args.batch_size, "rounds": args.rounds, "warmup": args.warmup,
+              "backend": args.backend, "batch_size": args.batch_size, "rounds": args.rounds, "warmup": args.warmup,
               "settings": {"min_face_size": MIN_FACE, "thresholds": list(THRESHOLDS), "factor": FACTOR},
               "skipped": skipped, "sets": {}}
     for name, (names, pixels) in sets.items():
