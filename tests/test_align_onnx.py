@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pydantic import ValidationError
 
@@ -16,7 +18,7 @@ from facepipe.align.detector import MTCNN
 from facepipe.align.onnx_networks import OnnxNetwork, cache_dir
 from facepipe.cli import main
 from facepipe.config import AlignConfig, DetectorConfig
-from facepipe.models.onnx_backend import OnnxModelError
+from facepipe.models.onnx_backend import OnnxModelError, OnnxUnavailableError
 
 from conftest import SHARED_DATA
 from test_align_detector import box_iou
@@ -151,3 +153,10 @@ def test_cli_align_with_the_onnx_backend(onnx_env, tmp_path, capsys):
     assert main(["align", str(source), str(tmp_path / "x"), "--workers", "0", "--quiet",
                  "detector.onnx_dir=/tmp"]) == 2
     assert "detector.backend=onnx" in capsys.readouterr().err
+
+
+def test_without_onnxruntime_the_error_names_the_extra(onnx_env, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed: importing it fails
+    with pytest.raises(OnnxUnavailableError, match=r"pip install 'facepipe\[onnx\]'"):
+        MTCNN(DetectorConfig(backend="onnx"), device="cpu")
+    assert isinstance(MTCNN(device="cpu").pnet, torch.nn.Module)  # the torch backend needs none of it
