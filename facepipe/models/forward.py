@@ -15,7 +15,7 @@ from tqdm import tqdm
 from facepipe.data.dataset import ImageListDataset
 from facepipe.data.transforms import build_eval_transform
 
-__all__ = ["FLIP_MODES", "embed_batches", "image_dataset"]
+__all__ = ["FLIP_MODES", "EmbeddingModel", "embed_batches", "image_dataset"]
 
 FLIP_MODES = ("sum", "concat", "none")
 
@@ -67,3 +67,37 @@ def image_dataset(paths_or_array: Sequence[str] | np.ndarray | torch.Tensor, inp
         # float32, as the eval transform gives the image files
         return TensorDataset(images.to(torch.float32), torch.arange(len(images)))
     return ImageListDataset(list(paths_or_array), build_eval_transform(input_size))
+
+
+class EmbeddingModel:
+    """What a loaded model offers every stage, whatever runs it (PyTorch:
+    :class:`facepipe.models.loaded.LoadedModel`; ONNX Runtime:
+    :class:`facepipe.models.onnx_backend.OnnxModel`): ``input_size``, ``flip``, ``fingerprint``,
+    ``checkpoint_path`` and :meth:`embed`. A backend implements :meth:`_embed` and
+    :attr:`default_batch_size`."""
+
+    input_size: tuple[int, int]
+    flip: str
+
+    @property
+    def default_batch_size(self) -> int:
+        raise NotImplementedError
+
+    def embed(
+        self,
+        paths_or_array: Sequence[str] | np.ndarray | torch.Tensor,
+        flip: str | None = None,
+        batch_size: int | None = None,
+        num_workers: int = 0,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """L2-normalised float32 embeddings, one row per image, in order: of image files (read at
+        :attr:`input_size`) or of an already-preprocessed float array ``[N, C, H, W]`` (as the
+        eval transform makes them). Flip fusion is ``flip`` or else :attr:`flip`, the batch size
+        ``batch_size`` or else :attr:`default_batch_size`."""
+        return self._embed(paths_or_array, flip or self.flip, batch_size or self.default_batch_size, num_workers,
+                           progress)
+
+    def _embed(self, paths_or_array: Sequence[str] | np.ndarray | torch.Tensor, flip: str, batch_size: int,
+               num_workers: int, progress: bool) -> np.ndarray:
+        raise NotImplementedError

@@ -25,7 +25,7 @@ from facepipe.runtime.checkpoint import (
     load_weights,
     model_fingerprint,
 )
-from facepipe.models.forward import FLIP_MODES, embed_batches, image_dataset
+from facepipe.models.forward import FLIP_MODES, EmbeddingModel, embed_batches, image_dataset
 from facepipe.runtime.device import autocast, resolve_amp_dtype
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ def embed_dataset(
 
 
 @dataclass
-class LoadedModel:
+class LoadedModel(EmbeddingModel):
     """A checkpoint's backbone on its device, in eval mode, with what it was trained with: its
     config (input size, flip fusion, mixed precision), identity list and weight fingerprint."""
 
@@ -100,21 +100,14 @@ class LoadedModel:
         """Autocast dtype of the forward: the config's ``train.amp`` on this device (CUDA only)."""
         return resolve_amp_dtype(self.config.train.amp, self.device)
 
-    def embed(
-        self,
-        paths_or_array: Sequence[str] | np.ndarray | torch.Tensor,
-        flip: str | None = None,
-        batch_size: int | None = None,
-        num_workers: int = 0,
-        progress: bool = False,
-    ) -> np.ndarray:
-        """L2-normalised float32 embeddings, one row per image, in order: of image files (read at
-        :attr:`input_size`) or of an already-preprocessed float array ``[N, C, H, W]`` (as the
-        eval transform makes them). Flip fusion is ``flip`` or else :attr:`flip`, the batch size
-        ``batch_size`` or else the config's ``embed.batch_size``; the forward runs under
-        :attr:`amp_dtype`."""
-        flip = flip or self.flip
-        batch_size = batch_size or self.config.embed.batch_size
+    @property
+    def default_batch_size(self) -> int:
+        """The config's ``embed.batch_size``."""
+        return self.config.embed.batch_size
+
+    def _embed(self, paths_or_array: Sequence[str] | np.ndarray | torch.Tensor, flip: str, batch_size: int,
+               num_workers: int, progress: bool) -> np.ndarray:
+        # The forward runs under :attr:`amp_dtype`.
         options = dict(batch_size=batch_size, flip=flip, num_workers=num_workers, amp_dtype=self.amp_dtype,
                        progress=progress)
         dataset = image_dataset(paths_or_array, self.input_size)

@@ -29,7 +29,7 @@ import torch
 
 from facepipe.data.transforms import PIXEL_MEAN, PIXEL_SCALE
 from facepipe.errors import FacepipeUserError
-from facepipe.models.forward import embed_batches, image_dataset
+from facepipe.models.forward import EmbeddingModel, embed_batches, image_dataset
 
 __all__ = ["CHANNEL_ORDERS", "FACEPIPE_CONTRACT", "InputContract", "METADATA_KEYS", "ModelFile", "OnnxModel",
            "OnnxModelError", "OnnxUnavailableError", "load_onnx_model", "onnx_input_size", "require"]
@@ -116,7 +116,7 @@ def is_onnx(path: str | os.PathLike) -> bool:
 
 
 @dataclass
-class OnnxModel:
+class OnnxModel(EmbeddingModel):
     """An ONNX embedding network in an ONNX Runtime session, with its input size, preprocessing
     contract, default flip fusion and fingerprint (the weights' fingerprint for facepipe's own
     exports, so that their embeddings and an index of the PyTorch model's go together; else a
@@ -144,19 +144,14 @@ class OnnxModel:
         inputs = self.contract.from_eval_tensor(batch).numpy().astype(np.float32, copy=False)
         return torch.from_numpy(self.session.run(None, {self.session.get_inputs()[0].name: inputs})[0])
 
-    def embed(
-        self,
-        paths_or_array: Sequence[str] | np.ndarray | torch.Tensor,
-        flip: str | None = None,
-        batch_size: int | None = None,
-        num_workers: int = 0,
-        progress: bool = False,
-    ) -> np.ndarray:
-        """As :meth:`facepipe.models.loaded.LoadedModel.embed`: image files read at
-        :attr:`input_size`, or an array already in the eval transform's scaling."""
-        dataset = image_dataset(paths_or_array, self.input_size)
-        return embed_batches(self._forward, dataset, batch_size or self.batch_size, flip or self.flip, num_workers,
-                             progress)
+    @property
+    def default_batch_size(self) -> int:
+        return self.batch_size
+
+    def _embed(self, paths_or_array: Sequence[str] | np.ndarray | torch.Tensor, flip: str, batch_size: int,
+               num_workers: int, progress: bool) -> np.ndarray:
+        return embed_batches(self._forward, image_dataset(paths_or_array, self.input_size), batch_size, flip,
+                             num_workers, progress)
 
 
 def _file_hash(path: str) -> str:
